@@ -581,6 +581,36 @@ def describe_model(model: UNet) -> str:
     return f"U-Net, {count_parameters(model) / 1e6:.2f} M parameters; levels (channels x H x W): {' -> '.join(levels)}; time enters {c.time_injection.replace('_', ' ')}"
 
 
+@torch.no_grad()
+def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
+    """(stage, (channels, H, W)) of the feature maps in one forward pass of a 64x64 image.
+
+    Forward hooks record the stem output, each encoder level (its skip), the bottleneck, each
+    decoder level (before upsampling) and the head; the model's weights and mode are untouched.
+    """
+    shapes: list[tuple[str, tuple[int, ...]]] = [("input", (1, IMAGE_SIZE, IMAGE_SIZE))]
+    levels = len(model.config.channel_mults)
+    watched = [("stem (pixel-unshuffle + conv)", model.stem)]
+    watched += [(f"encoder level {k}", blocks[-1]) for k, blocks in enumerate(model.down_blocks)]
+    watched += [("bottleneck", model.mid_blocks[-1])]
+    watched += [(f"decoder level {levels - 1 - k}", blocks[-1]) for k, blocks in enumerate(model.up_blocks)]
+    watched += [("head (conv + pixel-shuffle)", model.head)]
+
+    def recorder(name: str) -> Callable:
+        return lambda module, inputs, output: shapes.append((name, tuple(output.shape[1:])))
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in watched]
+    was_training = model.training
+    try:
+        parameter = next(model.parameters())
+        model.eval()(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, device=parameter.device, dtype=parameter.dtype), torch.zeros(1, dtype=torch.long, device=parameter.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return shapes
+
+
 # ------------------------------------------------------------------------------------------
 # 5. Training: MSE between the network output and the target (eps or v)
 # ------------------------------------------------------------------------------------------
@@ -949,6 +979,22 @@ def evaluate_samples(samples: torch.Tensor | np.ndarray, reference: Sequence[Sha
         "size_w1": wasserstein_1d(np.array([r.size for r in valid]), np.array([r.size for r in ref_valid])),
         "position_w1": float(np.mean([wasserstein_1d(np.array([r.center[k] for r in valid]), np.array([r.center[k] for r in ref_valid])) for k in (0, 1)])),
     }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (for IPython.display.Markdown): floats to 3 significant digits, NaN as "-"."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.3g}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"each row needs {len(headers)} cells, got {len(row)}: {row!r}")
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
 
 
 def _as_uint8_images(samples: torch.Tensor | np.ndarray) -> np.ndarray:
