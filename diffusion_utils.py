@@ -305,7 +305,7 @@ def validate_images(images: object, check_range: bool = True) -> None:
     if check_range:
         low, high = images.min().item(), images.max().item()
         if not (math.isfinite(low) and math.isfinite(high)) or low < -1.0 - 1e-4 or high > 1.0 + 1e-4:
-            raise ValueError(f"images must lie in [-1, 1], got values in [{low:.3g}, {high:.3g}]")
+            raise ValueError(f"images must lie in [-1, 1], got values in [{low:.7g}, {high:.7g}]")  # 7 digits: 1.0002 is not "1"
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Small builders shared by the tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+import diffusion_utils as du
+
+# The smallest network the suite trains: two levels of 8 and 16 channels on a 32x32 grid.
+TINY = {"base_channels": 8, "channel_mults": (1, 2)}
+
+
+def tiny_model_config(**overrides) -> du.ModelConfig:
+    return du.ModelConfig(**{**TINY, **overrides})
+
+
+def tiny_train_config(**overrides) -> du.TrainConfig:
+    return dataclasses.replace(du.TrainConfig(batch_size=4, warmup_steps=2, log_every=1, channels_last=False), **overrides)
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """True when two state dicts hold the same keys and bitwise-equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Oracle(nn.Module):
+    """A perfect 'network' for known clean images x0: returns the exact eps (or v) for any x_t.
+
+    It receives the model timestep (the training timestep index) and reads alpha_bar from the
+    training schedule, exactly as a trained U-Net would have to. It records every t it is given.
+    """
+
+    def __init__(self, schedule: du.NoiseSchedule, x0: torch.Tensor, prediction: str) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # lets sample() find the device
+        self.alpha_bars = schedule.alpha_bars  # float64, indexed by training timestep
+        self.x0 = x0.double()
+        self.prediction = prediction
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(t.clone())
+        ab = self.alpha_bars[t].view(-1, 1, 1, 1)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        eps = (x_t.double() - a * self.x0) / s
+        out = eps if self.prediction == "eps" else a * eps - s * self.x0
+        return out.float()

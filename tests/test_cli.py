@@ -1,0 +1,227 @@
+"""Section 10: python diffusion_utils.py {train, sample, evaluate}, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_model_config, tiny_train_config
+
+import diffusion_utils as du
+
+ROOT = Path(du.__file__).resolve().parent
+
+
+@pytest.fixture
+def tiny_defaults(monkeypatch):
+    """`train` builds the device's default recipe; make that a tiny model so the CLI runs in seconds."""
+    monkeypatch.setattr(du, "default_configs", lambda device: (tiny_model_config(), tiny_train_config()))
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """main(argv) in-process: (exit status, stdout, stderr); argparse errors exit via SystemExit."""
+    try:
+        status = du.main(list(argv))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
+    assert status == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint written by `train --steps 2`, shared by the sample / evaluate tests."""
+    path = tmp_path_factory.mktemp("cli") / "run.pt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(du, "default_configs", lambda device: (tiny_model_config(), tiny_train_config()))
+        assert du.main(["train", "--steps", "2", "--out", str(path), "--no-progress", "--seed", "4"]) == 0
+    return path
+
+
+def test_train_writes_a_checkpoint(tiny_defaults, tmp_path, capsys):
+    path = tmp_path / "out" / "run.pt"
+    status, out, err = run_main(capsys, "train", "--steps", "3", "--out", str(path), "--no-progress", "--seed", "4", "--checkpoint-every", "2")
+    assert status == 0 and err == ""
+    assert "trained to step 3 (12 images)" in out and str(path) in out
+    trainer = du.load_trainer(path)
+    assert trainer.step == 3 and trainer.train_config.seed == 4 and trainer.model_config == tiny_model_config()
+
+
+def test_train_resumes_from_a_checkpoint(checkpoint, tmp_path, capsys):
+    path = tmp_path / "more.pt"
+    status, out, _ = run_main(capsys, "train", "--steps", "1", "--resume", str(checkpoint), "--out", str(path), "--no-progress")
+    assert status == 0 and f"resuming from {checkpoint} at step 2" in out
+    assert du.load_trainer(path).step == 3
+
+
+def test_train_with_a_minute_budget(tiny_defaults, tmp_path, capsys):
+    status, out, _ = run_main(capsys, "train", "--minutes", "0.0002", "--out", str(tmp_path / "run.pt"), "--no-progress")
+    assert status == 0 and "trained to step" in out  # however many steps fit
+    assert du.load_trainer(tmp_path / "run.pt").step >= 0
+
+
+def test_train_when_not_even_one_step_fits_the_budget(tiny_defaults, tmp_path, capsys, monkeypatch):
+    clock = iter(range(0, 10**6, 1000))  # every reading of the clock is 1000 s later
+    monkeypatch.setattr(du.time, "monotonic", lambda: float(next(clock)))
+    status, out, err = run_main(capsys, "train", "--minutes", "1", "--out", str(tmp_path / "run.pt"), "--no-progress")
+    assert (status, err) == (0, "")
+    assert "trained to step 0 (0 images); no step fitted in the budget" in out
+    assert du.load_trainer(tmp_path / "run.pt").step == 0
+
+
+def test_sample_then_evaluate(checkpoint, tmp_path, capsys):
+    samples, grid = tmp_path / "s.npy", tmp_path / "grid.png"
+    status, out, err = run_main(
+        capsys, "sample", "--checkpoint", str(checkpoint), "--n", "3", "--steps", "4", "--out", str(samples), "--png", str(grid), "--no-progress"
+    )
+    assert status == 0 and err == ""
+    assert f"saved 3 samples to {samples}" in out
+    images = np.load(samples)
+    assert images.shape == (3, 64, 64) and images.dtype == np.uint8
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same images as sampling the EMA model directly
+    model, schedule = du.load_model(checkpoint)
+    expected = du.model_to_uint8(du.sample(model, schedule, 3, steps=4, progress=False).images)
+    assert np.array_equal(images, expected)
+
+    status, out, err = run_main(capsys, "evaluate", str(samples))
+    assert status == 0 and err == ""
+    scores = json.loads(out)
+    assert {"valid", "circle_share", "mid_gray", "size_w1", "position_w1"} <= set(scores)
+    assert scores["n"] == 3 and 0.0 <= scores["valid"] <= 1.0
+
+
+def test_sample_options_reach_the_sampler(checkpoint, tmp_path, capsys):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    common = ["sample", "--checkpoint", str(checkpoint), "--n", "2", "--steps", "3", "--no-progress", "--sampler", "ddim"]
+    assert run_main(capsys, *common, "--seed", "1", "--batch-size", "1", "--out", str(a))[0] == 0
+    assert run_main(capsys, *common, "--seed", "1", "--eta", "0", "--out", str(b))[0] == 0
+    assert np.array_equal(np.load(a), np.load(b))  # chunking and the default eta change nothing
+    assert run_main(capsys, *common, "--seed", "2", "--out", str(b))[0] == 0
+    assert not np.array_equal(np.load(a), np.load(b))
+
+
+def test_evaluate_scores_real_shapes_as_valid(tmp_path, capsys):
+    path = tmp_path / "real.npy"
+    np.save(path, du.model_to_uint8(du.make_shapes(32, seed=2).images))
+    status, out, _ = run_main(capsys, "evaluate", str(path))
+    assert status == 0 and json.loads(out)["valid"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: exit status 2 and one line on stderr, never a traceback
+# ------------------------------------------------------------------------------------------
+
+
+def test_train_without_a_budget(tiny_defaults, tmp_path, capsys):
+    assert_one_line_error(*run_main(capsys, "train", "--out", str(tmp_path / "x.pt"))[::2], "train: error", "--minutes M or --steps N")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--steps", "0"], "steps must be a positive integer, got 0"),
+        (["--minutes", "-1"], "minutes must be > 0, got -1"),
+        (["--steps", "2", "--checkpoint-every", "0"], "checkpoint_every"),
+    ],
+)
+def test_train_with_a_bad_budget(tiny_defaults, tmp_path, capsys, args, fragment):
+    assert_one_line_error(*run_main(capsys, "train", *args, "--out", str(tmp_path / "x.pt"), "--no-progress")[::2], fragment)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_train_argument_errors_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "x.pt")
+    assert_one_line_error(*run_main(capsys, "train", "--steps", "2", "--minutes", "1", "--out", out)[::2], "not allowed with argument")
+    assert_one_line_error(*run_main(capsys, "train", "--steps", "two", "--out", out)[::2], "invalid int value: 'two'")
+    assert_one_line_error(*run_main(capsys, "train", "--steps", "2")[::2], "--out")
+    assert_one_line_error(*run_main(capsys, "paint")[::2], "invalid choice: 'paint'")
+    assert_one_line_error(*run_main(capsys)[::2], "command")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_a_missing_device(tiny_defaults, tmp_path, capsys):
+    assert_one_line_error(*run_main(capsys, "train", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "x.pt"))[::2], "CUDA is not available")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--n", "0"], "n must be a positive integer, got 0"),
+        (["--steps", "0"], "steps must be a positive integer, got 0"),
+        (["--steps", "1001"], "num_steps must be <= the 1000 training timesteps, got 1001"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--sampler", "ddpm", "--eta", "0.5"], "eta applies to the ddim sampler only"),
+        (["--sampler", "ddim", "--eta", "-1"], "eta must be >= 0"),
+        (["--sampler", "euler"], "invalid choice: 'euler'"),
+        (["--n", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_sample_with_bad_options(checkpoint, tmp_path, capsys, args, fragment):
+    out = tmp_path / "s.npy"
+    status, _, err = run_main(capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args)
+    assert_one_line_error(status, err, fragment)
+    assert not out.exists()
+
+
+def test_sample_output_must_be_npy(checkpoint, tmp_path, capsys):
+    assert_one_line_error(*run_main(capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.png"))[::2], "--out must end in .npy")
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated"])
+def test_sample_from_a_bad_checkpoint(checkpoint, tmp_path, capsys, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif kind == "truncated":
+        path.write_bytes(checkpoint.read_bytes()[:1000])
+    status, _, err = run_main(capsys, "sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.npy"), "--no-progress")
+    assert_one_line_error(status, err, "sample: error", str(path))
+
+
+@pytest.mark.parametrize(
+    ("array", "fragment"),
+    [
+        (np.zeros((2, 64, 64), np.float64), "uint8 in [0, 255], got dtype float64"),
+        (np.zeros((2, 1, 64, 64), np.uint8), "shape (N, 64, 64) with N >= 1, got (2, 1, 64, 64)"),
+        (np.zeros((64, 64), np.uint8), "got (64, 64)"),
+        (np.array([{"a": 1}], dtype=object), "not a plain .npy array"),
+    ],
+)
+def test_evaluate_a_bad_samples_file(tmp_path, capsys, array, fragment):
+    path = tmp_path / "bad.npy"
+    np.save(path, array, allow_pickle=True)
+    assert_one_line_error(*run_main(capsys, "evaluate", str(path))[::2], "evaluate: error", fragment)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not numpy at all", b"\x93NUMPY\x01\x00"], ids=["missing", "empty", "text", "cut header"])
+def test_evaluate_a_file_that_is_not_an_array(tmp_path, capsys, content):
+    path = tmp_path / "bad.npy"
+    if content is not None:
+        path.write_bytes(content)
+    assert_one_line_error(*run_main(capsys, "evaluate", str(path))[::2], str(path))
+
+
+def test_the_script_itself_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 64, 64), np.float32))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "diffusion_utils.py"), "evaluate", str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["diffusion_utils.py evaluate: error: a samples array must be uint8 in [0, 255], got dtype float32"]

@@ -1,0 +1,72 @@
+"""Section 8: the figures have the panels, titles and data they promise (no window is opened)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from helpers import Oracle
+from matplotlib.figure import Figure
+
+import diffusion_utils as du
+
+
+def image_axes(fig: Figure):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_plot_grid_shows_each_image_once_and_hides_spare_cells():
+    images = du.make_shapes(5, seed=0).images
+    fig = du.plot_grid(images, titles=[f"#{k}" for k in range(5)], columns=4, title="five")
+    assert isinstance(fig, Figure) and len(fig.axes) == 8
+    shown = image_axes(fig)
+    assert [ax.get_title() for ax in shown] == ["#0", "#1", "#2", "#3", "#4"]
+    assert np.array_equal(shown[2].images[0].get_array(), images[2, 0].numpy())
+    assert shown[0].images[0].get_clim() == (-1, 1)
+    assert sum(not ax.axison for ax in fig.axes) == 3
+    assert fig.get_suptitle() == "five"
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    assert buffer.getvalue()[:4] == b"\x89PNG"
+
+
+def test_plot_forward_process_noises_one_image_to_each_t():
+    schedule = du.NoiseSchedule.create("linear", 1000)
+    x0 = du.make_shapes(1, seed=0).images
+    fig = du.plot_forward_process(schedule, x0, ts=(0, 500, 999), seed=3)
+    shown = image_axes(fig)
+    assert [ax.get_title().split("\n")[0] for ax in shown] == ["x_0", "t=0", "t=500", "t=999"]
+    assert shown[3].get_title().endswith(f"{float(schedule.alpha_bars[999]):.3f}")
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    expected = schedule.add_noise(x0, noise, torch.tensor([500]))[0, 0].clamp(-1, 1)
+    assert np.allclose(shown[2].images[0].get_array(), expected.numpy())
+
+
+def test_plot_backward_process_lays_out_steps_by_samples():
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    oracle_x0 = du.make_shapes(4, seed=1).images
+    result = du.sample(Oracle(schedule, oracle_x0, "v"), schedule, 4, steps=5, sampler="ddim", prediction="v", save_at=(0, 2, 4), progress=False)
+    fig = du.plot_backward_process(result, rows=4)
+    assert len(fig.axes) == 4 * 3 * 2
+    assert [ax.get_title() for ax in fig.axes[:6]] == ["x_t, t=999", "predicted x_0", "x_t, t=500", "predicted x_0", "x_t, t=0", "predicted x_0"]
+    assert len(du.plot_backward_process(result, rows=2, show_x0=False).axes) == 2 * 3
+
+
+@pytest.mark.parametrize(("n", "lines"), [(10, 1), (60, 2)])
+def test_plot_losses_adds_a_running_mean_once_there_are_enough_points(n, lines):
+    losses = list(np.linspace(1.0, 0.1, n))
+    fig = du.plot_losses(losses, smooth=50)
+    ax = fig.axes[0]
+    assert len(ax.lines) == lines and ax.get_yscale() == "log"
+    assert np.allclose(ax.lines[0].get_ydata(), losses)
+    if lines == 2:
+        assert np.allclose(ax.lines[1].get_ydata()[0], np.mean(losses[:50]))
+
+
+def test_plot_schedules_and_time_embedding():
+    fig = du.plot_schedules(100)
+    left, right = fig.axes
+    assert [line.get_label() for line in left.lines] == ["linear", "cosine"]
+    assert np.allclose(left.lines[1].get_ydata(), du.NoiseSchedule.create("cosine", 100).alpha_bars.numpy())
+    heat = du.plot_time_embedding(dim=16, timesteps=50)
+    assert heat.axes[0].images[0].get_array().shape == (16, 50)

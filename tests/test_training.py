@@ -1,0 +1,262 @@
+"""Section 5 (and 1): the loss, EMA, the Trainer, resuming, NaN handling, device and precision."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import same_state, tiny_model_config, tiny_train_config
+from torch import nn
+
+import diffusion_utils as du
+
+# ------------------------------------------------------------------------------------------
+# Device and precision
+# ------------------------------------------------------------------------------------------
+
+
+def test_choose_precision_per_device_and_capability():
+    assert du.choose_precision("cpu") == "fp32"
+    assert du.choose_precision(torch.device("cpu")) == "fp32"
+    assert du.choose_precision("mps") == "fp32"
+    assert du.choose_precision("cuda", capability=(7, 5)) == "fp16"  # T4: no native bf16
+    assert du.choose_precision("cuda", capability=(7, 0)) == "fp16"
+    assert du.choose_precision("cuda", capability=(8, 0)) == "bf16"  # A100
+    assert du.choose_precision("cuda", capability=(8, 6)) == "bf16"
+    assert du.choose_precision("cuda:1", capability=(9, 0)) == "bf16"  # H100
+
+
+def test_pick_device():
+    assert du.pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert du.pick_device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="'cuda'.*CUDA is not available"):
+        du.pick_device("cuda")
+    with pytest.raises(ValueError, match="'cuda:1'"):
+        du.Trainer(tiny_model_config(), tiny_train_config(), device="cuda:1")
+
+
+def test_autocast_is_a_no_op_in_fp32():
+    with du.autocast_for(torch.device("cpu"), "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with du.autocast_for(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_default_and_original_configs():
+    cpu_model, cpu_train = du.default_configs("cpu")
+    assert cpu_train.channels_last and cpu_model.pixel_unshuffle == 2
+    gpu_model, gpu_train = du.default_configs("cuda")  # no GPU needed to read the recipe
+    assert gpu_model.base_channels == 64 and gpu_train.batch_size == 256 and not gpu_train.channels_last
+    model, train = du.original_design_configs()
+    assert (model.schedule, model.prediction, model.time_injection) == ("linear", "eps", "bottleneck")
+    assert train.min_snr_gamma is None and train.ema_decay is None
+    assert model.base_channels == cpu_model.base_channels and model.channel_mults == cpu_model.channel_mults
+
+
+# ------------------------------------------------------------------------------------------
+# The loss and EMA
+# ------------------------------------------------------------------------------------------
+
+
+class Constant(nn.Module):
+    """Outputs zeros: the per-image loss is then the mean square of the target."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def test_diffusion_loss_of_a_zero_output_is_the_weighted_target_power():
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    x0 = du.make_shapes(4, seed=0).images
+    generator = torch.Generator().manual_seed(5)
+    loss = du.diffusion_loss(Constant(), schedule, x0, "eps", None, torch.Generator().manual_seed(5))
+    # replay the same draws: t first, then the noise
+    t = schedule.sample_timesteps(4, generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    assert float(loss) == pytest.approx(float((noise**2).mean()), rel=1e-6)
+    v_loss = du.diffusion_loss(Constant(), schedule, x0, "v", 5.0, torch.Generator().manual_seed(5))
+    v = schedule.velocity(x0, noise, t)
+    expected = (schedule.loss_weight("v", t, 5.0) * (v**2).mean(dim=(1, 2, 3))).mean()
+    assert float(v_loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_ema_warm_up_follows_its_formula():
+    """ema = decay_k ema + (1 - decay_k) param, decay_k = min(decay, (1 + k) / (10 + k)): 0.1, 0.1818..., then the cap."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = du.EMA(model, decay=0.5)
+    assert ema.model is not model and not ema.model.weight.requires_grad
+    expected = 0.0
+    for k in range(20):
+        with torch.no_grad():
+            model.weight.fill_(float(k + 1))
+        ema.update(model)
+        decay = min(0.5, (1 + k) / (10 + k))
+        expected = decay * expected + (1 - decay) * (k + 1)
+        assert float(ema.model.weight) == pytest.approx(expected, rel=1e-6)
+        if k == 0:
+            assert float(ema.model.weight) == pytest.approx(0.1 * 0.0 + 0.9 * 1.0)  # first decay = 1/10
+    assert ema.updates == 20
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_short_run_lowers_the_loss():
+    data = du.make_shapes(16, seed=0).images
+    config = tiny_model_config(schedule="linear", prediction="eps")
+    trainer = du.Trainer(config, tiny_train_config(batch_size=4, lr=3e-3, warmup_steps=0, ema_decay=None, log_every=10), device="cpu", data=data)
+    losses = trainer.train(steps=40, progress=False)
+    assert len(losses) == 40 and trainer.step == 40 and trainer.images_seen == 160
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    assert last < 0.6 * first, (first, last)  # measured: 0.68 -> 0.32
+
+
+def test_same_seed_same_initial_weights_and_the_global_rng_is_untouched():
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    a = du.Trainer(tiny_model_config(), tiny_train_config(seed=3), device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    b = du.Trainer(tiny_model_config(), tiny_train_config(seed=3), device="cpu")
+    c = du.Trainer(tiny_model_config(), tiny_train_config(seed=4), device="cpu")
+    assert same_state(a.model.state_dict(), b.model.state_dict())
+    assert not same_state(a.model.state_dict(), c.model.state_dict())
+    assert same_state(a.ema.model.state_dict(), a.model.state_dict())
+    a.train(steps=2, progress=False)  # training draws from the trainer's own generator
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_lr_warms_up_linearly():
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=1e-3, warmup_steps=4), device="cpu")
+    batch = du.make_shapes(4, seed=0).images
+    lrs = [trainer.optimizer.param_groups[0]["lr"]]
+    for _ in range(6):
+        trainer.train_step(batch)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3, 1e-3], rel=1e-9)
+
+
+def test_sampling_model_is_the_ema_when_there_is_one():
+    with_ema = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
+    without = du.Trainer(tiny_model_config(), tiny_train_config(ema_decay=None), device="cpu")
+    assert with_ema.sampling_model is with_ema.ema.model
+    assert without.ema is None and without.sampling_model is without.model
+
+
+def test_ema_is_updated_once_per_step_with_the_warm_up_decay():
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train(steps=1, progress=False)
+    assert trainer.ema.updates == 1
+    after = trainer.model.state_dict()
+    name = "stem.1.weight"
+    assert not torch.equal(after[name], before[name])
+    # first update: decay 1/10, so the EMA moves 90% of the way to the new weights
+    assert torch.allclose(trainer.ema.model.state_dict()[name], 0.1 * before[name] + 0.9 * after[name], atol=1e-7)
+
+
+def test_log_and_checkpoint_cadence(tmp_path, monkeypatch):
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(log_every=3), device="cpu")
+    saved, logged = [], []
+    monkeypatch.setattr(du, "save_checkpoint", lambda path, t: saved.append(t.step))
+    trainer.train(steps=7, progress=False, checkpoint_path=tmp_path / "x.pt", checkpoint_every=2, on_log=lambda t: logged.append((t.step, len(t.losses))))
+    assert saved == [2, 4, 6, 7]  # every 2 steps, and at the end
+    # the loss is read back (and checked) before every save; log_every counts from the last read-back
+    assert logged == [(2, 2), (4, 4), (6, 6), (7, 7)]
+    logged.clear()
+    trainer.train(steps=7, progress=False, on_log=lambda t: logged.append((t.step, len(t.losses))))
+    assert logged == [(10, 10), (13, 13), (14, 14)]  # every 3 steps, and at the end
+
+
+def test_step_and_minute_budgets():
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
+    trainer.train(steps=2, minutes=60, progress=False)  # both given: the first hit ends training
+    assert trainer.step == 2
+    trainer.train(minutes=0.0005, progress=False)  # 30 ms: however many steps fit
+    assert len(trainer.losses) == trainer.step >= 2
+
+
+def _run(steps_then: list[int], tmp_path, data=None) -> du.Trainer:
+    """Train in legs, saving and reloading the checkpoint between them."""
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(log_every=2), device="cpu", data=data)
+    for leg, steps in enumerate(steps_then):
+        if leg:
+            trainer = du.load_trainer(tmp_path / "leg.pt", data=data)
+        trainer.train(steps=steps, progress=False, checkpoint_path=tmp_path / "leg.pt")
+    return trainer
+
+
+@pytest.mark.parametrize("fixed_data", [False, True], ids=["procedural", "fixed"])
+def test_resuming_is_bitwise_identical_to_training_in_one_go(tmp_path, fixed_data):
+    data = du.make_shapes(12, seed=9).images if fixed_data else None
+    resumed = _run([3, 2], tmp_path / "a", data)
+    straight = _run([5], tmp_path / "b", data)
+    assert resumed.step == straight.step == 5 and resumed.images_seen == straight.images_seen == 20
+    assert same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert same_state(resumed.ema.model.state_dict(), straight.ema.model.state_dict())
+    assert resumed.ema.updates == 5
+    assert resumed.losses == straight.losses
+    assert torch.equal(resumed.generator.get_state(), straight.generator.get_state())
+
+
+def test_state_dict_round_trip_in_memory():
+    a = du.Trainer(tiny_model_config(), tiny_train_config(ema_decay=None), device="cpu")
+    a.train(steps=2, progress=False)
+    b = du.Trainer(tiny_model_config(), tiny_train_config(ema_decay=None, seed=8), device="cpu")
+    b.load_state_dict(a.state_dict())
+    assert same_state(a.model.state_dict(), b.model.state_dict())
+    assert b.step == 2 and b.losses == a.losses and b.lr_schedule.last_epoch == 2
+
+
+# ------------------------------------------------------------------------------------------
+# NaN / inf losses
+# ------------------------------------------------------------------------------------------
+
+
+def _poison_call(monkeypatch, call: int) -> None:
+    """Make the call-th diffusion_loss of the test return NaN."""
+    real, calls = du.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(None)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == call else loss
+
+    monkeypatch.setattr(du, "diffusion_loss", poisoned)
+
+
+def test_nan_loss_stops_training_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(log_every=10), device="cpu")
+    trainer.train(steps=4, progress=False, checkpoint_path=path)
+    saved_bytes, saved_model = path.read_bytes(), {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    _poison_call(monkeypatch, 1)  # global step 5
+    with pytest.raises(du.NonFiniteLossError, match=r"the loss became nan at step 5;"):
+        trainer.train(steps=10, progress=False, checkpoint_path=path, checkpoint_every=5)
+    assert path.read_bytes() == saved_bytes  # the save at step 5 never happened
+    assert len(trainer.losses) == 4
+    monkeypatch.undo()
+    reloaded = du.load_trainer(path)
+    assert reloaded.step == 4 and same_state(reloaded.model.state_dict(), saved_model)
+    assert all(bool(torch.isfinite(p).all()) for p in reloaded.model.parameters())
+
+
+def test_nan_is_reported_at_its_own_step_even_when_found_later(monkeypatch):
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(log_every=10), device="cpu")
+    _poison_call(monkeypatch, 2)
+    with pytest.raises(du.NonFiniteLossError, match=r"at step 2;") as error:
+        trainer.train(steps=4, progress=False)  # read back only at step 4
+    assert trainer.step == 4
+    assert isinstance(error.value, RuntimeError)
+
+
+def test_a_huge_learning_rate_ends_in_a_non_finite_loss_error():
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=1e6, warmup_steps=0), device="cpu")
+    with pytest.raises(du.NonFiniteLossError, match=r"the loss became (nan|inf|-inf) at step \d+; .*try a lower lr"):
+        trainer.train(steps=20, progress=False)
