@@ -68,6 +68,7 @@ class ModelConfig:
     blocks_per_level: int = 1  # residual blocks per level
     pixel_unshuffle: int = 2  # 1 = full 64x64 input; 2 = 32x32x4 stem (4x cheaper on CPU)
     time_injection: str = "every_block"  # "bottleneck" = the original design
+    bottleneck_attention: bool = False  # self-attention between the two bottleneck blocks (global context)
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -525,6 +526,29 @@ class ResidualBlock(nn.Module):
         return self.skip(x) + h
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all positions of a feature map, with a residual connection.
+
+    softmax(Q K^T / sqrt(d)) V lets every position see every other one in a single layer: cheap at
+    the 8x8 bottleneck, and it helps the network agree on one shape for the whole image.
+    """
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)  # starts as the identity, like the residual blocks
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (n, heads, h*w, c/heads)
+        return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
+
+
 class UNet(nn.Module):
     """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t).
 
@@ -559,6 +583,7 @@ class UNet(nn.Module):
             self.downsamplers.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
 
         self.mid_blocks = nn.ModuleList([ResidualBlock(channels, channels, time_dim, config.dropout) for _ in range(2)])
+        self.mid_attention = SelfAttention(channels) if config.bottleneck_attention else nn.Identity()
 
         self.up_blocks, self.upsamplers = nn.ModuleList(), nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
@@ -584,8 +609,9 @@ class UNet(nn.Module):
                 h = block(h, time)
             skips.append(h)
             h = downsample(h)
-        for block in self.mid_blocks:
-            h = block(h, time)
+        h = self.mid_blocks[0](h, time)
+        h = self.mid_attention(h)
+        h = self.mid_blocks[1](h, time)
         for blocks, upsample in zip(self.up_blocks, self.upsamplers):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:

@@ -84,7 +84,21 @@ def test_exactly_one_parameters_cell_of_literal_assignments():
         ast.literal_eval(statement.value)  # raises ValueError unless the value is a literal
         names.append(statement.targets[0].id)
     assert len(names) == len(set(names)), f"a parameter is assigned twice: {names}"
-    expected = {"SEED", "TRAIN_MINUTES", "TRAIN_STEPS", "BATCH_SIZE", "SAMPLE_STEPS", "DDIM_STEPS", "N_SAMPLES", "N_EVAL", "OUTPUT_DIR", "FIGURE_PATH", "TINY_MODEL", "COMPARE_ORIGINAL", "RESUME"}
+    expected = {
+        "SEED",
+        "TRAIN_MINUTES",
+        "TRAIN_STEPS",
+        "BATCH_SIZE",
+        "SAMPLE_STEPS",
+        "DDIM_STEPS",
+        "N_SAMPLES",
+        "N_EVAL",
+        "OUTPUT_DIR",
+        "FIGURE_PATH",
+        "TINY_MODEL",
+        "COMPARE_ORIGINAL",
+        "RESUME",
+    }
     assert expected <= set(names), f"missing parameters: {sorted(expected - set(names))}"
 
 
@@ -96,7 +110,9 @@ def test_code_cells_call_diffusion_utils_and_define_nothing():
         for line in source.splitlines():
             assert not line.startswith(("def ", "class ", "async def ")), f"code cell {k} defines logic; move it to diffusion_utils.py: {line!r}"
         for node in ast.walk(ast.parse(as_python(source))):
-            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), f"code cell {k} defines {node.name}; move it to diffusion_utils.py"
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), (
+                f"code cell {k} defines {node.name}; move it to diffusion_utils.py"
+            )
 
 
 def test_colab_setup_only_runs_on_colab():
@@ -144,7 +160,13 @@ def run_notebook(parameters: str) -> nbformat.NotebookNode:
     env = dict(os.environ, MPLBACKEND="module://matplotlib_inline.backend_inline", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
     client.execute(env=env)  # raises CellExecutionError, naming the cell, on the first error
-    errors = [(k, output.get("ename"), output.get("evalue")) for k, cell in enumerate(notebook.cells) if cell.cell_type == "code" for output in cell.get("outputs", []) if output.output_type == "error"]
+    errors = [
+        (k, output.get("ename"), output.get("evalue"))
+        for k, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.output_type == "error"
+    ]
     assert not errors, f"error outputs: {errors}"
     assert all(cell.execution_count is not None for cell in code_cells(notebook)), "a code cell did not run"
     return notebook
