@@ -1,0 +1,499 @@
+"""Shared plumbing for the benchmark scripts (not a benchmark itself).
+
+Importing this module puts the repository root on sys.path, so every script can then
+`import diffusion_utils as du`. It holds only measuring and reporting helpers: timing with a
+device sync, markdown tables, JSON that stays valid with NaNs, line plots, memory peaks, a
+matrix-multiply rate and FLOP counts. All diffusion logic stays in diffusion_utils.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import diffusion_utils as du  # noqa: E402
+
+# ------------------------------------------------------------------------------------------
+# Command-line helpers
+# ------------------------------------------------------------------------------------------
+
+
+def parse_floats(text: str) -> list[float]:
+    """ "3,6,9" -> [3.0, 6.0, 9.0]."""
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}")
+    return values
+
+
+def parse_ints(text: str) -> list[int]:
+    """ "1,2,2" -> [1, 2, 2]."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """ "ddpm:1000,ddim:50" -> [("ddpm", 1000), ("ddim", 50)]."""
+    result = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, _, steps = item.strip().partition(":")
+        if name not in du.SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(f"sampler entries look like ddpm:100 or ddim:50 (samplers: {', '.join(du.SAMPLERS)}), got {item!r}")
+        result.append((name, int(steps)))
+    if not result:
+        raise argparse.ArgumentTypeError("give at least one sampler:steps entry")
+    return result
+
+
+def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """--out, --device and --seed, the same in every script."""
+    parser.add_argument("--out", default=out_default, help=f"folder for JSON, markdown and plots (default {out_default})")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: du.pick_device(), the fastest available)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (sampling uses its own fixed seed)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a CPU shared with other work)")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and return the device of --device (or the fastest available)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return du.pick_device(args.device)
+
+
+def add_model_override_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that shrink (or grow) every configuration a script builds: for smoke tests on a CPU."""
+    group = parser.add_argument_group("model overrides (applied to every configuration; for smoke tests)")
+    group.add_argument("--base-channels", type=int, help="override ModelConfig.base_channels")
+    group.add_argument("--channel-mults", type=parse_ints, help="override ModelConfig.channel_mults, e.g. 1,2")
+    group.add_argument("--blocks-per-level", type=int, help="override ModelConfig.blocks_per_level")
+    group.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size")
+
+
+def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace) -> tuple[du.ModelConfig, du.TrainConfig]:
+    """The configurations with the command line's overrides (and seed) applied."""
+    model_changes = {
+        key: value
+        for key, value in (
+            ("base_channels", getattr(args, "base_channels", None)),
+            ("channel_mults", tuple(args.channel_mults) if getattr(args, "channel_mults", None) else None),
+            ("blocks_per_level", getattr(args, "blocks_per_level", None)),
+        )
+        if value is not None
+    }
+    train_changes: dict[str, Any] = {"seed": getattr(args, "seed", train.seed)}
+    if getattr(args, "batch_size", None) is not None:
+        train_changes["batch_size"] = args.batch_size
+    return dataclasses.replace(model, **model_changes), dataclasses.replace(train, **train_changes)
+
+
+def prepare_out(path: str | os.PathLike) -> Path:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (a no-op on the CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[Any, float]:
+    """(fn(), seconds), with the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+class Deadline:
+    """A wall-clock budget: remaining() seconds, expired()."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+
+def measure_throughput(
+    steps: dict[str, Callable[[torch.Tensor], Any]], batches: list[torch.Tensor], device: torch.device, seconds: float, rounds: int = 3, warmup: int = 2
+) -> dict[str, dict]:
+    """images/s of each step function (called with one batch), timed in alternating rounds.
+
+    Rounds interleave the candidates, so a busy machine slows them alike. On CUDA the device is
+    synced every 5 steps and at the end of each round, so queued work is counted.
+    """
+    batch_size = len(batches[0])
+    totals = {name: [0, 0.0] for name in steps}
+    for step in steps.values():
+        for k in range(warmup):
+            step(batches[k % len(batches)])
+    synchronize(device)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            count, start = 0, time.perf_counter()
+            while True:
+                step(batches[count % len(batches)])
+                count += 1
+                if count % 5 == 0 or device.type != "cuda":
+                    synchronize(device)
+                    if time.perf_counter() - start >= seconds / rounds:
+                        break
+            synchronize(device)
+            totals[name][0] += count
+            totals[name][1] += time.perf_counter() - start
+    return {name: {"steps": n, "seconds": s, "images_per_s": n * batch_size / s} for name, (n, s) in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling + evaluation in one timed call
+# ------------------------------------------------------------------------------------------
+
+
+def sample_and_evaluate(
+    model: torch.nn.Module,
+    schedule: du.NoiseSchedule,
+    n: int,
+    sampler: str,
+    steps: int,
+    device: torch.device,
+    seed: int = 1234,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Draw n images with du.sample, time it (device synced), and score them with du.evaluate_samples.
+
+    Returns (a flat dict of metrics plus sampler, steps, seconds and images/s, the images).
+    """
+    result, seconds = timed(
+        lambda: du.sample(model, schedule, n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, progress=progress, device=device), device
+    )
+    metrics = du.evaluate_samples(result.images)
+    return {"sampler": sampler, "steps": steps, "sample_seconds": seconds, "images_per_s": n / seconds, **metrics}, result.images
+
+
+# ------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def max_rss_mb() -> float:
+    """The process's lifetime peak resident memory (getrusage; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
+class PeakMemory:
+    """Peak memory over a `with` block.
+
+    CUDA: torch.cuda.max_memory_allocated after a reset (exact, tensors only).
+    CPU: the resident set size polled every few milliseconds from /proc/self/statm by a thread
+    (Linux); `increase_mb` is the peak minus the RSS at entry. Where /proc is missing it falls back
+    to getrusage's lifetime peak, which can only show growth beyond earlier peaks.
+    """
+
+    def __init__(self, device: torch.device | str, interval: float = 0.005) -> None:
+        self.device = torch.device(device)
+        self.interval = interval
+        self.start_mb = math.nan
+        self.peak_mb = math.nan
+        self.kind = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._peak = 0
+
+    @property
+    def increase_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            self.kind = "torch.cuda.max_memory_allocated"
+            return self
+        rss = _current_rss_bytes()
+        if rss is None:
+            self.start_mb = max_rss_mb()
+            self.kind = "getrusage ru_maxrss (lifetime peak)"
+            return self
+        self.kind = "resident set size, polled"
+        self.start_mb = rss / 2**20
+        self._peak = rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            rss = _current_rss_bytes()
+            if rss is not None and rss > self._peak:
+                self._peak = rss
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            rss = _current_rss_bytes()
+            self.peak_mb = max(self._peak, rss or 0) / 2**20
+        else:
+            self.peak_mb = max_rss_mb()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"memory_measure": self.kind, "start_mb": self.start_mb, "peak_mb": self.peak_mb, "increase_mb": self.increase_mb}
+
+
+# ------------------------------------------------------------------------------------------
+# Hardware efficiency: FLOPs and a reference matrix-multiply rate
+# ------------------------------------------------------------------------------------------
+
+
+def matmul_flops_per_second(device: torch.device | str, dtype: torch.dtype = torch.float32, size: int | None = None, min_seconds: float = 1.0) -> float:
+    """Measured rate of a large square torch.mm on this device (2 n^3 FLOPs per product)."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    for _ in range(2):  # warm-up
+        torch.mm(a, b)
+    count, elapsed = 0, 0.0
+    synchronize(device)
+    start = time.perf_counter()
+    while elapsed < min_seconds or count < 3:
+        torch.mm(a, b)
+        count += 1
+        if count % 4 == 0 or device.type != "cuda":
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return 2 * size**3 * count / elapsed
+
+
+def training_flops_per_image(step: Callable[[], torch.Tensor], batch_size: int) -> float:
+    """FLOPs of one forward + backward (the loss function `step` returns a scalar to backpropagate),
+    per image, counted by torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions).
+
+    Attention runs through the math kernel while counting, so it is counted on every device.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        step().backward()
+    return counter.get_total_flops() / batch_size
+
+
+# ------------------------------------------------------------------------------------------
+# Reporting: markdown tables, JSON, plots, environment
+# ------------------------------------------------------------------------------------------
+
+
+def format_value(value: Any, spec: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if spec == "%":
+        return f"{100 * value:.1f}%"
+    if spec:
+        return format(value, spec)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A markdown table: columns are (key, header, format), format "" (auto), "%" or a format spec."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(key), spec) for key, _, spec in columns) + " |")
+    return "\n".join(lines)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON: NaN and inf become null, tuples lists, tensors/arrays lists, dataclasses dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (torch.device, torch.dtype, Path)):
+        return str(value)
+    return value
+
+
+def save_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write JSON atomically (a temp file then a rename), so an interrupted run keeps the last one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    os.replace(temp, path)
+    return path
+
+
+def save_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def line_plot(
+    panels: Sequence[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+    xlabel: str,
+    title: str | None = None,
+    percent: Sequence[bool] = (),
+    ylims: Sequence[tuple[float | None, float | None] | None] = (),
+) -> Any:
+    """A row of line plots: panels are (y label, {series name: (xs, ys)}); percent[k] formats panel k's
+    y axis as a percentage of 1, ylims[k] = (low, high) fixes its range. No pyplot, so no GUI."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    fig = Figure(figsize=(5.5 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for k, (ax, (ylabel, series)) in enumerate(zip(axes, panels)):
+        for name, (xs, ys) in series.items():
+            ys = [math.nan if y is None else y for y in ys]
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if k < len(percent) and percent[k]:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if k < len(ylims) and ylims[k] is not None:
+            ax.set_ylim(*ylims[k])
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Where and when a benchmark ran."""
+    device = torch.device(device)
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "precision": du.choose_precision(device),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            cuda=torch.version.cuda,
+            capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+        )
+    return info
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    load = env.get("load_average")
+    load_text = f"; load average at start {load[0]:.2f}" if load else ""
+    return f"{env['date']} · {env['device_name']} ({env['device']}, {env['precision']}) · torch {env['torch']} · {env['cpu_count']} CPUs, {env['torch_threads']} torch threads{load_text} · commit {env['git_commit']}"
+
+
+def mean_tail(values: Iterable[float], n: int = 50) -> float:
+    """Mean of the last n values (the loss is too noisy per step), NaN if none."""
+    values = list(values)[-n:]
+    return float(np.mean(values)) if values else math.nan
