@@ -134,6 +134,7 @@ def run_preset(preset: Preset, args: argparse.Namespace, device, rows: list[dict
                 title = f"{ev.label}: {trainer.images_seen} images seen, {ev.sampler} {ev.steps} steps, valid {100 * metrics['valid']:.0f}%"
                 bc.save_figure(du.plot_grid(images[:32], title=title), args.out_dir / f"samples_{_slug(ev.label)}.png")
             save()
+    du.save_checkpoint(args.out_dir / f"{_slug(preset.name)}.pt", trainer)  # for sampling_speed.py --checkpoint
 
 
 def _slug(label: str) -> str:
