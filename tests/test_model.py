@@ -40,6 +40,33 @@ def test_output_shape_equals_input_shape(factor, injection):
     assert bool(torch.isfinite(out).all())
 
 
+def test_bottleneck_attention_keeps_the_shape_and_starts_as_the_identity():
+    torch.manual_seed(0)
+    attention = du.SelfAttention(16, heads=4)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(attention(x), x)  # zero-initialised output projection: x + 0
+    _perturb([attention.out])
+    assert not torch.allclose(attention(x), x)
+    model = du.UNet(tiny_model_config(bottleneck_attention=True)).eval()
+    assert isinstance(model.mid_attention, du.SelfAttention)
+    assert isinstance(du.UNet(tiny_model_config()).mid_attention, nn.Identity)
+    with torch.no_grad():
+        assert model(_input(2), torch.tensor([3, 900])).shape == (2, 1, 64, 64)
+
+
+def test_attention_mixes_every_position_with_every_other():
+    """Unlike a 3x3 conv, one attention layer lets a change in one corner reach the opposite one."""
+    torch.manual_seed(0)
+    attention = du.SelfAttention(8, heads=2)
+    _perturb([attention.qkv, attention.out])
+    x = torch.randn(1, 8, 8, 8)
+    changed = x.clone()
+    changed[..., 0, 0] += 5.0
+    with torch.no_grad():
+        difference = (attention(changed) - attention(x)).abs()
+    assert difference[..., 7, 7].max() > 1e-4
+
+
 def test_output_shape_with_two_blocks_per_level_and_three_levels():
     torch.manual_seed(0)
     model = du.UNet(tiny_model_config(channel_mults=(1, 2, 2), blocks_per_level=2)).eval()
