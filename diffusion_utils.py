@@ -78,6 +78,8 @@ class ModelConfig:
         _check_choice("time_injection", self.time_injection, TIME_INJECTIONS)
         _check_positive_int("timesteps", self.timesteps)
         _check_positive_int("base_channels", self.base_channels)
+        if self.base_channels % 4:
+            raise ValueError(f"base_channels must be a multiple of 4 (time embedding halves, attention heads), got {self.base_channels}")
         _check_positive_int("blocks_per_level", self.blocks_per_level)
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
@@ -85,7 +87,9 @@ class ModelConfig:
             raise ValueError(f"pixel_unshuffle must be 1, 2 or 4, got {self.pixel_unshuffle}")
         lowest = IMAGE_SIZE // self.pixel_unshuffle // 2 ** (len(self.channel_mults) - 1)
         if lowest < 2:
-            raise ValueError(f"channel_mults {self.channel_mults}: {len(self.channel_mults)} levels after pixel_unshuffle {self.pixel_unshuffle} shrink the image below 2x2")
+            raise ValueError(
+                f"channel_mults {self.channel_mults}: {len(self.channel_mults)} levels after pixel_unshuffle {self.pixel_unshuffle} shrink the image below 2x2"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -149,7 +153,7 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
 
 def choose_precision(device: torch.device | str, capability: tuple[int, int] | None = None) -> str:
-    """"bf16", "fp16" or "fp32" for this device.
+    """The training precision for this device: "bf16", "fp16" or "fp32".
 
     bf16 needs compute capability 8.0+ (A100, H100, RTX 30xx+); older cards such as the T4
     (7.5) only emulate it, so they get fp16 with a gradient scaler. CPU and MPS stay in fp32.
@@ -174,7 +178,7 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
     """The project's best recipe for this kind of device (measured in benchmarks/)."""
     device = torch.device(device)
     if device.type == "cuda":
-        model = ModelConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2, bottleneck_attention=False)
+        model = ModelConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
         return model, TrainConfig(batch_size=256, lr=1e-3, warmup_steps=200, ema_decay=0.999, data_workers=min(4, max(1, (os.cpu_count() or 2) - 1)))
     model = ModelConfig()
     return model, TrainConfig(channels_last=device.type == "cpu")
@@ -317,11 +321,13 @@ def validate_images(images: object, check_range: bool = True) -> None:
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """Ho et al. (2020): beta_t rises linearly from 1e-4 to 0.02 (scaled for T != 1000)."""
     scale = 1000 / timesteps
+    if beta_end * scale >= 1:
+        raise ValueError(f"the linear schedule needs at least {math.floor(beta_end * 1000) + 1} timesteps, got {timesteps}")
     return torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal (2021): alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2) / alpha_bar(0).
+    """Nichol & Dhariwal (2021): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2).
 
     beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at 0.999 to avoid a singularity at t = T.
     """
@@ -654,7 +660,9 @@ def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
     was_training = model.training
     try:
         parameter = next(model.parameters())
-        model.eval()(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, device=parameter.device, dtype=parameter.dtype), torch.zeros(1, dtype=torch.long, device=parameter.device))
+        model.eval()(
+            torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, device=parameter.device, dtype=parameter.dtype), torch.zeros(1, dtype=torch.long, device=parameter.device)
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -671,7 +679,9 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last saved checkpoint is untouched."""
 
 
-def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str, min_snr_gamma: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
+def diffusion_loss(
+    model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str, min_snr_gamma: float | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One Monte-Carlo estimate of the training objective.
 
     t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps,
@@ -701,15 +711,22 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for ema_param, param in zip(self.model.parameters(), model.parameters()):
-            ema_param.lerp_(param, 1 - decay)  # ema = decay * ema + (1 - decay) * param
+        # ema = decay * ema + (1 - decay) * param, for every tensor in one fused call (a loop of
+        # ema_param.lerp_(param, 1 - decay) does the same with one GPU kernel launch per tensor)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
         self.updates += 1
 
 
 class Trainer:
     """Owns the model, its EMA, the optimiser and the RNG; `train` runs for a step or time budget."""
 
-    def __init__(self, model_config: ModelConfig | None = None, train_config: TrainConfig | None = None, device: torch.device | str | None = None, data: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig | None = None,
+        train_config: TrainConfig | None = None,
+        device: torch.device | str | None = None,
+        data: torch.Tensor | None = None,
+    ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
         default_model, default_train = default_configs(self.device)
         self.model_config = model_config or default_model
@@ -769,7 +786,15 @@ class Trainer:
         self.images_seen += len(x0)
         return loss.detach()
 
-    def train(self, steps: int | None = None, minutes: float | None = None, progress: bool = True, checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 500, on_log: Callable[[Trainer], None] | None = None) -> list[float]:
+    def train(
+        self,
+        steps: int | None = None,
+        minutes: float | None = None,
+        progress: bool = True,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 500,
+        on_log: Callable[[Trainer], None] | None = None,
+    ) -> list[float]:
         """Train for `steps` more steps or `minutes` of wall time (whichever is given; both: first hit).
 
         The loss is read back every `log_every` steps; a NaN/inf loss stops training with
@@ -790,8 +815,11 @@ class Trainer:
         deadline = started + minutes * 60 if minutes is not None else math.inf
         last_step = self.step + steps if steps is not None else math.inf
         by_steps = steps is not None  # the bar counts steps, or seconds of the time budget
-        bar = tqdm(total=steps if by_steps else round(minutes * 60), unit="step" if by_steps else "s", desc="training", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps if by_steps else round(minutes * 60), unit="step" if by_steps else "s", desc="training", disable=not progress, dynamic_ncols=True
+        )
         pending: list[torch.Tensor] = []
+        saved_at = None
         batches = self.batches()
         try:
             while self.step < last_step and time.monotonic() < deadline:
@@ -807,9 +835,10 @@ class Trainer:
                         on_log(self)
                 if save_now:
                     save_checkpoint(checkpoint_path, self)
+                    saved_at = self.step
         finally:
             bar.close()
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and saved_at != self.step:
             save_checkpoint(checkpoint_path, self)
         return self.losses
 
@@ -818,7 +847,9 @@ class Trainer:
         first_step = self.step - len(values) + 1
         for offset, value in enumerate(values):
             if not math.isfinite(value):
-                raise NonFiniteLossError(f"training stopped: the loss became {value} at step {first_step + offset}; the last saved checkpoint is unchanged (try a lower lr)")
+                raise NonFiniteLossError(
+                    f"training stopped: the loss became {value} at step {first_step + offset}; the last saved checkpoint is unchanged (try a lower lr)"
+                )
         self.losses.extend(values)
 
     def state_dict(self) -> dict:
@@ -831,6 +862,7 @@ class Trainer:
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
+            "generator_device": self.device.type,
             "step": self.step,
             "images_seen": self.images_seen,
             "losses": torch.tensor(self.losses, dtype=torch.float64),
@@ -845,8 +877,11 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"].cpu())
         self.step = int(state["step"])
+        if state.get("generator_device") == self.device.type:
+            self.generator.set_state(state["generator"].cpu())
+        else:  # CPU and CUDA generators have different states: continue with a fresh, seeded stream
+            self.generator.manual_seed(self.train_config.seed * 1_000_003 + self.step)
         self.images_seen = int(state["images_seen"])
         self.losses = [float(v) for v in state["losses"]]
 
@@ -865,7 +900,20 @@ class SampleResult:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, schedule: NoiseSchedule, n: int, steps: int = 100, sampler: str = "ddpm", eta: float | None = None, seed: int = 0, prediction: str | None = None, save_at: Sequence[int] = (), batch_size: int = 256, progress: bool = True, device: torch.device | str | None = None) -> SampleResult:
+def sample(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    n: int,
+    steps: int = 100,
+    sampler: str = "ddpm",
+    eta: float | None = None,
+    seed: int = 0,
+    prediction: str | None = None,
+    save_at: Sequence[int] = (),
+    batch_size: int = 256,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> SampleResult:
     """Generate n images from pure noise with `steps` reverse steps (respaced from the T of training).
 
     Each step: the network output gives x_0_hat (clipped to [-1, 1]); then
@@ -891,10 +939,14 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, steps: int = 100, 
     bad = [s for s in save_at if not 0 <= s < steps]
     if bad:
         raise ValueError(f"save_at steps must be in [0, {steps - 1}], got {bad}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model_device = next(model.parameters()).device
+    if device is not None and torch.device(device).type != model_device.type:
+        raise ValueError(f"the model is on {model_device}; move it with model.to({str(device)!r}) before sampling there")
+    device = model_device
     spaced = schedule.respaced(steps)
     model_timesteps = spaced.timesteps.to(device)  # the training timestep of each respaced step
     precision = choose_precision(device)
+    was_training = model.training
     model.eval()
     result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE))
     result.timesteps = [int(spaced.timesteps[steps - 1 - s]) for s in sorted(save_at)]
@@ -906,15 +958,16 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, steps: int = 100, 
     for start, stop in chunks:
         # one generator per image, so an image does not depend on the chunk it was made in
         generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
-        x = _randn_per_image(generators, device)
+        x = next(_noise_per_image(generators, device, 1))  # x_T ~ N(0, I)
+        stochastic = sampler == "ddpm" or eta > 0
+        step_noise = _noise_per_image(generators, device, steps - 1 if stochastic else 0)
         for s in range(steps):
             i = steps - 1 - s  # index into the respaced schedule, from most to least noisy
             t = torch.full((stop - start,), i, device=device, dtype=torch.long)
             with autocast_for(device, precision):
                 output = model(x, model_timesteps[t]).float()
             x0 = spaced.predict_x0(prediction, x, output, t).clamp(-1, 1)  # clip x_0_hat to the data range
-            stochastic = i > 0 and (sampler == "ddpm" or eta > 0)
-            noise = _randn_per_image(generators, device) if stochastic else None
+            noise = next(step_noise) if stochastic and i > 0 else None
             if sampler == "ddpm":
                 x_next = spaced.ddpm_step(x, x0, i, noise)
             else:
@@ -926,13 +979,20 @@ def sample(model: nn.Module, schedule: NoiseSchedule, n: int, steps: int = 100, 
             bar.update(1)
         result.images[start:stop] = x.clamp(-1, 1).cpu()
     bar.close()
+    model.train(was_training)
     result.x_t = [torch.cat(saved[s][0]) for s in sorted(save_at)]
     result.x0 = [torch.cat(saved[s][1]) for s in sorted(save_at)]
     return result
 
 
-def _randn_per_image(generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.randn(1, IMAGE_SIZE, IMAGE_SIZE, generator=g, device=device) for g in generators])
+def _noise_per_image(generators: list[torch.Generator], device: torch.device, count: int, block: int = 10) -> Iterator[torch.Tensor]:
+    """`count` noise tensors (N, 1, 64, 64); image k's noise comes from generators[k] alone.
+
+    Drawn `block` steps at a time, so a GPU gets N random-number launches per block, not per step.
+    """
+    for start in range(0, count, block):
+        size = min(block, count - start)
+        yield from torch.stack([torch.randn(size, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g, device=device) for g in generators], dim=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1233,28 +1293,44 @@ def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
         raise CheckpointError(f"{path}: its configuration is invalid: {error}") from None
 
 
-def load_trainer(path: str | os.PathLike, device: torch.device | str | None = None, expect: ModelConfig | None = None, data: torch.Tensor | None = None) -> Trainer:
+def load_trainer(
+    path: str | os.PathLike, device: torch.device | str | None = None, expect: ModelConfig | None = None, data: torch.Tensor | None = None
+) -> Trainer:
     """Rebuild a Trainer from a checkpoint to resume training (or to sample from its EMA)."""
     path = Path(path)
     payload = read_checkpoint(path)
     model_config, train_config = _configs_from(payload, path)
     if expect is not None and expect != model_config:
         differences = {k: (v, getattr(expect, k)) for k, v in dataclasses.asdict(model_config).items() if getattr(expect, k) != v}
-        raise CheckpointError(f"{path}: made by a different model configuration: " + ", ".join(f"{k}={a!r} in the file, {b!r} expected" for k, (a, b) in differences.items()))
+        raise CheckpointError(
+            f"{path}: made by a different model configuration: " + ", ".join(f"{k}={a!r} in the file, {b!r} expected" for k, (a, b) in differences.items())
+        )
     trainer = Trainer(model_config, train_config, device=device, data=data)
     try:
         trainer.load_state_dict(payload["state"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        first_problem = " ".join(line.strip() for line in str(error).splitlines()[:2])  # "Error(s) in loading ...:" + the first
-        raise CheckpointError(f"{path}: does not match its model: {first_problem[:300]}") from None
+        raise CheckpointError(f"{path}: does not match its model: {_first_mismatch(error)}") from None
     return trainer
+
+
+def _first_mismatch(error: Exception) -> str:
+    """'Error(s) in loading state_dict ...:' plus its first detail line, cut to 300 characters."""
+    return " ".join(line.strip() for line in str(error).splitlines()[:2])[:300]
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None, prefer_ema: bool = True) -> tuple[UNet, NoiseSchedule]:
     """The sampling network (EMA weights when saved) and its schedule, ready for `sample`."""
-    trainer = load_trainer(path, device=device)
-    model = trainer.sampling_model if prefer_ema else trainer.model
-    return model.eval(), trainer.schedule
+    path = Path(path)
+    payload = read_checkpoint(path)
+    model_config, _ = _configs_from(payload, path)
+    state = payload["state"]
+    weights = state["ema"] if prefer_ema and state.get("ema") is not None else state["model"]
+    model = UNet(model_config)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: does not match its model: {_first_mismatch(error)}") from None
+    return model.to(pick_device(str(device) if device is not None else None)).eval(), NoiseSchedule.from_config(model_config)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1322,7 +1398,9 @@ def _command_sample(args: argparse.Namespace) -> None:
     if not args.out.endswith(".npy"):
         raise ValueError(f"--out must end in .npy, got {args.out!r}")
     model, schedule = load_model(args.checkpoint, device=args.device)
-    result = sample(model, schedule, args.n, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress)
+    result = sample(
+        model, schedule, args.n, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress
+    )
     images = model_to_uint8(result.images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, images)
@@ -1348,9 +1426,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"train": _command_train, "sample": _command_sample, "evaluate": _command_evaluate}[args.command]
     try:
         command(args)
-    except (ValueError, TypeError, NonFiniteLossError) as error:
+    except (ValueError, TypeError, OSError) as error:  # bad input: arguments, files, paths
         print(f"diffusion_utils.py {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:  # a failed run, not a usage error
+        print(f"diffusion_utils.py {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
         return 130

@@ -192,8 +192,14 @@ def test_prediction_comes_from_the_model_config(tiny_net, x0):
         du.sample(Oracle(schedule, x0, "eps"), schedule, 1, steps=2, progress=False)
 
 
-def test_sample_leaves_the_model_in_eval_mode_and_works_on_the_cpu(tiny_net):
-    tiny_net.train()
-    result = du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, device="cpu", progress=False)
-    assert not tiny_net.training
-    assert result.images.device.type == "cpu"
+def test_sample_restores_the_model_mode_and_works_on_the_cpu(tiny_net):
+    for training in (True, False):
+        tiny_net.train(training)
+        result = du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, device="cpu", progress=False)
+        assert tiny_net.training == training
+        assert result.images.device.type == "cpu"
+
+
+def test_sample_refuses_a_device_the_model_is_not_on(tiny_net):
+    with pytest.raises(ValueError, match="model.to"):
+        du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, device="meta", progress=False)
