@@ -184,10 +184,11 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
     return model, TrainConfig(channels_last=device.type == "cpu")
 
 
-def original_design_configs() -> tuple[ModelConfig, TrainConfig]:
-    """The design this project started from, same network size: linear schedule, eps target,
-    time added only at the bottleneck, plain MSE, no EMA (sample it with 1000 DDPM steps)."""
-    model, train = default_configs("cpu")
+def original_design_configs(like: tuple[ModelConfig, TrainConfig] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The design this project started from, with the network size and batch of `like` (default:
+    the CPU recipe): linear schedule, eps target, time added only at the bottleneck, no attention,
+    plain MSE, no EMA (sample it with 1000 DDPM steps)."""
+    model, train = like or default_configs("cpu")
     model = dataclasses.replace(model, schedule="linear", prediction="eps", time_injection="bottleneck", bottleneck_attention=False)
     return model, dataclasses.replace(train, min_snr_gamma=None, ema_decay=None)
 

@@ -54,6 +54,9 @@ def test_default_and_original_configs():
     assert (model.schedule, model.prediction, model.time_injection) == ("linear", "eps", "bottleneck")
     assert train.min_snr_gamma is None and train.ema_decay is None
     assert model.base_channels == cpu_model.base_channels and model.channel_mults == cpu_model.channel_mults
+    like_model, like_train = du.original_design_configs(like=(gpu_model, gpu_train))
+    assert (like_model.base_channels, like_model.pixel_unshuffle, like_train.batch_size) == (64, 2, 256)
+    assert (like_model.prediction, like_model.bottleneck_attention, like_train.ema_decay) == ("eps", False, None)
 
 
 # ------------------------------------------------------------------------------------------
