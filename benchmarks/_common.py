@@ -353,11 +353,9 @@ def format_value(value: Any, spec: str = "") -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A markdown table: columns are (key, header, format), format "" (auto), "%" or a format spec."""
-    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(format_value(row.get(key), spec) for key, _, spec in columns) + " |")
-    return "\n".join(lines)
+    """du.markdown_table over dict rows: columns are (key, header, format), format "" (auto), "%" or a format spec."""
+    headers = [header for _, header, _ in columns]
+    return du.markdown_table(headers, [[format_value(row.get(key), spec) for key, _, spec in columns] for row in rows])
 
 
 def to_jsonable(value: Any) -> Any:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import math
 import sys
@@ -89,6 +90,7 @@ def make_trainer(
     trainer = du.Trainer(model_config, dataclasses.replace(train_config, compile=compile_model), device=device)
     if precision is not None:
         trainer.precision = precision
+        trainer.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # the Trainer built it for its own choice
     return trainer
 
 
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = [("eager, contiguous", {}), ("eager, channels_last", {"channels_last": True})]
     if not args.no_fp32 and precision != "fp32":
-        variants.append(("eager, contiguous, fp32 (TF32 matmuls)", {"precision": "fp32"}))
+        tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # TF32 tensor cores: Ampere and later
+        variants.append(("eager, contiguous, fp32" + (" (TF32 matmuls)" if tf32 else ""), {"precision": "fp32"}))
     for name, options in variants:
         if deadline.remaining() < throughput_seconds + 5 + reserve:
             skip(f"training variant {name}")
@@ -357,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     trained_note = f"model from the time-to-target run ({trainer.images_seen:,} images)" if trainer is not None else ""
     sections.append(f"## Sampling {samples} images ({trained_note})\n\n" + bc.markdown_table(sampling_rows, SAMPLING_COLUMNS))
     print(sections[-1] + "\n", flush=True)
+    trainer = model = None  # free its weights, EMA and optimiser state: they would count in the compiled variant's peak
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- 5. torch.compile (last: slow to build)
     if not args.no_compile and device.type == "cuda":
@@ -367,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             skip("torch.compile variant")
 
-    if device.type == "cuda":
-        payload["peak_gpu_memory_mb_overall"] = torch.cuda.max_memory_allocated(device) / 2**20
+    # every PeakMemory block resets the peak counter, so the overall peak is the largest block peak
+    peaks = [r.get("peak_mb") for r in train_rows + sampling_rows] + [r.get("eval_peak_mb") for r in ttq_rows]
+    payload["peak_memory_mb_overall"] = max((p for p in peaks if p is not None and math.isfinite(p)), default=math.nan)
     sections.append(f"total wall time {time.monotonic() - started:.0f} s; skipped: {', '.join(payload['skipped']) or 'nothing'}")
     save()
     print(sections[-1])

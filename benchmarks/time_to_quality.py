@@ -10,18 +10,22 @@ Configurations (named presets, all built from du.default_configs / du.original_d
   original            du.original_design_configs(): linear schedule, eps target, time at the
                       bottleneck only, plain MSE, no EMA; sampled with 1000 DDPM steps
   recipe              du.default_configs(device), sampled with 100 DDPM steps
-  --ablation          the original plus one change at a time, cumulatively: +cosine, +v,
-                      +min-snr-5, +time-every-block, +ema; the last one is also sampled with
-                      100 steps ("+100-step sampling", which is the recipe on the CPU)
+  --ablation          the original plus one change at a time, cumulatively. The first change
+                      is the sampler alone: the original's trained model is also sampled with
+                      100 DDPM steps ("+100-step sampling"), and every later step is sampled
+                      that way too. Then +cosine, +v, +min-snr-5, +time-every-block, +ema,
+                      +attention; the last one is du.default_configs("cpu"), the CPU recipe.
 
 1000-step sampling is slow on a CPU (about 10x the 100-step cost), so configurations sampled
 with it draw --original-samples images (default 64: valid % then has a standard error of about
-6 points at 50%); --original-steps can lower the step count for quick looks.
+6 points at 50%); --original-steps can lower the step count for quick looks. 100-step sampling
+keeps validity within a few points of 1000 steps (benchmarks/sampling_speed.py), which is why
+the ablation switches the sampler first and scores every later step on --samples images.
 Runs are sequential (never in parallel) and all use the same seed.
 
-Example (the lead's full run on the CPU; about 30 min of training plus evaluation):
+Examples (the lead's runs on the 2-core CPU: about 40 min, and about 90 min for the ablation):
     python benchmarks/time_to_quality.py --minutes 15 --eval-at 3,6,9,12,15
-    python benchmarks/time_to_quality.py --ablation --minutes 15 --eval-at 5,10,15
+    python benchmarks/time_to_quality.py --ablation --minutes 10 --eval-at 10 --out benchmarks/results/ablation
 Smoke test (seconds):
     python benchmarks/time_to_quality.py --minutes 0.1 --eval-at 0.05,0.1 --samples 8 \\
         --original-samples 4 --original-steps 20 --base-channels 8 --channel-mults 1,2 --batch-size 8 --threads 1
@@ -42,7 +46,7 @@ import _common as bc  # noqa: E402  (benchmarks/ is on sys.path as this script's
 
 import diffusion_utils as du  # noqa: E402
 
-ABLATION = ("original", "+cosine", "+v", "+min-snr-5", "+time-every-block", "+ema")
+ABLATION = ("original", "+cosine", "+v", "+min-snr-5", "+time-every-block", "+ema", "+attention")
 
 
 @dataclass
@@ -79,26 +83,31 @@ def build_presets(args: argparse.Namespace, device) -> dict[str, Preset]:
         model, train = bc.apply_overrides(model, train, args)
         presets[name] = Preset(name, model, train, evaluations, note)
 
-    add("original", original_model, original_train, [evaluation("original")], "du.original_design_configs()")
+    short = evaluation("+100-step sampling", "ddpm", 100, args.samples)
+    original_evaluations = [evaluation("original")] + ([short] if args.ablation else [])
+    add("original", original_model, original_train, original_evaluations, "du.original_design_configs()")
     add("recipe", recipe_model, recipe_train, [evaluation("recipe", "ddpm", 100, args.samples)], "du.default_configs(device)")
-    # The ablation chain: the original plus one change at a time (cumulative), same network size.
+    # The ablation chain: the original plus one change at a time (cumulative), same network size,
+    # each sampled with 100 DDPM steps (the sampler is the chain's first change, see above).
+    cpu_model, cpu_train = du.default_configs("cpu")
     model, train = original_model, original_train
     changes = {
         "+cosine": ("model", {"schedule": "cosine"}),
         "+v": ("model", {"prediction": "v"}),
-        "+min-snr-5": ("train", {"min_snr_gamma": 5.0}),
+        "+min-snr-5": ("train", {"min_snr_gamma": cpu_train.min_snr_gamma}),
         "+time-every-block": ("model", {"time_injection": "every_block"}),
-        "+ema": ("train", {"ema_decay": du.default_configs("cpu")[1].ema_decay}),
+        "+ema": ("train", {"ema_decay": cpu_train.ema_decay}),
+        "+attention": ("model", {"bottleneck_attention": True}),
     }
     for name, (which, change) in changes.items():
         if which == "model":
             model = dataclasses.replace(model, **change)
         else:
             train = dataclasses.replace(train, **change)
-        evaluations = [evaluation(name)]
-        if name == "+ema":
-            evaluations.append(evaluation("+100-step sampling", "ddpm", 100, args.samples))
-        add(name, model, train, evaluations, f"previous + {change}")
+        add(name, model, train, [evaluation(name, "ddpm", 100, args.samples)], f"previous + {change}")
+    if (model, train) != (cpu_model, cpu_train):
+        raise RuntimeError("the ablation chain no longer ends at du.default_configs('cpu'): update the list of changes")
+    presets["+attention"].note += " = du.default_configs('cpu'), the CPU recipe"
     return presets
 
 
@@ -175,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         default=64,
         help="images per evaluation for configurations sampled with --original-steps DDPM steps (default 64; 1000 steps is slow on a CPU)",
     )
-    parser.add_argument(
-        "--original-steps", type=int, default=1000, help="DDPM steps for the original design and the ablation steps before 100-step sampling (default 1000)"
-    )
+    parser.add_argument("--original-steps", type=int, default=1000, help="DDPM steps for the original design (default 1000; lower for quick looks)")
     parser.add_argument("--sample-batch-size", type=int, default=256, help="images per sampling chunk (default 256)")
     bc.add_model_override_args(parser)
     args = parser.parse_args(argv)

@@ -249,3 +249,27 @@ def test_a_checkpoint_from_another_device_type_loads_with_a_reseeded_generator(t
     assert torch.equal(moved.generator.get_state(), torch.Generator().manual_seed(seed).get_state())
     model, _ = du.load_model(tmp_path / "cuda.pt")  # sampling never needs the generator
     assert same_state(model.state_dict(), moved.ema.model.state_dict())
+
+
+def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path):
+    """AdamW's saved param_groups carry `fused`; a CUDA run's fused=True must not follow it onto
+    the CPU (nor a CPU run's unfused AdamW onto the GPU, where GradScaler would then sync)."""
+    _, path = trained
+
+    def as_if_from_cuda(payload):
+        for group in payload["state"]["optimizer"]["param_groups"]:
+            group["fused"] = True
+
+    moved = du.load_trainer(_tampered(path, tmp_path / "fused.pt", as_if_from_cuda))
+    fresh = du.Trainer(moved.model_config, moved.train_config, device="cpu")
+    assert [g["fused"] for g in moved.optimizer.param_groups] == [g["fused"] for g in fresh.optimizer.param_groups]
+    assert moved.optimizer.param_groups[0]["lr"] == du.read_checkpoint(path)["state"]["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_load_trainer_can_switch_compilation_without_changing_anything_else(tmp_path):
+    trainer = du.Trainer(tiny_model_config(), dataclasses.replace(du.TrainConfig(batch_size=4, channels_last=False), compile=True), device="cpu")
+    du.save_checkpoint(tmp_path / "compiled.pt", trainer)  # torch.compile is lazy: nothing compiles here
+    eager = du.load_trainer(tmp_path / "compiled.pt", compile=False)
+    assert eager.train_config == dataclasses.replace(trainer.train_config, compile=False)
+    assert eager.train_model is eager.model
+    assert du.load_trainer(tmp_path / "compiled.pt").train_config.compile  # by default the file's setting

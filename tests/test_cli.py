@@ -67,6 +67,12 @@ def test_train_resumes_from_a_checkpoint(checkpoint, tmp_path, capsys):
     assert du.load_trainer(path).step == 3
 
 
+def test_train_refuses_a_seed_for_a_resumed_run(checkpoint, tmp_path, capsys):
+    status, _, err = run_main(capsys, "train", "--steps", "1", "--resume", str(checkpoint), "--seed", "3", "--out", str(tmp_path / "x.pt"), "--no-progress")
+    assert_one_line_error(status, err, "--seed", "resumed run")
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_train_with_a_minute_budget(tiny_defaults, tmp_path, capsys):
     status, out, _ = run_main(capsys, "train", "--minutes", "0.0002", "--out", str(tmp_path / "run.pt"), "--no-progress")
     assert status == 0 and "trained to step" in out  # however many steps fit

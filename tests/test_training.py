@@ -38,6 +38,14 @@ def test_asking_for_cuda_without_cuda_is_a_clear_error():
         du.Trainer(tiny_model_config(), tiny_train_config(), device="cuda:1")
 
 
+def test_asking_for_a_cuda_index_past_the_last_card_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert du.pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"'cuda:1'.*only 1 CUDA device"):
+        du.pick_device("cuda:1")
+
+
 def test_autocast_is_a_no_op_in_fp32():
     with du.autocast_for(torch.device("cpu"), "fp32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
@@ -183,6 +191,33 @@ def test_step_and_minute_budgets():
     assert trainer.step == 2
     trainer.train(minutes=0.0005, progress=False)  # 30 ms: however many steps fit
     assert len(trainer.losses) == trainer.step >= 2
+
+
+def test_training_in_chunks_reuses_one_batch_iterator_and_equals_one_go():
+    """DataLoader workers start once per run, not once per train() call (chunked benchmarks)."""
+    calls = []
+
+    def counting(trainer):
+        original = trainer.batches
+
+        def batches():
+            calls.append(trainer.step)
+            return original()
+
+        trainer.batches = batches
+        return trainer
+
+    chunked = counting(du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu"))
+    chunked.train(steps=2, progress=False)
+    chunked.train(steps=3, progress=False)
+    assert calls == [0]  # the second call went on with the first call's iterator
+    straight = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
+    straight.train(steps=5, progress=False)
+    assert chunked.losses == straight.losses
+    assert same_state(chunked.model.state_dict(), straight.model.state_dict())
+    chunked.load_state_dict(straight.state_dict())  # a loaded state starts a fresh iterator at its step
+    chunked.train(steps=1, progress=False)
+    assert calls == [0, 5]
 
 
 def _run(steps_then: list[int], tmp_path, data=None) -> du.Trainer:
