@@ -69,6 +69,15 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     return result
 
 
+def make_parser(doc: str, out_default: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph as description, the rest (examples) as
+    epilog, plus the flags every script shares (add_common_args)."""
+    summary, _, details = doc.partition("\n\n")
+    parser = argparse.ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details)
+    add_common_args(parser, out_default)
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
     """--out, --device and --seed, the same in every script."""
     parser.add_argument("--out", default=out_default, help=f"folder for JSON, markdown and plots (default {out_default})")

@@ -32,7 +32,6 @@ Smoke test (CPU, about a minute):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import itertools
@@ -108,10 +107,7 @@ def data_rate(batch_size: int, seed: int, seconds: float, workers: int = 0) -> f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
-    )
-    bc.add_common_args(parser, "runs/benchmarks/gpu")
+    parser = bc.make_parser(__doc__, "runs/benchmarks/gpu")
     parser.add_argument("--smoke", action="store_true", help="tiny model and budgets; runs on any device (a CPU check of this script)")
     parser.add_argument("--total-minutes", type=float, default=None, help="wall-clock budget for the whole script, start-up included (default 7; smoke 1)")
     parser.add_argument("--throughput-seconds", type=float, default=None, help="timed seconds per training variant (default 12; smoke 1.5)")

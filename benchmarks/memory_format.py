@@ -13,7 +13,6 @@ Smoke test (seconds):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import sys
@@ -34,10 +33,7 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
-    )
-    bc.add_common_args(parser, "runs/benchmarks/memory_format")
+    parser = bc.make_parser(__doc__, "runs/benchmarks/memory_format")
     parser.add_argument("--seconds", type=float, default=60.0, help="timed seconds per layout, split over --rounds alternating rounds (default 60)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     bc.add_model_override_args(parser)

@@ -82,10 +82,7 @@ def load_or_train(args: argparse.Namespace, device, out: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
-    )
-    bc.add_common_args(parser, "runs/benchmarks/sampling_speed")
+    parser = bc.make_parser(__doc__, "runs/benchmarks/sampling_speed")
     parser.add_argument("--checkpoint", help="a checkpoint from diffusion_utils.py train (default: train one here)")
     parser.add_argument("--train-minutes", type=float, default=10.0, help="without --checkpoint: minutes to train the default recipe (default 10)")
     parser.add_argument("--train-steps", type=int, help="without --checkpoint: train this many steps instead of --train-minutes")

@@ -167,10 +167,7 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
-    )
-    bc.add_common_args(parser, "runs/benchmarks/time_to_quality")
+    parser = bc.make_parser(__doc__, "runs/benchmarks/time_to_quality")
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget per configuration (default 15)")
     parser.add_argument(
         "--eval-at", type=bc.parse_floats, default=None, help="evaluation points in minutes of training (default 3,6,9,12,15 scaled to --minutes)"

@@ -40,7 +40,6 @@ Smoke test (about a minute):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import itertools
@@ -307,10 +306,7 @@ FLOP_COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
-    )
-    bc.add_common_args(parser, "runs/benchmarks/vs_diffusers")
+    parser = bc.make_parser(__doc__, "runs/benchmarks/vs_diffusers")
     parser.add_argument("--parts", default="a,b,c,d", help="which parts to run (default a,b,c,d)")
     parser.add_argument("--minutes", type=float, default=10.0, help="(b) training budget per run in minutes (default 10)")
     parser.add_argument("--samples", type=int, default=256, help="(b, c) images drawn per evaluation (default 256)")
