@@ -5,9 +5,10 @@ Issue "Fast on a GPU". One invocation does everything, within --total-minutes of
 one call on a borrowed GPU machine. With the default recipe for CUDA (du.default_configs("cuda"))
 it measures, in this order:
 
-1. training images/s (model only, pre-made pinned batches, device synced): eager contiguous,
-   eager channels_last and eager fp32 for reference, with the precision du.choose_precision
-   picks (bf16 on compute capability 8.0+, else fp16) and the peak GPU memory of each;
+1. training images/s (model only, pre-made pinned batches, device synced): eager contiguous and
+   eager channels_last in the precision du.choose_precision picks (fp32 on TF32 tensor cores
+   from compute capability 8.0, else fp16), the card's other precisions for reference, and the
+   peak GPU memory of each;
 2. whether data generation keeps up: du.training_batches alone (in this process, and with the
    config's data_workers) in images/s vs the training rate, and du.Trainer.train end to end
    (its own data pipeline) vs model only;
@@ -86,11 +87,7 @@ def make_trainer(
     model_config: du.ModelConfig, train_config: du.TrainConfig, device: torch.device, compile_model: bool = False, precision: str | None = None
 ) -> du.Trainer:
     """A fresh du.Trainer; compile_model sets TrainConfig.compile, precision overrides du.choose_precision's."""
-    trainer = du.Trainer(model_config, dataclasses.replace(train_config, compile=compile_model), device=device)
-    if precision is not None:
-        trainer.precision = precision
-        trainer.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # the Trainer built it for its own choice
-    return trainer
+    return du.Trainer(model_config, dataclasses.replace(train_config, compile=compile_model), device=device, precision=precision)
 
 
 def data_rate(batch_size: int, seed: int, seconds: float, workers: int = 0) -> float:
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-minutes", type=float, default=None, help="wall-clock budget for the whole script, start-up included (default 7; smoke 1)")
     parser.add_argument("--throughput-seconds", type=float, default=None, help="timed seconds per training variant (default 12; smoke 1.5)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it only runs on CUDA)")
-    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference variant")
+    parser.add_argument("--default-precision-only", action="store_true", help="skip the rows for the card's other precisions")
     parser.add_argument(
         "--ttq-minutes", type=float, default=None, help="most training minutes for time-to-target (default: what the total budget leaves, at most 4)"
     )
@@ -220,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         return f"## Training throughput (model only, batch {batch_size}; peak MiB = {memory_kind})\n\n" + bc.markdown_table(train_rows, TRAIN_COLUMNS)
 
     variants = [("eager, contiguous", {}), ("eager, channels_last", {"channels_last": True})]
-    if not args.no_fp32 and precision != "fp32":
-        tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # TF32 tensor cores: Ampere and later
-        variants.append(("eager, contiguous, fp32" + (" (TF32 matmuls)" if tf32 else ""), {"precision": "fp32"}))
+    modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # TF32 and native bf16: Ampere and later
+    labels = {"fp32": "fp32" + (" (TF32 matmuls)" if modern else ""), "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler (a T4's path)"}
+    if device.type == "cuda" and not args.default_precision_only:  # the precisions du.choose_precision did not pick, for reference
+        for other in [p for p in du.PRECISIONS if p != precision and (p != "bf16" or modern)]:
+            variants.append((f"eager, contiguous, {labels[other]}", {"precision": other}))
     for name, options in variants:
         if deadline.remaining() < throughput_seconds + 5 + reserve:
             skip(f"training variant {name}")

@@ -19,9 +19,18 @@ def test_choose_precision_per_device_and_capability():
     assert du.choose_precision("mps") == "fp32"
     assert du.choose_precision("cuda", capability=(7, 5)) == "fp16"  # T4: no native bf16
     assert du.choose_precision("cuda", capability=(7, 0)) == "fp16"
-    assert du.choose_precision("cuda", capability=(8, 0)) == "bf16"  # A100
-    assert du.choose_precision("cuda", capability=(8, 6)) == "bf16"
-    assert du.choose_precision("cuda:1", capability=(9, 0)) == "bf16"  # H100
+    assert du.choose_precision("cuda", capability=(8, 0)) == "fp32"  # A100: TF32 tensor cores beat bf16 autocast here
+    assert du.choose_precision("cuda", capability=(8, 6)) == "fp32"
+    assert du.choose_precision("cuda:1", capability=(9, 0)) == "fp32"  # H100
+
+
+def test_trainer_precision_can_be_overridden_but_only_where_it_exists():
+    assert du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu").precision == "fp32"
+    assert du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu", precision="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
+        du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision .half.; choose one of fp32, bf16, fp16"):
+        du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu", precision="half")
 
 
 def test_pick_device():
