@@ -33,6 +33,14 @@ def test_trainer_precision_can_be_overridden_but_only_where_it_exists():
         du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu", precision="half")
 
 
+def test_default_training_minutes_per_device_and_capability():
+    assert du.default_training_minutes("cpu") == 15
+    assert du.default_training_minutes("mps") == 15
+    assert du.default_training_minutes("cuda", capability=(9, 0)) == 3  # H100: 98 % valid after 90 s
+    assert du.default_training_minutes("cuda", capability=(8, 0)) == 3
+    assert du.default_training_minutes("cuda:0", capability=(7, 5)) == 7  # T4
+
+
 def test_pick_device():
     assert du.pick_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
