@@ -161,7 +161,7 @@ def choose_precision(device: torch.device | str, capability: tuple[int, int] | N
     Cards of compute capability 8.0+ (A100, L4, H100) run fp32 maths on TF32 tensor cores. For
     this small U-Net that beats bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager,
     benchmarks/gpu.py and gpu_precision.py), since the casts around every fp32 GroupNorm cost
-    more than bf16 saves in the convolutions. Older cards such as the T4 (7.5) have no TF32 and
+    more than bf16 saves in the convolutions (measured on those two cards only, not on A100 or L4). Older cards such as the T4 (7.5) have no TF32 and
     an fp32 rate ~8x below their fp16 tensor cores, so they get fp16 with a gradient scaler.
     CPU and MPS stay in fp32. Trainer(precision="bf16") still trains in bf16 where it helps.
     """
@@ -193,8 +193,8 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
 
 def default_training_minutes(device: torch.device | str, capability: tuple[int, int] | None = None) -> float:
     """The notebook's training budget when none is given: long enough for clean shapes, short
-    enough for a learner. A GPU of compute capability 8.0+ (A100, H100) reaches 98 % valid in
-    90 s (measured on an H100), so 3 minutes. Older GPUs such as Colab's T4 get 7: about a tenth of
+    enough for a learner. A GPU of compute capability 8.0+ reaches 98 % valid in 60-90 s on an
+    H100 or H200 (measured), so 3 minutes; slower cards of that class (A100, L4) are unmeasured. Older GPUs such as Colab's T4 get 7: about a tenth of
     an H100's memory bandwidth and fp16 rate, so 7 minutes there is estimated (not measured) to
     see ~700+ steps of batch 256, where the H100 run was at 96 %. CPU and MPS: 15 minutes."""
     device = torch.device(device)
@@ -1344,10 +1344,14 @@ def load_trainer(
     expect: ModelConfig | None = None,
     data: torch.Tensor | None = None,
     compile: bool | None = None,
+    precision: str | None = None,
 ) -> Trainer:
     """Rebuild a Trainer from a checkpoint to resume training (or to sample from its EMA).
 
     compile, when given, replaces the saved TrainConfig.compile: it changes speed, not results.
+    The precision is this device's (choose_precision) unless given, as in Trainer: a run may
+    continue on another kind of device. An fp16 run's gradient-scaler state carries over when
+    the resumed run is fp16 too.
     """
     path = Path(path)
     payload = read_checkpoint(path)
@@ -1359,7 +1363,7 @@ def load_trainer(
         raise CheckpointError(
             f"{path}: made by a different model configuration: " + ", ".join(f"{k}={a!r} in the file, {b!r} expected" for k, (a, b) in differences.items())
         )
-    trainer = Trainer(model_config, train_config, device=device, data=data)
+    trainer = Trainer(model_config, train_config, device=device, data=data, precision=precision)
     try:
         trainer.load_state_dict(payload["state"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:

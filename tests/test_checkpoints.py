@@ -273,3 +273,11 @@ def test_load_trainer_can_switch_compilation_without_changing_anything_else(tmp_
     assert eager.train_config == dataclasses.replace(trainer.train_config, compile=False)
     assert eager.train_model is eager.model
     assert du.load_trainer(tmp_path / "compiled.pt").train_config.compile  # by default the file's setting
+
+
+def test_load_trainer_passes_the_precision_on(trained):
+    _, path = trained
+    assert du.load_trainer(path, device="cpu").precision == "fp32"
+    assert du.load_trainer(path, device="cpu", precision="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
+        du.load_trainer(path, device="cpu", precision="fp16")

@@ -45,7 +45,7 @@ def test_a_training_step_never_waits_for_the_gpu(precision):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_channels_last_computes_the_same_loss_and_gradients_on_cuda():
+def test_channels_last_computes_the_same_loss_and_gradients_on_cuda(monkeypatch):
     """Same weights, same batch, same noise: the memory format changes kernels, not the maths
     (fp32 with TF32 off). Weights after Adam steps are not compared: Adam turns a rounding-size
     gradient difference into a full lr-sized step wherever a gradient is near zero."""
@@ -53,7 +53,8 @@ def test_channels_last_computes_the_same_loss_and_gradients_on_cuda():
     grads = []
     for channels_last in (False, True):
         trainer = du.Trainer(tiny_model_config(), tiny_train_config(batch_size=8, channels_last=channels_last), device="cuda", precision="fp32")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the Trainer turned TF32 on
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the Trainer turned TF32 on;
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # monkeypatch turns it back on after the test
         x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
         loss = du.diffusion_loss(trainer.model, trainer.schedule, x, "v", 5.0, torch.Generator("cuda").manual_seed(0))
         loss.backward()
@@ -75,6 +76,17 @@ def test_a_cuda_checkpoint_loads_on_the_cpu_and_resumes_on_cuda(tmp_path):
     trainer.train(steps=2, progress=False)
     for key, value in trainer.model.state_dict().items():  # resume = one go, on CUDA too (up to atomics in cuDNN's backward)
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_an_fp16_run_resumes_in_fp16_with_its_gradient_scale(tmp_path):
+    """The T4's path: the GradScaler's scale is part of the training state."""
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(), device="cuda", precision="fp16")
+    trainer.train(steps=2, progress=False)
+    trainer.scaler.update(new_scale=1024.0)  # not the initial 65536, so a lost state would show
+    path = du.save_checkpoint(tmp_path / "fp16.pt", trainer)
+    resumed = du.load_trainer(path, device="cuda", precision="fp16")
+    assert resumed.precision == "fp16" and resumed.scaler.get_scale() == 1024.0
+    assert du.load_trainer(path, device="cuda").precision == du.choose_precision("cuda")  # unless asked, this card's own
 
 
 def test_a_cpu_checkpoint_resumes_on_cuda_with_the_fused_optimiser(tmp_path):
