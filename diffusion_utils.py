@@ -155,22 +155,31 @@ def pick_device(preferred: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def is_ampere_or_newer(device: torch.device | str, capability: tuple[int, int] | None = None) -> bool:
+    """True for a CUDA card of compute capability 8.0+ (A100, L4, H100): it has TF32 tensor cores
+    and native bf16. False for older cards (T4: 7.5), CPU and MPS. Pass `capability` to test
+    the rule without a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return tuple(capability) >= (8, 0)
+
+
 def choose_precision(device: torch.device | str, capability: tuple[int, int] | None = None) -> str:
     """The training (and sampling) precision for this device: "fp32" or "fp16" ("bf16" on request).
 
-    Cards of compute capability 8.0+ (A100, L4, H100) run fp32 maths on TF32 tensor cores. For
-    this small U-Net that beats bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager,
-    benchmarks/gpu.py and gpu_precision.py), since the casts around every fp32 GroupNorm cost
-    more than bf16 saves in the convolutions (measured on those two cards only, not on A100 or L4). Older cards such as the T4 (7.5) have no TF32 and
-    an fp32 rate ~8x below their fp16 tensor cores, so they get fp16 with a gradient scaler.
-    CPU and MPS stay in fp32. Trainer(precision="bf16") still trains in bf16 where it helps.
+    Ampere and newer cards run fp32 maths on TF32 tensor cores. For this small U-Net that beats
+    bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py and
+    gpu_precision.py), since the casts around every fp32 GroupNorm cost more than bf16 saves in
+    the convolutions (measured on those two cards only, not on A100 or L4). Older cards such as
+    the T4 have no TF32 and an fp32 rate ~8x below their fp16 tensor cores, so they get fp16
+    with a gradient scaler. CPU and MPS stay in fp32. Trainer(precision="bf16") still trains in bf16.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return "fp32"
-    if capability is None:
-        capability = torch.cuda.get_device_capability(device)
-    return "fp32" if tuple(capability) >= (8, 0) else "fp16"
+    return "fp32" if is_ampere_or_newer(device, capability) else "fp16"
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -193,16 +202,13 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
 
 def default_training_minutes(device: torch.device | str, capability: tuple[int, int] | None = None) -> float:
     """The notebook's training budget when none is given: long enough for clean shapes, short
-    enough for a learner. A GPU of compute capability 8.0+ reaches 98 % valid in 60-90 s on an
-    H100 or H200 (measured), so 3 minutes; slower cards of that class (A100, L4) are unmeasured. Older GPUs such as Colab's T4 get 7: about a tenth of
-    an H100's memory bandwidth and fp16 rate, so 7 minutes there is estimated (not measured) to
-    see ~700+ steps of batch 256, where the H100 run was at 96 %. CPU and MPS: 15 minutes."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    enough for a learner. Ampere and newer: 3 minutes (an H100 or H200 reaches 98 % valid in
+    60-90 s, measured; A100 and L4 are unmeasured). Older GPUs such as Colab's T4: 7 minutes
+    (an estimate, not measured: about a tenth of an H100's bandwidth and fp16 rate, so ~700+
+    steps of batch 256, where the H100 run was at 96 %). CPU and MPS: 15 minutes."""
+    if torch.device(device).type != "cuda":
         return 15
-    if capability is None:
-        capability = torch.cuda.get_device_capability(device)
-    return 3 if tuple(capability) >= (8, 0) else 7
+    return 3 if is_ampere_or_newer(device, capability) else 7
 
 
 def original_design_configs(like: tuple[ModelConfig, TrainConfig] | None = None) -> tuple[ModelConfig, TrainConfig]:
@@ -751,6 +757,10 @@ class Trainer:
         precision: str | None = None,
     ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
+        self.precision = precision or choose_precision(self.device)  # e.g. "fp16" to try a T4's path on a newer card
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"precision {self.precision!r} needs a CUDA device; {self.device} trains in fp32")
         default_model, default_train = default_configs(self.device)
         self.model_config = model_config or default_model
         self.train_config = cfg = train_config or default_train
@@ -761,10 +771,6 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule.from_config(self.model_config)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
-        self.precision = precision or choose_precision(self.device)  # e.g. "fp16" to try a T4's path on a newer card
-        _check_choice("precision", self.precision, PRECISIONS)
-        if self.precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"precision {self.precision!r} needs a CUDA device; {self.device} trains in fp32")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls and convs
             torch.backends.cudnn.allow_tf32 = True

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"## Training throughput (model only, batch {batch_size}; peak MiB = {memory_kind})\n\n" + bc.markdown_table(train_rows, TRAIN_COLUMNS)
 
     variants = [("eager, contiguous", {}), ("eager, channels_last", {"channels_last": True})]
-    modern = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)  # TF32 and native bf16: Ampere and later
+    modern = du.is_ampere_or_newer(device)  # TF32 and native bf16
     labels = {"fp32": "fp32" + (" (TF32 matmuls)" if modern else ""), "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler (a T4's path)"}
     if device.type == "cuda" and not args.default_precision_only:  # the precisions du.choose_precision did not pick, for reference
         for other in [p for p in du.PRECISIONS if p != precision and (p != "bf16" or modern)]:

@@ -17,7 +17,7 @@ def pinned_batches(batch_size: int, count: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_training_steps_on_cuda_lower_the_loss_in_every_precision(precision):
-    if precision == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+    if precision == "bf16" and not du.is_ampere_or_newer("cuda"):
         pytest.skip("bf16 is emulated before compute capability 8.0")
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(batch_size=16, lr=3e-3, log_every=10), device="cuda", precision=precision)
     assert trainer.scaler.is_enabled() == (precision == "fp16")
@@ -31,7 +31,7 @@ def test_training_steps_on_cuda_lower_the_loss_in_every_precision(precision):
 def test_a_training_step_never_waits_for_the_gpu(precision):
     """The loop reads the loss back only every log_every steps: one step must make no host-device
     sync (torch raises on any when the sync debug mode is "error")."""
-    if precision == "bf16" and torch.cuda.get_device_capability() < (8, 0):
+    if precision == "bf16" and not du.is_ampere_or_newer("cuda"):
         pytest.skip("bf16 is emulated before compute capability 8.0")
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(batch_size=8), device="cuda", precision=precision)
     batches = pinned_batches(8, 3)

@@ -24,6 +24,12 @@ def test_choose_precision_per_device_and_capability():
     assert du.choose_precision("cuda:1", capability=(9, 0)) == "fp32"  # H100
 
 
+def test_is_ampere_or_newer_reads_the_compute_capability():
+    assert not du.is_ampere_or_newer("cpu") and not du.is_ampere_or_newer("mps")
+    assert not du.is_ampere_or_newer("cuda", capability=(7, 5))  # T4
+    assert du.is_ampere_or_newer("cuda", capability=(8, 0)) and du.is_ampere_or_newer("cuda:1", capability=(9, 0))
+
+
 def test_trainer_precision_can_be_overridden_but_only_where_it_exists():
     assert du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu").precision == "fp32"
     assert du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu", precision="fp32").precision == "fp32"
