@@ -171,8 +171,7 @@ def choose_precision(device: torch.device | str, capability: tuple[int, int] | N
     """The training (and sampling) precision for this device: "fp32" or "fp16" ("bf16" on request).
 
     Ampere and newer cards run fp32 maths on TF32 tensor cores. For this small U-Net that beats
-    bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py and
-    gpu_precision.py), since the casts around every fp32 GroupNorm cost more than bf16 saves in
+    bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py), since the casts around every fp32 GroupNorm cost more than bf16 saves in
     the convolutions (measured on those two cards only, not on A100 or L4). Older cards such as
     the T4 have no TF32 and an fp32 rate ~8x below their fp16 tensor cores, so they get fp16
     with a gradient scaler. CPU and MPS stay in fp32. Trainer(precision="bf16") still trains in bf16.

@@ -5,19 +5,22 @@ Issue "Fast on a GPU". One invocation does everything, within --total-minutes of
 one call on a borrowed GPU machine. With the default recipe for CUDA (du.default_configs("cuda"))
 it measures, in this order:
 
-1. training images/s (model only, pre-made pinned batches, device synced): eager contiguous and
-   eager channels_last in the precision du.choose_precision picks (fp32 on TF32 tensor cores
-   from compute capability 8.0, else fp16), the card's other precisions for reference, and the
-   peak GPU memory of each;
+1. training images/s (model only, pre-made pinned batches, device synced), all variants timed in
+   alternating rounds so a warming or busy card slows them alike: eager contiguous and eager
+   channels_last in the precision du.choose_precision picks (fp32 on TF32 tensor cores from
+   compute capability 8.0, else fp16), the card's other precisions for reference, and the peak
+   GPU memory of each variant's first steps;
 2. whether data generation keeps up: du.training_batches alone (in this process, and with the
    config's data_workers) in images/s vs the training rate, and du.Trainer.train end to end
    (its own data pipeline) vs model only;
 3. time to --target valid (default 98%): a fresh model trains in chunks of --chunk-seconds; after
    each chunk (clock paused) --samples images drawn with --eval-sampler are scored by
-   du.evaluate_samples; it stops at the target or when its budget (at most 3 min) runs out;
+   du.evaluate_samples; it stops at the target, or with --full-budget goes on to the end of its
+   budget (at most 3 min, the issue's GPU budget) to report quality there;
 4. sampling time for --samples images per sampler:steps (--samplers) with the model from 3;
-5. last, as it is slow to build: training images/s with torch.compile (TrainConfig.compile),
-   compile time reported apart (--no-compile skips it; it runs only if ~100 s are left).
+5. last, as it is slow to build: training images/s with torch.compile (TrainConfig.compile) in
+   the default precision, or with --compile-precisions all in each precision (alternating
+   rounds); compile time reported apart (--no-compile skips it; it runs only if ~100 s are left).
 
 Prints markdown tables headed by the card's name and the date; saves gpu.json, gpu.md and a
 grid of samples in --out.
@@ -27,6 +30,9 @@ on whatever device there is (this is how it is checked on a CPU).
 
 Example (on the GPU machine, about 7 minutes; python3 there already has torch, OpenCV, matplotlib):
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --total-minutes 7 --out $OUT
+Quality after the full 3-minute budget, 1024 samples per evaluation (about 6 minutes):
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --total-minutes 6 --default-precision-only --no-compile \
+        --full-budget --chunk-seconds 60 --samples 1024 --samplers ddpm:1000,ddpm:250,ddpm:100,ddim:50 --out $OUT
 Smoke test (CPU, about a minute):
     python benchmarks/gpu.py --smoke --threads 1
 """
@@ -116,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttq-compile", action="store_true", help="train the time-to-target model with torch.compile (compile time counts as training time)")
     parser.add_argument("--chunk-seconds", type=float, default=None, help="training seconds between evaluations (default 30; smoke 3)")
     parser.add_argument("--target", type=float, default=0.98, help="valid share to reach (default 0.98)")
+    parser.add_argument("--full-budget", action="store_true", help="keep training and evaluating to the end of the time-to-target budget")
+    parser.add_argument(
+        "--compile-precisions", choices=("default", "all"), default="default", help="torch.compile the default precision only, or each precision"
+    )
     parser.add_argument("--samples", type=int, default=None, help="images per evaluation and per sampler (default 256; smoke 8)")
     parser.add_argument(
         "--eval-sampler", type=bc.parse_samplers, default=None, help="sampler:steps for time-to-target evaluations (default ddpm:100; smoke ddpm:10)"
@@ -191,42 +201,54 @@ def main(argv: list[str] | None = None) -> int:
     memory_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process resident set size"
     train_rows: list[dict] = []
 
-    def run_variant(name: str, channels_last: bool = False, compile_model: bool = False, precision: str | None = None) -> None:
-        """Time one training variant (model only) and add its row; an error becomes a row, not a crash."""
-        config = dataclasses.replace(train_config, channels_last=channels_last)
-        try:
-            with bc.PeakMemory(device) as memory:
-                trainer = make_trainer(model_config, config, device, compile_model=compile_model, precision=precision)
-                compile_seconds = math.nan
-                if compile_model:  # the first steps compile forward and backward
-                    _, compile_seconds = bc.timed(lambda: [trainer.train_step(batches[k]) for k in range(3)], device)
-                result = bc.measure_throughput({name: trainer.train_step}, batches, device, throughput_seconds, rounds=1)[name]
-        except Exception as error:  # a failed compile must not cost the rest of the run
-            print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
-            train_rows.append({"variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
+    def time_variants(variants: list[tuple[str, dict]], compile_model: bool = False) -> None:
+        """Time training variants (model only) in alternating rounds and add their rows.
+
+        Each variant's peak memory is taken over its first three steps (for a compiled one, the
+        compile), which also warm it up; an error becomes a row, not a crash.
+        """
+        trainers: dict[str, tuple[du.Trainer, dict]] = {}
+        for name, options in variants:
+            config = dataclasses.replace(train_config, channels_last=options.get("channels_last", False))
+            try:
+                with bc.PeakMemory(device) as memory:
+                    trainer = make_trainer(model_config, config, device, compile_model=compile_model, precision=options.get("precision"))
+                    _, ready_seconds = bc.timed(lambda trainer=trainer: [trainer.train_step(batches[k]) for k in range(3)], device)
+            except Exception as error:  # a failed compile must not cost the rest of the run
+                print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+                train_rows.append({"variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
+                continue
+            compile_seconds = ready_seconds if compile_model else math.nan
+            trainers[name] = (trainer, {"precision": trainer.precision, "compile_seconds": compile_seconds, **memory.as_dict()})
+        if not trainers:
             return
-        row = {"variant": name, "precision": trainer.precision, "compile_seconds": compile_seconds, **result, **memory.as_dict()}
-        train_rows.append(row)
-        print(f"{name}: {row['images_per_s']:,.0f} images/s, peak {row['peak_mb']:,.0f} MiB", flush=True)
+        results = bc.measure_throughput({name: t.train_step for name, (t, _) in trainers.items()}, batches, device, throughput_seconds, rounds=3)
+        for name, result in results.items():
+            row = {"variant": name, **trainers[name][1], **result}
+            train_rows.append(row)
+            print(f"{name}: {row['images_per_s']:,.0f} images/s, peak {row['peak_mb']:,.0f} MiB", flush=True)
+        trainers.clear()
+        gc.collect()
 
     def training_section() -> str:
         eager = next((r for r in train_rows if r["variant"] == "eager, contiguous" and "images_per_s" in r), None)
         for row in train_rows:
             row["vs_eager"] = row["images_per_s"] / eager["images_per_s"] if eager and "images_per_s" in row else math.nan
         payload["training"] = train_rows
-        return f"## Training throughput (model only, batch {batch_size}; peak MiB = {memory_kind})\n\n" + bc.markdown_table(train_rows, TRAIN_COLUMNS)
+        return (
+            f"## Training throughput (model only, batch {batch_size}, alternating rounds; peak MiB = {memory_kind} over each variant's first steps)\n\n"
+            + bc.markdown_table(train_rows, TRAIN_COLUMNS)
+        )
 
-    variants = [("eager, contiguous", {}), ("eager, channels_last", {"channels_last": True})]
     modern = du.is_ampere_or_newer(device)  # TF32 and native bf16
     labels = {"fp32": "fp32" + (" (TF32 matmuls)" if modern else ""), "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler (a T4's path)"}
-    if device.type == "cuda" and not args.default_precision_only:  # the precisions du.choose_precision did not pick, for reference
-        for other in [p for p in du.PRECISIONS if p != precision and (p != "bf16" or modern)]:
-            variants.append((f"eager, contiguous, {labels[other]}", {"precision": other}))
-    for name, options in variants:
-        if deadline.remaining() < throughput_seconds + 5 + reserve:
-            skip(f"training variant {name}")
-            continue
-        run_variant(name, **options)
+    other_precisions = [p for p in du.PRECISIONS if p != precision and (p != "bf16" or modern)] if device.type == "cuda" else []
+    variants = [("eager, contiguous", {}), ("eager, channels_last", {"channels_last": True})]
+    if not args.default_precision_only:  # the precisions du.choose_precision did not pick, for reference
+        variants += [(f"eager, contiguous, {labels[other]}", {"precision": other}) for other in other_precisions]
+    while variants and deadline.remaining() < len(variants) * (throughput_seconds + 5) + reserve:
+        skip(f"training variant {variants.pop()[0]}")
+    time_variants(variants)
     training_index = len(sections)
     sections.append(training_section())
     print("\n" + sections[-1] + "\n", flush=True)
@@ -301,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             ttq_rows.append(row)
             print(bc.markdown_table([row], TTQ_COLUMNS).splitlines()[-1], flush=True)
-            if metrics["valid"] >= args.target:
+            if metrics["valid"] >= args.target and reached is None:
                 reached = row
-                break
+                if not args.full_budget:
+                    break
         bc.save_figure(
             du.plot_grid(images[:32], title=f"{trainer.images_seen:,} images, {trained:.0f} s: valid {100 * ttq_rows[-1]['valid']:.0f}%"),
             out / "gpu_samples.png",
@@ -313,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             if reached
             else f"did not reach {args.target:.0%} valid in {trained:.0f} s of training (best {max(r['valid'] for r in ttq_rows):.1%})"
         )
+        if args.full_budget:
+            last = ttq_rows[-1]
+            ttq_note += f"; after the whole budget, {last['train_seconds']:.0f} s: **{last['valid']:.1%} valid**, circle share {last['circle_share']:.2f}"
     else:
         skip("time to target")
         ttq_note = "skipped (time budget)"
@@ -362,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- 5. torch.compile (last: slow to build)
     if not args.no_compile and device.type == "cuda":
-        if deadline.remaining() >= throughput_seconds + 90:
-            run_variant("torch.compile, contiguous", compile_model=True)
+        compiled = [precision] + (other_precisions if args.compile_precisions == "all" else [])
+        if deadline.remaining() >= len(compiled) * (throughput_seconds + 90):
+            names = [f"torch.compile, contiguous, {labels[p]}" if p != precision else "torch.compile, contiguous" for p in compiled]
+            time_variants([(name, {"precision": p}) for name, p in zip(names, compiled)], compile_model=True)
             sections[training_index] = training_section()
             print("\n" + sections[training_index] + "\n", flush=True)
         else:
