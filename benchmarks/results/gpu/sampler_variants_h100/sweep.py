@@ -17,7 +17,7 @@ def sample_variant(model, schedule, n, steps, seed=0, variance="tilde", clip=Tru
     device = next(model.parameters()).device
     if spacing == "linspace":
         spaced = schedule.respaced(steps)
-    else:  # "quad": denser near t=0? no: denser at high noise: t = (1 - (1-u)^2) * (T-1)
+    else:  # quad_high: t = (1 - (1 - u)^2) (T - 1), more steps at high noise; quad_low: t = u^2 (T - 1), more at low noise
         T = len(schedule)
         u = torch.linspace(0, 1, steps, dtype=torch.float64)
         if spacing == "quad_high":
