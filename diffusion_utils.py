@@ -171,8 +171,9 @@ def choose_precision(device: torch.device | str, capability: tuple[int, int] | N
     """The training (and sampling) precision for this device: "fp32" or "fp16" ("bf16" on request).
 
     Ampere and newer cards run fp32 maths on TF32 tensor cores. For this small U-Net that beats
-    bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py), since the casts around every fp32 GroupNorm cost more than bf16 saves in
-    the convolutions (measured on those two cards only, not on A100 or L4). Older cards such as
+    bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py), since the
+    casts around every fp32 GroupNorm cost more than bf16 saves in the convolutions (measured on
+    those two cards only, not on A100 or L4). Older cards such as
     the T4 have no TF32 and an fp32 rate ~8x below their fp16 tensor cores, so they get fp16
     with a gradient scaler. CPU and MPS stay in fp32. Trainer(precision="bf16") still trains in bf16.
     """
@@ -195,16 +196,19 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
     if device.type == "cuda":
         model = ModelConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
         return model, TrainConfig(batch_size=256, lr=1e-3, warmup_steps=200, ema_decay=0.999, data_workers=min(4, max(1, (os.cpu_count() or 2) - 1)))
-    model = ModelConfig()
+    # CPU (and MPS, unmeasured): narrow, since a CPU is compute-bound and 24 channels see 3.6x the
+    # images of 64 in the same minutes (README, "Width")
+    model = ModelConfig(base_channels=24)
     return model, TrainConfig(channels_last=device.type == "cpu")
 
 
 def default_training_minutes(device: torch.device | str, capability: tuple[int, int] | None = None) -> float:
     """The notebook's training budget when none is given: long enough for clean shapes, short
     enough for a learner. Ampere and newer: 3 minutes (an H100 or H200 reaches 98 % valid in
-    60-90 s, measured; A100 and L4 are unmeasured). Older GPUs such as Colab's T4: 7 minutes
-    (an estimate, not measured: about a tenth of an H100's bandwidth and fp16 rate, so ~700+
-    steps of batch 256, where the H100 run was at 96 %). CPU and MPS: 15 minutes."""
+    60-120 s and 98.7-99.0 % after 3 minutes, measured; A100 and L4 are unmeasured). Older GPUs
+    such as Colab's T4: 7 minutes (an estimate, not measured: about a tenth of an H100's
+    bandwidth and fp16 rate, so ~700+ steps of batch 256, where the H100 run was at 96 %).
+    CPU and MPS: 15 minutes."""
     if torch.device(device).type != "cuda":
         return 15
     return 3 if is_ampere_or_newer(device, capability) else 7

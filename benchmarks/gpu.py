@@ -15,8 +15,9 @@ it measures, in this order:
    (its own data pipeline) vs model only;
 3. time to --target valid (default 98%): a fresh model trains in chunks of --chunk-seconds; after
    each chunk (clock paused) --samples images drawn with --eval-sampler are scored by
-   du.evaluate_samples; it stops at the target, or with --full-budget goes on to the end of its
-   budget (at most 3 min, the issue's GPU budget) to report quality there;
+   du.evaluate_samples; it stops at the target (evaluations count against its budget of at most
+   3 min, the issue's GPU budget), or with --full-budget trains for the whole budget, evaluation
+   time not counted, to report quality there;
 4. sampling time for --samples images per sampler:steps (--samplers) with the model from 3;
 5. last, as it is slow to build: training images/s with torch.compile (TrainConfig.compile) in
    the default precision, or with --compile-precisions all in each precision (alternating
@@ -31,7 +32,7 @@ on whatever device there is (this is how it is checked on a CPU).
 Example (on the GPU machine, about 7 minutes; python3 there already has torch, OpenCV, matplotlib):
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --total-minutes 7 --out $OUT
 Quality after the full 3-minute budget, 1024 samples per evaluation (about 6 minutes):
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --total-minutes 6 --default-precision-only --no-compile \
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --total-minutes 6.5 --default-precision-only --no-compile \
         --full-budget --chunk-seconds 60 --samples 1024 --samplers ddpm:1000,ddpm:250,ddpm:100,ddim:50 --out $OUT
 Smoke test (CPU, about a minute):
     python benchmarks/gpu.py --smoke --threads 1
@@ -62,7 +63,7 @@ TRAIN_COLUMNS = [
     ("images_per_s", "images/s", ",.0f"),
     ("vs_eager", "vs eager contiguous", ".2f"),
     ("compile_seconds", "compile s", ".1f"),
-    ("peak_mb", "peak MiB", ",.0f"),
+    ("increase_mb", "memory MiB", ",.0f"),
 ]
 DATA_COLUMNS = [("source", "source", ""), ("images_per_s", "images/s", ",.0f"), ("vs_training", "vs training (eager, model only)", ".2f")]
 TTQ_COLUMNS = [
@@ -204,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     def time_variants(variants: list[tuple[str, dict]], compile_model: bool = False) -> None:
         """Time training variants (model only) in alternating rounds and add their rows.
 
-        Each variant's peak memory is taken over its first three steps (for a compiled one, the
-        compile), which also warm it up; an error becomes a row, not a crash.
+        Each variant's memory is the growth over its construction and first three steps (for a
+        compiled one, the compile), which also warm it up: the trainers built before it stay
+        alive, so an absolute peak would count their weights too. An error becomes a row, not a
+        crash.
         """
         trainers: dict[str, tuple[du.Trainer, dict]] = {}
         for name, options in variants:
@@ -222,11 +225,17 @@ def main(argv: list[str] | None = None) -> int:
             trainers[name] = (trainer, {"precision": trainer.precision, "compile_seconds": compile_seconds, **memory.as_dict()})
         if not trainers:
             return
-        results = bc.measure_throughput({name: t.train_step for name, (t, _) in trainers.items()}, batches, device, throughput_seconds, rounds=3)
+        try:
+            results = bc.measure_throughput({name: t.train_step for name, (t, _) in trainers.items()}, batches, device, throughput_seconds, rounds=3)
+        except Exception as error:  # e.g. out of memory while timing: record it, keep the rest of the run
+            print(f"timing {', '.join(trainers)} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+            train_rows.extend({"variant": name, "error": f"{type(error).__name__}: {error}"[:500]} for name in trainers)
+            trainers.clear()
+            return
         for name, result in results.items():
             row = {"variant": name, **trainers[name][1], **result}
             train_rows.append(row)
-            print(f"{name}: {row['images_per_s']:,.0f} images/s, peak {row['peak_mb']:,.0f} MiB", flush=True)
+            print(f"{name}: {row['images_per_s']:,.0f} images/s, memory growth {row['increase_mb']:,.0f} MiB", flush=True)
         trainers.clear()
         gc.collect()
 
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_eager"] = row["images_per_s"] / eager["images_per_s"] if eager and "images_per_s" in row else math.nan
         payload["training"] = train_rows
         return (
-            f"## Training throughput (model only, batch {batch_size}, alternating rounds; peak MiB = {memory_kind} over each variant's first steps)\n\n"
+            f"## Training throughput (model only, batch {batch_size}, alternating rounds; memory MiB = growth of {memory_kind} over each variant's set-up and first steps)\n\n"
             + bc.markdown_table(train_rows, TRAIN_COLUMNS)
         )
 
@@ -305,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         trained, eval_seconds = 0.0, 0.0
         ttq_deadline = bc.Deadline(budget)
         while True:
-            chunk = min(chunk_seconds, ttq_deadline.remaining() - eval_seconds)
+            # --full-budget: training seconds alone count, so the model trains the whole budget
+            left = budget - trained if args.full_budget else ttq_deadline.remaining() - eval_seconds
+            chunk = min(chunk_seconds, left)
             if chunk < min(5.0, chunk_seconds) and ttq_rows:
                 break
             _, seconds = bc.timed(lambda chunk=chunk: trainer.train(minutes=max(chunk, 1.0) / 60, progress=False), device)

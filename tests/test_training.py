@@ -79,6 +79,7 @@ def test_autocast_is_a_no_op_in_fp32():
 def test_default_and_original_configs():
     cpu_model, cpu_train = du.default_configs("cpu")
     assert cpu_train.channels_last and cpu_model.pixel_unshuffle == 4 and cpu_model.bottleneck_attention
+    assert cpu_model.base_channels == 24 and du.ModelConfig() == cpu_model  # the dataclass defaults are the CPU recipe
     gpu_model, gpu_train = du.default_configs("cuda")  # no GPU needed to read the recipe
     assert gpu_model.base_channels == 64 and gpu_train.batch_size == 256 and not gpu_train.channels_last
     model, train = du.original_design_configs()
