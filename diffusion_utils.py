@@ -108,7 +108,7 @@ class TrainConfig:
     ema_decay: float | None = 0.998  # None = no EMA (the original design)
     seed: int = 0
     log_every: int = 10  # read the loss back from the device every N steps (no sync in between)
-    channels_last: bool = False  # CPU: +12 % for the 2x2 stem, neutral for the 4x4; H100: 1.05x in bf16, 1.00x in fp32
+    channels_last: bool = False  # CPU: 1.12x for a 2x2 stem, 1.03x for the 24-channel recipe; H100: 1.05x bf16, 1.00x fp32
     data_workers: int = 0  # background processes drawing shapes (GPU runs: the GPU outpaces one core)
     compile: bool = False  # torch.compile the training forward pass: pays off only on long GPU runs
 
@@ -173,9 +173,9 @@ def choose_precision(device: torch.device | str, capability: tuple[int, int] | N
     Ampere and newer cards run fp32 maths on TF32 tensor cores. For this small U-Net that beats
     bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py), since the
     casts around every fp32 GroupNorm cost more than bf16 saves in the convolutions (measured on
-    those two cards only, not on A100 or L4). Older cards such as
-    the T4 have no TF32 and an fp32 rate ~8x below their fp16 tensor cores, so they get fp16
-    with a gradient scaler. CPU and MPS stay in fp32. Trainer(precision="bf16") still trains in bf16.
+    those two cards only, not on A100 or L4). Older cards such as the T4 have no TF32 and an fp32
+    rate ~8x below their fp16 tensor cores, so they get fp16 with a gradient scaler. CPU and MPS
+    stay in fp32. Trainer(precision="bf16") still trains in bf16.
     """
     if torch.device(device).type != "cuda":
         return "fp32"

@@ -8,8 +8,8 @@ it measures, in this order:
 1. training images/s (model only, pre-made pinned batches, device synced), all variants timed in
    alternating rounds so a warming or busy card slows them alike: eager contiguous and eager
    channels_last in the precision du.choose_precision picks (fp32 on TF32 tensor cores from
-   compute capability 8.0, else fp16), the card's other precisions for reference, and the peak
-   GPU memory of each variant's first steps;
+   compute capability 8.0, else fp16), the card's other precisions for reference, and each
+   variant's growth in GPU memory over its set-up and first steps;
 2. whether data generation keeps up: du.training_batches alone (in this process, and with the
    config's data_workers) in images/s vs the training rate, and du.Trainer.train end to end
    (its own data pipeline) vs model only;
