@@ -175,11 +175,25 @@ def choose_precision(device: torch.device | str, capability: tuple[int, int] | N
     casts around every fp32 GroupNorm cost more than bf16 saves in the convolutions (measured on
     those two cards only, not on A100 or L4). Older cards such as the T4 have no TF32 and an fp32
     rate ~8x below their fp16 tensor cores, so they get fp16 with a gradient scaler. CPU and MPS
-    stay in fp32. Trainer(precision="bf16") still trains in bf16.
+    stay in fp32. Trainer(precision="bf16") trains in bf16 on Ampere or newer.
     """
     if torch.device(device).type != "cuda":
         return "fp32"
     return "fp32" if is_ampere_or_newer(device, capability) else "fp16"
+
+
+def check_precision(device: torch.device | str, precision: str, capability: tuple[int, int] | None = None) -> str:
+    """`precision` if this device can run it, else a ValueError that says what it can run:
+    CPU and MPS run fp32 only, and bf16 needs an Ampere or newer card (an older one such as the
+    T4 would emulate it, slowly). Pass `capability` to test the rule without a GPU."""
+    _check_choice("precision", precision, PRECISIONS)
+    device = torch.device(device)
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision {precision!r} needs a CUDA device; {device} runs in fp32")
+    if precision == "bf16" and not is_ampere_or_newer(device, capability):
+        found = capability or torch.cuda.get_device_capability(device)
+        raise ValueError(f"precision 'bf16' needs a GPU of compute capability 8.0+ (Ampere or newer); this one is {found[0]}.{found[1]}: use 'fp16' or 'fp32'")
+    return precision
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -760,10 +774,8 @@ class Trainer:
         precision: str | None = None,
     ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
-        self.precision = precision or choose_precision(self.device)  # e.g. "fp16" to try a T4's path on a newer card
-        _check_choice("precision", self.precision, PRECISIONS)
-        if self.precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"precision {self.precision!r} needs a CUDA device; {self.device} trains in fp32")
+        # e.g. "fp16" to try a T4's path on a newer card
+        self.precision = check_precision(self.device, precision) if precision else choose_precision(self.device)
         default_model, default_train = default_configs(self.device)
         self.model_config = model_config or default_model
         self.train_config = cfg = train_config or default_train
@@ -967,6 +979,7 @@ def sample(
     batch_size: int = 256,
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: str | None = None,
 ) -> SampleResult:
     """Generate n images from pure noise with `steps` reverse steps (respaced from the T of training).
 
@@ -975,7 +988,8 @@ def sample(
     ddim: x_{t-1} = sqrt(ab_prev) x_0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z  (eta=0: deterministic)
     Images are made in chunks of batch_size so memory stays bounded for any n. save_at lists
     step indices (0 = first step from pure noise) whose x_t and x_0_hat are kept for pictures.
-    The same seed gives the same images whatever batch_size is.
+    The same seed gives the same images whatever batch_size is. precision: this device's
+    (choose_precision) unless given, as in Trainer.
     """
     _check_positive_int("n", n)
     _check_positive_int("steps", steps)
@@ -999,7 +1013,7 @@ def sample(
     device = model_device
     spaced = schedule.respaced(steps)
     model_timesteps = spaced.timesteps.to(device)  # the training timestep of each respaced step
-    precision = choose_precision(device)
+    precision = check_precision(device, precision) if precision else choose_precision(device)
     was_training = model.training
     model.eval()
     result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE))
@@ -1424,6 +1438,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="seed of a new run (default 0); a resumed run keeps its own")
     train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (long GPU runs)")
+    train.add_argument("--precision", choices=PRECISIONS, help="default: the device's best (fp32; fp16 on pre-Ampere GPUs)")
     train.add_argument("--no-progress", action="store_true")
 
     sample_cmd = commands.add_parser("sample", help="generate images from a checkpoint")
@@ -1435,6 +1450,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd.add_argument("--seed", type=int, default=0)
     sample_cmd.add_argument("--batch-size", type=int, default=256)
     sample_cmd.add_argument("--device")
+    sample_cmd.add_argument("--precision", choices=PRECISIONS, help="default: the device's best (fp32; fp16 on pre-Ampere GPUs)")
     sample_cmd.add_argument("--out", required=True, help="a .npy file of uint8 images (N, 64, 64)")
     sample_cmd.add_argument("--png", help="also save a grid of (up to 64) samples as a PNG")
     sample_cmd.add_argument("--no-progress", action="store_true")
@@ -1450,13 +1466,13 @@ def _command_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.seed is not None:
             raise ValueError("--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)")
-        trainer = load_trainer(args.resume, device=args.device, compile=args.compile or None)
+        trainer = load_trainer(args.resume, device=args.device, compile=args.compile or None, precision=args.precision)
         print(f"resuming from {args.resume} at step {trainer.step}")
     else:
         device = pick_device(args.device)
         model_config, train_config = default_configs(device)
         train_config = dataclasses.replace(train_config, seed=0 if args.seed is None else args.seed, compile=args.compile)
-        trainer = Trainer(model_config, train_config, device=device)
+        trainer = Trainer(model_config, train_config, device=device, precision=args.precision)
     print(f"{describe_model(trainer.model)}; device {trainer.device}, precision {trainer.precision}")
     trainer.train(steps=args.steps, minutes=args.minutes, progress=not args.no_progress, checkpoint_path=args.out, checkpoint_every=args.checkpoint_every)
     final = f"final loss {trainer.losses[-1]:.4f}" if trainer.losses else "no step fitted in the budget"
@@ -1468,7 +1484,8 @@ def _command_sample(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must end in .npy, got {args.out!r}")
     model, schedule = load_model(args.checkpoint, device=args.device)
     result = sample(
-        model, schedule, args.n, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress
+        model, schedule, args.n, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+        precision=args.precision,
     )
     images = model_to_uint8(result.images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

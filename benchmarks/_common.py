@@ -95,11 +95,12 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 def add_model_override_args(parser: argparse.ArgumentParser) -> None:
     """Flags that shrink (or grow) every configuration a script builds: for smoke tests on a CPU."""
-    group = parser.add_argument_group("model overrides (applied to every configuration; for smoke tests)")
+    group = parser.add_argument_group("model and training overrides (applied to every configuration; for smoke tests and experiments)")
     group.add_argument("--base-channels", type=int, help="override ModelConfig.base_channels")
     group.add_argument("--channel-mults", type=parse_ints, help="override ModelConfig.channel_mults, e.g. 1,2")
     group.add_argument("--blocks-per-level", type=int, help="override ModelConfig.blocks_per_level")
     group.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size")
+    group.add_argument("--lr", type=float, help="override TrainConfig.lr")
 
 
 def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace) -> tuple[du.ModelConfig, du.TrainConfig]:
@@ -114,8 +115,9 @@ def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse
         if value is not None
     }
     train_changes: dict[str, Any] = {"seed": getattr(args, "seed", train.seed)}
-    if getattr(args, "batch_size", None) is not None:
-        train_changes["batch_size"] = args.batch_size
+    for key in ("batch_size", "lr"):
+        if getattr(args, key, None) is not None:
+            train_changes[key] = getattr(args, key)
     return dataclasses.replace(model, **model_changes), dataclasses.replace(train, **train_changes)
 
 

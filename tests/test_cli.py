@@ -67,6 +67,14 @@ def test_train_resumes_from_a_checkpoint(checkpoint, tmp_path, capsys):
     assert du.load_trainer(path).step == 3
 
 
+def test_train_precision_must_suit_the_device(tiny_defaults, tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    assert_one_line_error(*run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--precision", "bf16")[::2], "precision 'bf16' needs a CUDA device")
+    assert not path.exists()
+    status, out, _ = run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--no-progress", "--precision", "fp32")
+    assert status == 0 and "precision fp32" in out
+
+
 def test_train_refuses_a_seed_for_a_resumed_run(checkpoint, tmp_path, capsys):
     status, _, err = run_main(capsys, "train", "--steps", "1", "--resume", str(checkpoint), "--seed", "3", "--out", str(tmp_path / "x.pt"), "--no-progress")
     assert_one_line_error(status, err, "--seed", "resumed run")
@@ -175,6 +183,8 @@ def test_train_on_a_missing_device(tiny_defaults, tmp_path, capsys):
         (["--sampler", "ddim", "--eta", "-1"], "eta must be >= 0"),
         (["--sampler", "euler"], "invalid choice: 'euler'"),
         (["--n", "many"], "invalid int value: 'many'"),
+        (["--precision", "fp16", "--device", "cpu"], "precision 'fp16' needs a CUDA device; cpu runs in fp32"),
+        (["--precision", "half"], "invalid choice: 'half'"),
     ],
 )
 def test_sample_with_bad_options(checkpoint, tmp_path, capsys, args, fragment):

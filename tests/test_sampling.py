@@ -203,3 +203,11 @@ def test_sample_restores_the_model_mode_and_works_on_the_cpu(tiny_net):
 def test_sample_refuses_a_device_the_model_is_not_on(tiny_net):
     with pytest.raises(ValueError, match="model.to"):
         du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, device="meta", progress=False)
+
+
+def test_sample_takes_a_precision_the_device_runs(tiny_net):
+    default = du.sample(tiny_net, SCHEDULES["cosine"], 2, steps=2, seed=3, progress=False)
+    asked = du.sample(tiny_net, SCHEDULES["cosine"], 2, steps=2, seed=3, precision="fp32", progress=False)
+    assert torch.equal(default.images, asked.images)
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device; cpu runs in fp32"):
+        du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, precision="fp16", progress=False)

@@ -39,6 +39,18 @@ def test_trainer_precision_can_be_overridden_but_only_where_it_exists():
         du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu", precision="half")
 
 
+def test_check_precision_allows_only_what_the_device_runs():
+    assert du.check_precision("cpu", "fp32") == "fp32"
+    assert du.check_precision("cuda", "bf16", capability=(8, 0)) == "bf16"
+    assert du.check_precision("cuda", "fp16", capability=(7, 5)) == "fp16"  # T4: fp16 tensor cores
+    with pytest.raises(ValueError, match=r"'bf16' needs a GPU of compute capability 8.0\+ .*this one is 7.5"):
+        du.check_precision("cuda", "bf16", capability=(7, 5))
+    with pytest.raises(ValueError, match="precision 'bf16' needs a CUDA device; mps runs in fp32"):
+        du.check_precision("mps", "bf16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        du.check_precision("cpu", "fp8")
+
+
 def test_default_training_minutes_per_device_and_capability():
     assert du.default_training_minutes("cpu") == 15
     assert du.default_training_minutes("mps") == 15
