@@ -1484,7 +1484,15 @@ def _command_sample(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must end in .npy, got {args.out!r}")
     model, schedule = load_model(args.checkpoint, device=args.device)
     result = sample(
-        model, schedule, args.n, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+        model,
+        schedule,
+        args.n,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
         precision=args.precision,
     )
     images = model_to_uint8(result.images)

@@ -69,7 +69,9 @@ def test_train_resumes_from_a_checkpoint(checkpoint, tmp_path, capsys):
 
 def test_train_precision_must_suit_the_device(tiny_defaults, tmp_path, capsys):
     path = tmp_path / "run.pt"
-    assert_one_line_error(*run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--precision", "bf16")[::2], "precision 'bf16' needs a CUDA device")
+    assert_one_line_error(
+        *run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--precision", "bf16")[::2], "precision 'bf16' needs a CUDA device"
+    )
     assert not path.exists()
     status, out, _ = run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--no-progress", "--precision", "fp32")
     assert status == 0 and "precision fp32" in out
