@@ -94,7 +94,9 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 
 def add_model_override_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that shrink (or grow) every configuration a script builds: for smoke tests on a CPU."""
+    """Flags that change every configuration a script builds: smaller models for smoke tests on
+    a CPU, or one setting for an experiment. (vs_diffusers.py's "diffusers-best" keeps its own
+    --best-lr.)"""
     group = parser.add_argument_group("model and training overrides (applied to every configuration; for smoke tests and experiments)")
     group.add_argument("--base-channels", type=int, help="override ModelConfig.base_channels")
     group.add_argument("--channel-mults", type=parse_ints, help="override ModelConfig.channel_mults, e.g. 1,2")

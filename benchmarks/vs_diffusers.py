@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diffusers-layers", type=int, default=None, help="UNet2DModel layers_per_block (with --diffusers-channels; default 1)")
     parser.add_argument("--no-diffusers-attention", action="store_true", help="drop the mid-block attention that UNet2DModel has by default")
     parser.add_argument("--defaults-ema", action="store_true", help="diffusers-defaults with EMA (the example's --use_ema: decay 0.9999, warm-up power 3/4)")
-    parser.add_argument("--best-lr", type=float, default=1e-3, help="diffusers-best learning rate (default 1e-3, our recipe's)")
+    parser.add_argument("--best-lr", type=float, default=1e-3, help="diffusers-best learning rate (default 1e-3, our recipe's; --lr changes ours only)")
     parser.add_argument("--best-warmup", type=int, default=200, help="diffusers-best warm-up steps (default 200)")
     parser.add_argument("--best-ema", type=float, default=0.999, help="diffusers-best EMAModel max decay (default 0.999)")
     bc.add_model_override_args(parser)
