@@ -70,6 +70,17 @@ def test_notebook_is_valid_with_python3_kernel_and_no_widget_state():
     assert "widgets" not in notebook.metadata, "metadata.widgets breaks GitHub's notebook renderer; strip it"
 
 
+def test_no_committed_output_is_a_stateless_progress_widget():
+    """With widget state stripped, a tqdm widget output shows on GitHub as its frozen text: "0%|  | 0/900"."""
+    stale = [
+        output["data"].get("text/plain")
+        for cell in code_cells(read_notebook())
+        for output in cell.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in output.get("data", {})
+    ]
+    assert not stale, f"progress-bar widget outputs without their state: {stale}; drop them after executing"
+
+
 def test_exactly_one_parameters_cell_of_literal_assignments():
     notebook = read_notebook()
     indices = parameters_indices(notebook)
