@@ -182,10 +182,13 @@ def choose_precision(device: torch.device | str, capability: tuple[int, int] | N
     return "fp32" if is_ampere_or_newer(device, capability) else "fp16"
 
 
-def check_precision(device: torch.device | str, precision: str, capability: tuple[int, int] | None = None) -> str:
-    """`precision` if this device can run it, else a ValueError that says what it can run:
-    CPU and MPS run fp32 only, and bf16 needs an Ampere or newer card (an older one such as the
-    T4 would emulate it, slowly). Pass `capability` to test the rule without a GPU."""
+def check_precision(device: torch.device | str, precision: str | None, capability: tuple[int, int] | None = None) -> str:
+    """`precision` if this device can run it (None: choose_precision's pick), else a ValueError
+    that says what it can run: CPU and MPS run fp32 only, and bf16 needs an Ampere or newer card
+    (an older one such as the T4 would emulate it, slowly). Pass `capability` to test the rule
+    without a GPU."""
+    if precision is None:
+        return choose_precision(device, capability)
     _check_choice("precision", precision, PRECISIONS)
     device = torch.device(device)
     if precision != "fp32" and device.type != "cuda":
@@ -782,8 +785,7 @@ class Trainer:
         precision: str | None = None,
     ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
-        # e.g. "fp16" to try a T4's path on a newer card
-        self.precision = check_precision(self.device, precision) if precision else choose_precision(self.device)
+        self.precision = check_precision(self.device, precision)  # e.g. "fp16" to try a T4's path on a newer card
         default_model, default_train = default_configs(self.device)
         self.model_config = model_config or default_model
         self.train_config = cfg = train_config or default_train
@@ -1019,7 +1021,7 @@ def sample(
     device = model_device
     spaced = schedule.respaced(steps)
     model_timesteps = spaced.timesteps.to(device)  # the training timestep of each respaced step
-    precision = check_precision(device, precision) if precision else choose_precision(device)
+    precision = check_precision(device, precision)
     use_tf32_on_cuda(device)
     was_training = model.training
     model.eval()

@@ -41,6 +41,7 @@ def test_trainer_precision_can_be_overridden_but_only_where_it_exists():
 
 def test_check_precision_allows_only_what_the_device_runs():
     assert du.check_precision("cpu", "fp32") == "fp32"
+    assert du.check_precision("cpu", None) == "fp32" and du.check_precision("cuda", None, capability=(7, 5)) == "fp16"  # None: the pick
     assert du.check_precision("cuda", "bf16", capability=(8, 0)) == "bf16"
     assert du.check_precision("cuda", "fp16", capability=(7, 5)) == "fp16"  # T4: fp16 tensor cores
     with pytest.raises(ValueError, match=r"'bf16' needs a GPU of compute capability 8.0\+ .*this one is 7.5"):
