@@ -252,17 +252,16 @@ def test_a_checkpoint_from_another_device_type_loads_with_a_reseeded_generator(t
 
 
 def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path):
-    """AdamW's saved param_groups carry `fused`; a CUDA run's fused=True must not follow it onto
-    the CPU (nor a CPU run's unfused AdamW onto the GPU, where GradScaler would then sync)."""
+    """AdamW's saved param_groups carry `fused`; an MPS run's unfused AdamW must not follow it
+    onto the CPU or a GPU (where it would be slower, and GradScaler would sync), nor the reverse."""
     _, path = trained
 
-    def as_if_from_cuda(payload):
+    def as_if_from_mps(payload):
         for group in payload["state"]["optimizer"]["param_groups"]:
-            group["fused"] = True
+            group["fused"] = None
 
-    moved = du.load_trainer(_tampered(path, tmp_path / "fused.pt", as_if_from_cuda))
-    fresh = du.Trainer(moved.model_config, moved.train_config, device="cpu")
-    assert [g["fused"] for g in moved.optimizer.param_groups] == [g["fused"] for g in fresh.optimizer.param_groups]
+    moved = du.load_trainer(_tampered(path, tmp_path / "unfused.pt", as_if_from_mps))
+    assert [g["fused"] for g in moved.optimizer.param_groups] == [True]  # the CPU's kernel
     assert moved.optimizer.param_groups[0]["lr"] == du.read_checkpoint(path)["state"]["optimizer"]["param_groups"][0]["lr"]
 
 
