@@ -263,6 +263,13 @@ def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path
     moved = du.load_trainer(_tampered(path, tmp_path / "unfused.pt", as_if_from_mps))
     assert [g["fused"] for g in moved.optimizer.param_groups] == [True]  # the CPU's kernel
     assert moved.optimizer.param_groups[0]["lr"] == du.read_checkpoint(path)["state"]["optimizer"]["param_groups"][0]["lr"]
+    moved.train(steps=1, progress=False)  # the fused kernel runs on the loaded state
+    # the reverse: a fused state loaded where the kernel is not fused (as on MPS)
+    unfused = du.Trainer(moved.model_config, moved.train_config, device="cpu")
+    for group in unfused.optimizer.param_groups:
+        group["fused"] = None
+    unfused.load_state_dict(du.read_checkpoint(path)["state"])
+    assert [g["fused"] for g in unfused.optimizer.param_groups] == [None]
 
 
 def test_load_trainer_can_switch_compilation_without_changing_anything_else(tmp_path):

@@ -89,9 +89,11 @@ def test_an_fp16_run_resumes_in_fp16_with_its_gradient_scale(tmp_path):
     assert du.load_trainer(path, device="cuda").precision == du.choose_precision("cuda")  # unless asked, this card's own
 
 
-def test_a_cpu_checkpoint_resumes_on_cuda_with_the_fused_optimiser(tmp_path):
+def test_an_unfused_cpu_checkpoint_resumes_on_cuda_with_the_fused_optimiser(tmp_path):
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
     trainer.train(steps=2, progress=False)
+    for group in trainer.optimizer.param_groups:  # as saved on MPS, or on the CPU before 2026-11-27
+        group["fused"] = None
     resumed = du.load_trainer(du.save_checkpoint(tmp_path / "cpu.pt", trainer), device="cuda")
     assert resumed.optimizer.param_groups[0]["fused"] is True
     resumed.train(steps=2, progress=False)

@@ -335,3 +335,24 @@ def test_a_huge_learning_rate_ends_in_a_non_finite_loss_error():
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=1e6, warmup_steps=0), device="cpu")
     with pytest.raises(du.NonFiniteLossError, match=r"the loss became (nan|inf|-inf) at step \d+; .*try a lower lr"):
         trainer.train(steps=20, progress=False)
+
+
+def test_the_fused_cpu_optimiser_matches_the_loop_one_with_channels_last():
+    """The Trainer's fused AdamW walks each tensor's memory directly; with channels_last weights
+    it must still update exactly what PyTorch's per-tensor loop does."""
+    config = tiny_train_config(channels_last=True)
+    fused = du.Trainer(tiny_model_config(), config, "cpu")
+    loop = du.Trainer(tiny_model_config(), config, "cpu")
+    loop.optimizer = torch.optim.AdamW(loop.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    loop.lr_schedule = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, fused.lr_schedule.lr_lambdas[0])
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    assert fused.model.stem[1].weight.is_contiguous(memory_format=torch.channels_last)
+    # One step: Adam's first update is about lr * sign(grad) for every element, so an update
+    # written to the wrong elements would differ by ~lr (1e-3 / 3 in warm-up), not by rounding.
+    # (Later steps drift apart by up to 1e-3 in either layout: Adam amplifies rounding in the
+    # gradients that are still near zero.)
+    fused.train(steps=1, progress=False)
+    loop.train(steps=1, progress=False)
+    for (name, a), b in zip(fused.model.named_parameters(), loop.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+    assert not same_state(fused.model.state_dict(), du.Trainer(tiny_model_config(), config, "cpu").model.state_dict())  # it trained
