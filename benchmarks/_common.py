@@ -69,6 +69,19 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     return result
 
 
+def parse_gamma(text: str) -> float | str:
+    """ "5" -> 5.0; "none" -> "none" (plain MSE; kept as a string so that None means "not given")."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}")
+    return value
+
+
 def make_parser(doc: str, out_default: str) -> argparse.ArgumentParser:
     """A script's parser: its docstring's first paragraph as description, the rest (examples) as
     epilog, plus the flags every script shares (add_common_args)."""
@@ -103,6 +116,7 @@ def add_model_override_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks-per-level", type=int, help="override ModelConfig.blocks_per_level")
     group.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size")
     group.add_argument("--lr", type=float, help="override TrainConfig.lr")
+    group.add_argument("--min-snr-gamma", type=parse_gamma, help="override TrainConfig.min_snr_gamma: a number, or none for plain MSE")
 
 
 def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace) -> tuple[du.ModelConfig, du.TrainConfig]:
@@ -120,6 +134,9 @@ def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse
     for key in ("batch_size", "lr"):
         if getattr(args, key, None) is not None:
             train_changes[key] = getattr(args, key)
+    gamma = getattr(args, "min_snr_gamma", None)
+    if gamma is not None:
+        train_changes["min_snr_gamma"] = None if gamma == "none" else gamma
     return dataclasses.replace(model, **model_changes), dataclasses.replace(train, **train_changes)
 
 
