@@ -207,6 +207,13 @@ def use_tf32_on_cuda(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def fused_adamw(device: torch.device) -> bool | None:
+    """Whether AdamW should use its fused kernel here: one pass over each tensor instead of ~10
+    elementwise ops (CPU: 1.1 against 7.3 ms per optimiser step for the 24-channel recipe).
+    None on MPS, which keeps PyTorch's default (fused is unmeasured there)."""
+    return True if device.type in ("cuda", "cpu") else None
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed-precision context for the forward pass; a no-op in fp32."""
     if precision == "fp32":
@@ -798,10 +805,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         use_tf32_on_cuda(self.device)
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
-        # fused: one pass over each tensor instead of ~10 elementwise ops (CPU: 1.1 against 7.3 ms
-        # per optimiser step for the 24-channel recipe); MPS keeps PyTorch's default (unmeasured there)
-        fused = self.device.type in ("cuda", "cpu")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(self.device))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / (cfg.warmup_steps + 1)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)

@@ -132,7 +132,7 @@ class HarnessStep:
         self.channels_last = channels_last
         self.device, self.precision = device, precision
         self.schedule = du.NoiseSchedule.create("linear")
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu") or None)  # as du.Trainer
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, fused=du.fused_adamw(device))  # as du.Trainer
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.generator = torch.Generator(device).manual_seed(seed)
 

@@ -356,3 +356,8 @@ def test_the_fused_cpu_optimiser_matches_the_loop_one_with_channels_last():
     for (name, a), b in zip(fused.model.named_parameters(), loop.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
     assert not same_state(fused.model.state_dict(), du.Trainer(tiny_model_config(), config, "cpu").model.state_dict())  # it trained
+
+
+def test_adamw_is_fused_on_cuda_and_cpu_and_left_to_pytorch_on_mps():
+    assert du.fused_adamw(torch.device("cpu")) is True and du.fused_adamw(torch.device("cuda")) is True
+    assert du.fused_adamw(torch.device("mps")) is None
