@@ -48,6 +48,7 @@ SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 TIME_INJECTIONS = ("every_block", "bottleneck")
 SAMPLERS = ("ddpm", "ddim")
+MIN_SNR_FORMS = ("target", "snr")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "diffusion_patterns/1"
 
@@ -105,6 +106,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_snr_gamma: float | None = 5.0  # None = plain MSE (the original design)
+    min_snr_form: str = "target"  # what gamma clips, see NoiseSchedule.loss_weight; "snr" = Hang et al.'s formula
     ema_decay: float | None = 0.998  # None = no EMA (the original design)
     seed: int = 0
     log_every: int = 10  # read the loss back from the device every N steps (no sync in between)
@@ -121,6 +123,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_choice("min_snr_form", self.min_snr_form, MIN_SNR_FORMS)
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -513,18 +516,26 @@ class NoiseSchedule:
         s = self.gather(self.sqrt_one_minus_alpha_bars, t, x_t)
         return (x_t - a * x0) / s
 
-    def loss_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
-        """Min-SNR-gamma weights (Hang et al. 2023) per timestep, 1 when gamma is None.
+    def loss_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None, form: str = "target") -> torch.Tensor:
+        """Min-SNR-gamma weights per timestep (Hang et al. 2023), 1 when gamma is None.
 
-        Both targets are rescaled to weight the x_0 error by min(SNR, gamma):
-        eps: min(SNR, gamma) / SNR;  v: min(SNR, gamma) / (SNR + 1).
+        Each target's error is an x_0 error in disguise (predict_x0 inverts it):
+            ||eps_hat - eps||^2 = SNR ||x0_hat - x_0||^2,   ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2,
+        so plain MSE already weights the x_0 error by lam = SNR (eps) or SNR + 1 (v).
+        form "target" (diffusers' training scripts): w = min(lam, gamma) / lam, an x_0 weight of
+            min(lam, gamma): the low-noise steps, where lam is huge, are capped; the rest keep their loss.
+        form "snr" (the paper's formula): w = min(SNR, gamma) / lam, an x_0 weight of min(SNR, gamma).
+            For v this sends the noisiest steps, where the shape is chosen, to weight 0 (SNR -> 0).
+        For eps the two forms are the same.
         """
+        _check_choice("min_snr_form", form, MIN_SNR_FORMS)
         ones = torch.ones(len(t), device=t.device)
         if min_snr_gamma is None:
             return ones
         snr = self.gather(self.snr, t, ones).flatten()
-        clipped = snr.clamp(max=min_snr_gamma)
-        return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+        lam = snr if prediction == "eps" else snr + 1  # the x_0 weight plain MSE on this target gives
+        clipped = (lam if form == "target" else snr).clamp(max=min_snr_gamma)
+        return clipped / lam
 
     # The reverse process: one step from x_t to x_{t-1}, given the network's prediction.
 
@@ -743,7 +754,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def diffusion_loss(
-    model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str, min_snr_gamma: float | None, generator: torch.Generator | None = None
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    prediction: str,
+    min_snr_gamma: float | None,
+    generator: torch.Generator | None = None,
+    min_snr_form: str = "target",
 ) -> torch.Tensor:
     """One Monte-Carlo estimate of the training objective.
 
@@ -756,7 +773,7 @@ def diffusion_loss(
     target = schedule.target(prediction, x0, noise, t)
     output = model(x_t, t)
     per_image = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = schedule.loss_weight(prediction, t, min_snr_gamma).to(per_image)
+    weights = schedule.loss_weight(prediction, t, min_snr_gamma, min_snr_form).to(per_image)
     return (weights * per_image).mean()
 
 
@@ -843,7 +860,7 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         self.model.train()
         with autocast_for(self.device, self.precision):
-            loss = diffusion_loss(self.train_model, self.schedule, x0, self.model_config.prediction, cfg.min_snr_gamma, self.generator)
+            loss = diffusion_loss(self.train_model, self.schedule, x0, self.model_config.prediction, cfg.min_snr_gamma, self.generator, cfg.min_snr_form)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -1372,7 +1389,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     try:
-        return ModelConfig(**payload["model_config"]), TrainConfig(**payload["train_config"])
+        train = {"min_snr_form": "snr", **payload["train_config"]}  # files from before the field trained with "snr"
+        return ModelConfig(**payload["model_config"]), TrainConfig(**train)
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its configuration is invalid: {error}") from None
 

@@ -117,6 +117,7 @@ def add_model_override_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size")
     group.add_argument("--lr", type=float, help="override TrainConfig.lr")
     group.add_argument("--min-snr-gamma", type=parse_gamma, help="override TrainConfig.min_snr_gamma: a number, or none for plain MSE")
+    group.add_argument("--min-snr-form", choices=du.MIN_SNR_FORMS, help="override TrainConfig.min_snr_form (what gamma clips)")
 
 
 def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace) -> tuple[du.ModelConfig, du.TrainConfig]:
@@ -131,7 +132,7 @@ def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse
         if value is not None
     }
     train_changes: dict[str, Any] = {"seed": getattr(args, "seed", train.seed)}
-    for key in ("batch_size", "lr"):
+    for key in ("batch_size", "lr", "min_snr_form"):
         if getattr(args, key, None) is not None:
             train_changes[key] = getattr(args, key)
     gamma = getattr(args, "min_snr_gamma", None)

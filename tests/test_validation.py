@@ -199,6 +199,11 @@ def test_train_config_names_a_bad_value(field_value):
         du.TrainConfig(**{field: value})
 
 
+def test_train_config_names_an_unknown_min_snr_form():
+    with pytest.raises(ValueError, match=contains("unknown min_snr_form 'x0'; choose one of target, snr")):
+        du.TrainConfig(min_snr_form="x0")
+
+
 def test_configs_accept_their_documented_none_values():
     config = du.TrainConfig(min_snr_gamma=None, ema_decay=None, warmup_steps=0)
     assert config.min_snr_gamma is None and config.ema_decay is None
