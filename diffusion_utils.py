@@ -48,7 +48,7 @@ SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 TIME_INJECTIONS = ("every_block", "bottleneck")
 SAMPLERS = ("ddpm", "ddim")
-MIN_SNR_FORMS = ("target", "snr")
+MIN_SNR_FORMS = ("cap", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "diffusion_patterns/1"
 
@@ -106,7 +106,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_snr_gamma: float | None = 5.0  # None = plain MSE (the original design)
-    min_snr_form: str = "target"  # what gamma clips, see NoiseSchedule.loss_weight; "snr" = Hang et al.'s formula
+    min_snr_form: str = "cap"  # "cap" or "paper": how gamma enters, see NoiseSchedule.loss_weight
     ema_decay: float | None = 0.998  # None = no EMA (the original design)
     seed: int = 0
     log_every: int = 10  # read the loss back from the device every N steps (no sync in between)
@@ -239,10 +239,10 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
 
 def default_training_minutes(device: torch.device | str, capability: tuple[int, int] | None = None) -> float:
     """The notebook's training budget when none is given: long enough for clean shapes, short
-    enough for a learner. Ampere and newer: 3 minutes (an H100 or H200 reaches 98 % valid in
-    60-120 s and 98.7-99.0 % after 3 minutes, measured; A100 and L4 are unmeasured). Older GPUs
+    enough for a learner. Ampere and newer: 3 minutes (an H100 reaches 99.4 % valid in 60 s and
+    after 3 minutes, measured once; A100 and L4 are unmeasured). Older GPUs
     such as Colab's T4: 7 minutes (an estimate, not measured: about a tenth of an H100's
-    bandwidth and fp16 rate, so ~700+ steps of batch 256, where the H100 run was at 96 %).
+    bandwidth and fp16 rate, so ~700+ steps of batch 256, where the H100 runs were at 96-98 %).
     CPU and MPS: 15 minutes (2-core CPU: 85-89 % valid; 30 minutes give 93 %, measured)."""
     if torch.device(device).type != "cuda":
         return 15
@@ -516,25 +516,25 @@ class NoiseSchedule:
         s = self.gather(self.sqrt_one_minus_alpha_bars, t, x_t)
         return (x_t - a * x0) / s
 
-    def loss_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None, form: str = "target") -> torch.Tensor:
+    def loss_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None, min_snr_form: str = "cap") -> torch.Tensor:
         """Min-SNR-gamma weights per timestep (Hang et al. 2023), 1 when gamma is None.
 
         Each target's error is an x_0 error in disguise (predict_x0 inverts it):
             ||eps_hat - eps||^2 = SNR ||x0_hat - x_0||^2,   ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2,
         so plain MSE already weights the x_0 error by lam = SNR (eps) or SNR + 1 (v).
-        form "target" (diffusers' training scripts): w = min(lam, gamma) / lam, an x_0 weight of
-            min(lam, gamma): the low-noise steps, where lam is huge, are capped; the rest keep their loss.
-        form "snr" (the paper's formula): w = min(SNR, gamma) / lam, an x_0 weight of min(SNR, gamma).
+        "cap": w = min(lam, gamma) / lam, an x_0 weight of min(lam, gamma): plain MSE with its weight
+            capped at gamma, so the low-noise steps (lam huge) stop dominating and the rest keep their loss.
+        "paper": w = min(SNR, gamma) / lam, an x_0 weight of min(SNR, gamma) (Hang et al.'s formula).
             For v this sends the noisiest steps, where the shape is chosen, to weight 0 (SNR -> 0).
-        For eps the two forms are the same.
+        For eps the two are the same. For v, "cap" won by 10 points of valid shapes (README).
         """
-        _check_choice("min_snr_form", form, MIN_SNR_FORMS)
+        _check_choice("min_snr_form", min_snr_form, MIN_SNR_FORMS)
         ones = torch.ones(len(t), device=t.device)
         if min_snr_gamma is None:
             return ones
         snr = self.gather(self.snr, t, ones).flatten()
         lam = snr if prediction == "eps" else snr + 1  # the x_0 weight plain MSE on this target gives
-        clipped = (lam if form == "target" else snr).clamp(max=min_snr_gamma)
+        clipped = (lam if min_snr_form == "cap" else snr).clamp(max=min_snr_gamma)
         return clipped / lam
 
     # The reverse process: one step from x_t to x_{t-1}, given the network's prediction.
@@ -760,12 +760,14 @@ def diffusion_loss(
     prediction: str,
     min_snr_gamma: float | None,
     generator: torch.Generator | None = None,
-    min_snr_form: str = "target",
+    *,
+    min_snr_form: str = "cap",
 ) -> torch.Tensor:
     """One Monte-Carlo estimate of the training objective.
 
     t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps,
-    loss = mean_i w(t_i) || model(x_t, t) - target ||^2   (target = eps or v).
+    loss = mean_i w(t_i) || model(x_t, t) - target ||^2   (target = eps or v;
+    w = NoiseSchedule.loss_weight with min_snr_gamma and min_snr_form).
     """
     t = schedule.sample_timesteps(len(x0), generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -860,7 +862,9 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         self.model.train()
         with autocast_for(self.device, self.precision):
-            loss = diffusion_loss(self.train_model, self.schedule, x0, self.model_config.prediction, cfg.min_snr_gamma, self.generator, cfg.min_snr_form)
+            loss = diffusion_loss(
+                self.train_model, self.schedule, x0, self.model_config.prediction, cfg.min_snr_gamma, self.generator, min_snr_form=cfg.min_snr_form
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -1389,7 +1393,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     try:
-        train = {"min_snr_form": "snr", **payload["train_config"]}  # files from before the field trained with "snr"
+        train = {"min_snr_form": "paper", **payload["train_config"]}  # files from before the field trained with "paper"
         return ModelConfig(**payload["model_config"]), TrainConfig(**train)
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its configuration is invalid: {error}") from None

@@ -117,7 +117,7 @@ def add_model_override_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size")
     group.add_argument("--lr", type=float, help="override TrainConfig.lr")
     group.add_argument("--min-snr-gamma", type=parse_gamma, help="override TrainConfig.min_snr_gamma: a number, or none for plain MSE")
-    group.add_argument("--min-snr-form", choices=du.MIN_SNR_FORMS, help="override TrainConfig.min_snr_form (what gamma clips)")
+    group.add_argument("--min-snr-form", choices=du.MIN_SNR_FORMS, help="override TrainConfig.min_snr_form: cap or paper")
 
 
 def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace) -> tuple[du.ModelConfig, du.TrainConfig]:

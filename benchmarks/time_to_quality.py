@@ -13,10 +13,10 @@ Configurations (named presets, all built from du.default_configs / du.original_d
   --ablation          the original plus one change at a time, cumulatively. The first change
                       is the sampler alone: the original's trained model is also sampled with
                       100 DDPM steps ("+100-step sampling"), and every later step is sampled
-                      that way too. Then +cosine, +v, +min-snr-5 (the paper's formula,
-                      min_snr_form="snr"), +time-every-block, +ema, +attention, and
-                      +min-snr-target-form (diffusers' form for v, the default since it was
-                      measured last); the last one is du.default_configs("cpu"), the CPU recipe.
+                      that way too. Then +cosine, +v, +min-snr-5 (Hang et al.'s formula,
+                      min_snr_form="paper"), +time-every-block, +ema, +attention, and
+                      +min-snr-cap (min_snr_form="cap": last because it was adopted last);
+                      the last one is du.default_configs("cpu"), the CPU recipe.
 
 1000-step sampling is slow on a CPU (about 10x the 100-step cost), so configurations sampled
 with it draw --original-samples images (default 64: valid % then has a standard error of about
@@ -48,7 +48,7 @@ import _common as bc  # noqa: E402  (benchmarks/ is on sys.path as this script's
 
 import diffusion_utils as du  # noqa: E402
 
-ABLATION = ("original", "+cosine", "+v", "+min-snr-5", "+time-every-block", "+ema", "+attention", "+min-snr-target-form")
+ABLATION = ("original", "+cosine", "+v", "+min-snr-5", "+time-every-block", "+ema", "+attention", "+min-snr-cap")
 
 
 @dataclass
@@ -96,11 +96,11 @@ def build_presets(args: argparse.Namespace, device) -> dict[str, Preset]:
     changes = {
         "+cosine": ("model", {"schedule": "cosine"}),
         "+v": ("model", {"prediction": "v"}),
-        "+min-snr-5": ("train", {"min_snr_gamma": cpu_train.min_snr_gamma, "min_snr_form": "snr"}),
+        "+min-snr-5": ("train", {"min_snr_gamma": cpu_train.min_snr_gamma, "min_snr_form": "paper"}),
         "+time-every-block": ("model", {"time_injection": "every_block"}),
         "+ema": ("train", {"ema_decay": cpu_train.ema_decay}),
         "+attention": ("model", {"bottleneck_attention": True}),
-        "+min-snr-target-form": ("train", {"min_snr_form": cpu_train.min_snr_form}),
+        "+min-snr-cap": ("train", {"min_snr_form": cpu_train.min_snr_form}),
     }
     for name, (which, change) in changes.items():
         if which == "model":

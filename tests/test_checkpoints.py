@@ -252,14 +252,14 @@ def test_a_checkpoint_from_another_device_type_loads_with_a_reseeded_generator(t
 
 
 def test_a_checkpoint_from_before_min_snr_form_resumes_with_the_form_it_trained_with(trained, tmp_path):
-    """Files saved before TrainConfig.min_snr_form existed trained with the paper's "snr" form."""
+    """Files saved before TrainConfig.min_snr_form existed trained with the "paper" form."""
     trainer, path = trained
-    assert du.load_trainer(path).train_config.min_snr_form == trainer.train_config.min_snr_form == "target"
+    assert du.load_trainer(path).train_config.min_snr_form == trainer.train_config.min_snr_form == "cap"
 
     def as_if_older(payload):
         del payload["train_config"]["min_snr_form"]
 
-    assert du.load_trainer(_tampered(path, tmp_path / "older.pt", as_if_older)).train_config.min_snr_form == "snr"
+    assert du.load_trainer(_tampered(path, tmp_path / "older.pt", as_if_older)).train_config.min_snr_form == "paper"
 
 
 def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path):

@@ -348,10 +348,10 @@ def test_min_snr_weights(kind, gamma):
     t = torch.arange(T)
     snr = schedule.snr.float()
     eps = schedule.loss_weight("eps", t, gamma)
-    v = schedule.loss_weight("v", t, gamma)  # the default form, "target"
-    v_paper = schedule.loss_weight("v", t, gamma, "snr")
+    v = schedule.loss_weight("v", t, gamma)  # the default form, "cap"
+    v_paper = schedule.loss_weight("v", t, gamma, "paper")
     assert torch.allclose(eps, snr.clamp(max=gamma) / snr, rtol=1e-5)
-    assert torch.equal(schedule.loss_weight("eps", t, gamma, "snr"), eps)  # for eps the forms agree
+    assert torch.equal(schedule.loss_weight("eps", t, gamma, "paper"), eps)  # for eps the forms agree
     assert torch.allclose(v, (snr + 1).clamp(max=gamma) / (snr + 1), rtol=1e-5)
     assert torch.allclose(v_paper, snr.clamp(max=gamma) / (snr + 1), rtol=1e-5)
     # by hand at the ends: SNR_0 is huge, so eps is weighted gamma / SNR_0, and at t = T-1 SNR < gamma
@@ -359,7 +359,7 @@ def test_min_snr_weights(kind, gamma):
     assert float(v[0]) == pytest.approx(gamma / float(schedule.snr[0] + 1), rel=1e-5)
     assert float(eps[-1]) == pytest.approx(1.0, rel=1e-6)
     assert float(v_paper[-1]) == pytest.approx(float(schedule.snr[-1] / (schedule.snr[-1] + 1)), rel=1e-4)
-    # "target" leaves v's loss alone (weight exactly 1) wherever SNR + 1 <= gamma, and only lowers it elsewhere
+    # "cap" leaves v's loss alone (weight exactly 1) wherever SNR + 1 <= gamma, and only lowers it elsewhere
     alone, clipped = schedule.snr + 1 <= gamma, schedule.snr + 1 > gamma * 1.001
     assert bool(alone.any()) == (gamma > 1) and bool((v[alone] == 1).all())
     assert bool((v[clipped] < 1).all()) and bool((v <= 1).all())
@@ -367,25 +367,25 @@ def test_min_snr_weights(kind, gamma):
     assert torch.equal(schedule.loss_weight("eps", t, None), torch.ones(T))
 
 
-def test_the_v_forms_differ_most_at_the_noisiest_step(cosine):
-    """At t = T-1 the cosine schedule's SNR is about 0: "snr" gives v weight ~0, "target" gives 1."""
+def test_at_the_noisiest_step_paper_gives_v_weight_0_and_cap_gives_1(cosine):
+    """At t = T-1 the cosine schedule's SNR is about 0: min(SNR, 5) / (SNR + 1) ~ 0, min(SNR + 1, 5) / (SNR + 1) = 1."""
     last = torch.tensor([T - 1])
     assert float(cosine.snr[-1]) < 1e-6
-    assert float(cosine.loss_weight("v", last, 5.0, "snr")) < 1e-6
-    assert float(cosine.loss_weight("v", last, 5.0, "target")) == 1.0
+    assert float(cosine.loss_weight("v", last, 5.0, "paper")) < 1e-6
+    assert float(cosine.loss_weight("v", last, 5.0, "cap")) == 1.0
 
 
 def test_an_unknown_min_snr_form_is_named(cosine):
-    with pytest.raises(ValueError, match="unknown min_snr_form 'x0'; choose one of target, snr"):
+    with pytest.raises(ValueError, match="unknown min_snr_form 'x0'; choose one of cap, paper"):
         cosine.loss_weight("v", torch.arange(3), 5.0, "x0")
 
 
-@pytest.mark.parametrize("form", ["target", "snr"])
+@pytest.mark.parametrize("form", ["cap", "paper"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_weight_turns_the_target_error_into_a_clipped_x0_error(prediction, form, cosine):
     """||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2 and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x0||^2,
-    so weight * target error = min(lam, gamma) * x0 error ("target", lam = SNR or SNR + 1),
-    or min(SNR, gamma) * x0 error ("snr"), for both targets."""
+    so weight * target error = min(lam, gamma) * x0 error ("cap", lam = SNR or SNR + 1),
+    or min(SNR, gamma) * x0 error ("paper"), for both targets."""
     gamma = 5.0
     x0, noise, t = _random_case(7, [0, 30, 200, 600, 999])
     x_t = cosine.add_noise(x0, noise, t)
@@ -395,5 +395,5 @@ def test_min_snr_weight_turns_the_target_error_into_a_clipped_x0_error(predictio
     x0_error = ((cosine.predict_x0(prediction, x_t, output, t) - x0) ** 2).mean(dim=(1, 2, 3))
     weights = cosine.loss_weight(prediction, t, gamma, form).double()
     lam = cosine.snr[t] if prediction == "eps" else cosine.snr[t] + 1
-    x0_weight = (lam if form == "target" else cosine.snr[t]).clamp(max=gamma)
+    x0_weight = (lam if form == "cap" else cosine.snr[t]).clamp(max=gamma)
     assert torch.allclose(weights * target_error, x0_weight * x0_error, rtol=1e-4)

@@ -129,22 +129,24 @@ def test_diffusion_loss_of_a_zero_output_is_the_weighted_target_power():
     v = schedule.velocity(x0, noise, t)
     expected = (schedule.loss_weight("v", t, 5.0) * (v**2).mean(dim=(1, 2, 3))).mean()
     assert float(v_loss) == pytest.approx(float(expected), rel=1e-5)
-    paper_loss = du.diffusion_loss(Constant(), schedule, x0, "v", 5.0, torch.Generator().manual_seed(5), "snr")
-    paper_expected = (schedule.loss_weight("v", t, 5.0, "snr") * (v**2).mean(dim=(1, 2, 3))).mean()
+    paper_loss = du.diffusion_loss(Constant(), schedule, x0, "v", 5.0, torch.Generator().manual_seed(5), min_snr_form="paper")
+    paper_expected = (schedule.loss_weight("v", t, 5.0, "paper") * (v**2).mean(dim=(1, 2, 3))).mean()
     assert float(paper_loss) == pytest.approx(float(paper_expected), rel=1e-5) and float(paper_loss) < float(v_loss)
 
 
-@pytest.mark.parametrize("form", ["target", "snr"])
+@pytest.mark.parametrize("form", ["cap", "paper"])
 def test_the_trainer_weights_its_loss_with_its_min_snr_settings(form):
     """The first step's loss is diffusion_loss with the config's gamma and form, from the same draws."""
     trainer = du.Trainer(tiny_model_config(prediction="v", dropout=0.0), tiny_train_config(min_snr_gamma=2.0, min_snr_form=form), device="cpu")
     x0 = next(trainer.batches())
     with torch.no_grad():
         expected = {
-            f: float(du.diffusion_loss(trainer.model, trainer.schedule, x0, "v", 2.0, torch.Generator().set_state(trainer.generator.get_state()), f))
+            f: float(
+                du.diffusion_loss(trainer.model, trainer.schedule, x0, "v", 2.0, torch.Generator().set_state(trainer.generator.get_state()), min_snr_form=f)
+            )
             for f in du.MIN_SNR_FORMS
         }
-    assert expected["target"] != pytest.approx(expected["snr"], rel=1e-3)  # these draws tell the forms apart
+    assert expected["cap"] != pytest.approx(expected["paper"], rel=1e-3)  # these draws tell the forms apart
     assert float(trainer.train_step(x0)) == pytest.approx(expected[form], rel=1e-5)
 
 

@@ -200,7 +200,7 @@ def test_train_config_names_a_bad_value(field_value):
 
 
 def test_train_config_names_an_unknown_min_snr_form():
-    with pytest.raises(ValueError, match=contains("unknown min_snr_form 'x0'; choose one of target, snr")):
+    with pytest.raises(ValueError, match=contains("unknown min_snr_form 'x0'; choose one of cap, paper")):
         du.TrainConfig(min_snr_form="x0")
 
 

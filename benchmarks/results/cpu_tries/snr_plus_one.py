@@ -5,8 +5,8 @@ weights a timestep by min(SNR, gamma): at the noisiest steps (SNR -> 0) that wei
 Plain v weights by SNR + 1, which is 1 there. This run weights by min(SNR + 1, gamma): capped like
 min-SNR at low noise, like plain v at high noise. As a weight on the v loss:
 min(SNR + 1, gamma) / (SNR + 1) instead of min(SNR, gamma) / (SNR + 1).
-Since then this is the module's min_snr_form="target" (the default), so today the same run is
-python benchmarks/time_to_quality.py --configs recipe --min-snr-form target ...; this script
+Since then this is the module's min_snr_form="cap" (the default), so today the same run is
+python benchmarks/time_to_quality.py --configs recipe --min-snr-form cap ...; this script
 patches the weight only as a record of how the first run was made.
 Run from the repository root, with time_to_quality.py's arguments:
 python benchmarks/results/cpu_tries/snr_plus_one.py --configs recipe --minutes 15 --eval-at 10,15 --samples 512 --out OUT
@@ -23,8 +23,8 @@ import time_to_quality  # noqa: E402
 import diffusion_utils as du  # noqa: E402
 
 
-def snr_plus_one_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None, form: str = "target") -> torch.Tensor:
-    if prediction != "v" or min_snr_gamma is None:
+def snr_plus_one_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None, min_snr_form: str = "cap") -> torch.Tensor:
+    if prediction != "v" or min_snr_gamma is None or min_snr_form != "cap":
         raise ValueError("this experiment is for v-prediction with a gamma")
     snr = self.gather(self.snr, t, torch.ones(len(t), device=t.device)).flatten()
     return (snr + 1).clamp(max=min_snr_gamma) / (snr + 1)
