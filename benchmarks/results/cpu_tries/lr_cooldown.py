@@ -58,8 +58,19 @@ trainer.train(minutes=args.minutes, progress=False)
 trained = time.perf_counter() - start
 print(f"{train_config}\ntrained {trained:.0f} s, {trainer.step} steps, {trainer.images_seen:,} images", flush=True)
 metrics, images = bc.sample_and_evaluate(trainer.sampling_model, trainer.schedule, args.samples, "ddpm", 100, trainer.device)
-print(f"valid {metrics['valid']:.1%}, mid-gray {metrics['mid_gray']:.2%}, share {metrics['circle_share']:.2f}, size W1 {metrics['size_w1']:.2f}, position W1 {metrics['position_w1']:.2f}")
-print(f"lr at steps 0, n/2, 3n/4, last: {lr_at_step[0]:.2e} {lr_at_step[len(lr_at_step) // 2]:.2e} {lr_at_step[3 * len(lr_at_step) // 4]:.2e} {lr_at_step[-1]:.2e}")
-summary = {"args": vars(args), "lr_last": lr_at_step[-1], "train_config": str(train_config), "images_seen": trainer.images_seen, "steps": trainer.step, **metrics}
+print(
+    f"valid {metrics['valid']:.1%}, mid-gray {metrics['mid_gray']:.2%}, share {metrics['circle_share']:.2f}, size W1 {metrics['size_w1']:.2f}, position W1 {metrics['position_w1']:.2f}"
+)
+print(
+    f"lr at steps 0, n/2, 3n/4, last: {lr_at_step[0]:.2e} {lr_at_step[len(lr_at_step) // 2]:.2e} {lr_at_step[3 * len(lr_at_step) // 4]:.2e} {lr_at_step[-1]:.2e}"
+)
+summary = {
+    "args": vars(args),
+    "lr_last": lr_at_step[-1],
+    "train_config": str(train_config),
+    "images_seen": trainer.images_seen,
+    "steps": trainer.step,
+    **metrics,
+}
 (out / "lr_cooldown.json").write_text(json.dumps(summary, indent=1, default=str))
 du.plot_grid(images[:32], title=f"lr cool-down over the last {args.cooldown:.0%}: valid {metrics['valid']:.0%}").savefig(out / "samples.png")
