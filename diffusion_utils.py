@@ -243,7 +243,7 @@ def default_training_minutes(device: torch.device | str, capability: tuple[int, 
     after 3 minutes, measured once; A100 and L4 are unmeasured). Older GPUs
     such as Colab's T4: 7 minutes (an estimate, not measured: about a tenth of an H100's
     bandwidth and fp16 rate, so ~700+ steps of batch 256, where the H100 runs were at 96-98 %).
-    CPU and MPS: 15 minutes (2-core CPU: 97-99 % valid, 2.1-2.7 % mid-gray pixels, measured)."""
+    CPU and MPS: 15 minutes (2-core CPU: 96-99 % valid, 2.0-2.7 % mid-gray pixels, measured)."""
     if torch.device(device).type != "cuda":
         return 15
     return 3 if is_ampere_or_newer(device, capability) else 7
