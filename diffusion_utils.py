@@ -1,20 +1,25 @@
 """diffusion_utils: a small, complete DDPM that learns to draw circles and squares.
 
-Read it top to bottom; the sections follow the notebook `diffusion_patterns.ipynb`:
+Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipynb`, with its numbering:
 
-1. Configuration and device      one dataclass holds every choice; device/precision picked per card
-2. Dataset                       64x64 grayscale shapes drawn with OpenCV, values in [-1, 1]
-3. Noise schedule                beta_t, alpha_bar_t and the closed-form forward process q(x_t | x_0)
-4. U-Net                         a plain nn.Module eps/v-predictor conditioned on the timestep
-5. Training                      MSE on the noise (or on v), EMA, warm-up, budget in steps or minutes
-6. Sampling                      DDPM ancestral and DDIM steps over a respaced schedule
-7. Evaluation                    objective shape metrics: valid share, circle share, blur, spread
-8. Pictures                      matplotlib Figures for every stage
-9. Checkpoints                   atomic writes, safe loads (no unpickling), clear errors
-10. Command line                 train / sample / evaluate without Jupyter
+1. Setup                  which device to run on
+2. Configuration          two dataclasses hold every choice; `default_configs` is the measured recipe per device
+3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], and what was drawn
+4. The forward process    beta_t, alpha_bar_t and the closed form of q(x_t | x_0); eps, v and x_0
+5. The U-Net              a time- (and optionally request-) conditioned network that predicts eps or v
+6. Training               the weighted MSE, EMA, and a budget in steps or minutes
+7. Sampling               DDPM and DDIM steps, the sampler registry and the sampling loop
+8. The backward process   pictures and an animation of x_t and x_0_hat along the way
+9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
+10. Fewer steps           DPM-Solver++(2M) on the probability-flow ODE, spherical interpolation of noise
+11. Asking for a shape    class and attribute requests, classifier-free guidance, and whether samples obey
+A. Saving and loading     atomic checkpoints, safe loads (no unpickling), clear errors
+B. Running fast           device, precision, TF32 and fused-optimiser policy
+C. Command line           train / sample / evaluate without Jupyter
 
-The schedule (section 3), the network (section 4) and the sampling loop (section 6) are kept
-apart, as in Hugging Face diffusers, so each can be read and swapped alone.
+The schedule (section 4), the network (section 5) and the samplers (sections 7 and 10) are kept apart, as in Hugging
+Face diffusers, so each can be read and swapped alone. Measured figures behind the defaults are in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -47,30 +52,58 @@ CLASS_NAMES = ("circle", "square")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 TIME_INJECTIONS = ("every_block", "bottleneck")
-SAMPLERS = ("ddpm", "ddim")
 MIN_SNR_FORMS = ("cap", "paper")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "diffusion_patterns/1"
 
 
 # ------------------------------------------------------------------------------------------
-# 1. Configuration and device
+# 1. Setup: which device
+# ------------------------------------------------------------------------------------------
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """The given device, else the fastest available one: CUDA, then Apple MPS, then CPU."""
+    if preferred:
+        device = torch.device(preferred)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {preferred!r} was asked for but CUDA is not available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"device {preferred!r} was asked for but there are only {count} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {preferred!r} was asked for but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Configuration
 # ------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a trained model and sample from it (saved in checkpoints)."""
+    """Everything needed to rebuild a trained model and sample from it (saved in checkpoints).
+
+    The defaults are the CPU recipe (`default_configs("cpu")`); the GPU recipe is wider.
+    """
 
     schedule: str = "cosine"  # "linear" (Ho et al. 2020) or "cosine" (Nichol & Dhariwal 2021)
-    timesteps: int = 1000  # T, the number of noising steps in training
-    prediction: str = "v"  # what the network predicts: "eps" (noise) or "v" (Salimans & Ho)
-    base_channels: int = 24  # width of the first U-Net level (CPU: narrow and fast beats wide at equal time)
-    channel_mults: tuple[int, ...] = (1, 2)  # width multiplier per level; each level halves size
+    num_timesteps: int = 1000  # T, the number of noising steps of the forward process
+    prediction: str = "v"  # what the network predicts: "eps" (the noise) or "v" (Salimans & Ho 2022)
+    base_channels: int = 24  # width of the first U-Net level
+    channel_mults: tuple[int, ...] = (1, 2)  # width multiplier per level; each level halves the size
     blocks_per_level: int = 1  # residual blocks per level
-    pixel_unshuffle: int = 4  # 1 = full 64x64 input; 2 = 32x32x4 stem; 4 = 16x16x16 (16x cheaper)
-    time_injection: str = "every_block"  # "bottleneck" = the original design
+    pixel_unshuffle: int = 4  # 1 = the full 64x64 input; 2 = a 32x32x4 stem; 4 = 16x16x16 (16x cheaper)
+    time_injection: str = "every_block"  # where the time embedding enters; "bottleneck" = the original design
     bottleneck_attention: bool = True  # self-attention between the two bottleneck blocks (global context)
+    conditional: bool = False  # also take a request (class, centre, size), see section 11
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -78,10 +111,13 @@ class ModelConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("time_injection", self.time_injection, TIME_INJECTIONS)
-        _check_positive_int("timesteps", self.timesteps)
+        _check_positive_int("num_timesteps", self.num_timesteps)
         _check_positive_int("base_channels", self.base_channels)
         if self.base_channels % 4:
-            raise ValueError(f"base_channels must be a multiple of 4 (time embedding halves, attention heads), got {self.base_channels}")
+            raise ValueError(
+                "base_channels must be a multiple of 4 (the time embedding is split in halves, attention in heads), "
+                f"got {self.base_channels}"
+            )
         _check_positive_int("blocks_per_level", self.blocks_per_level)
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
@@ -90,7 +126,8 @@ class ModelConfig:
         lowest = IMAGE_SIZE // self.pixel_unshuffle // 2 ** (len(self.channel_mults) - 1)
         if lowest < 2:
             raise ValueError(
-                f"channel_mults {self.channel_mults}: {len(self.channel_mults)} levels after pixel_unshuffle {self.pixel_unshuffle} shrink the image below 2x2"
+                f"channel_mults {self.channel_mults}: {len(self.channel_mults)} levels after pixel_unshuffle "
+                f"{self.pixel_unshuffle} shrink the image below 2x2"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -98,21 +135,26 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """How to train: optimiser, loss weighting, EMA and budget (saved in checkpoints)."""
+    """How to train: optimiser, learning-rate schedule, loss weighting, EMA and data (saved in checkpoints).
+
+    The defaults are the CPU recipe (`default_configs("cpu")`).
+    """
 
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak learning rate, reached after the warm-up
     warmup_steps: int = 200
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the end of the budget
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_snr_gamma: float | None = 5.0  # None = plain MSE (the original design)
-    min_snr_form: str = "cap"  # "cap" or "paper": how gamma enters, see NoiseSchedule.loss_weight
+    min_snr_form: str = "cap"  # how gamma enters the weight, see NoiseSchedule.loss_weights
     ema_decay: float | None = 0.998  # None = no EMA (the original design)
+    condition_dropout: float = 0.5  # conditional models: chance that each field of a request is hidden in training
     seed: int = 0
-    log_every: int = 10  # read the loss back from the device every N steps (no sync in between)
-    channels_last: bool = False  # CPU: 1.12x for a 2x2 stem, 1.03x for the 24-channel recipe; H100: 1.05x bf16, 1.00x fp32
-    data_workers: int = 0  # background processes drawing shapes (GPU runs: the GPU outpaces one core)
-    compile: bool = False  # torch.compile the training forward pass: pays off only on long GPU runs
+    log_every: int = 10  # read the loss back from the device every N steps (no host-device sync in between)
+    channels_last: bool = True  # activations in NHWC memory layout: faster convolutions on a CPU (section B)
+    data_workers: int = 0  # background processes drawing shapes (a GPU outpaces one CPU core)
+    compile: bool = False  # torch.compile the training forward pass (long GPU runs)
 
     def __post_init__(self) -> None:
         _check_positive_int("batch_size", self.batch_size)
@@ -123,11 +165,14 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("min_snr_form", self.min_snr_form, MIN_SNR_FORMS)
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -140,126 +185,51 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def pick_device(preferred: str | None = None) -> torch.device:
-    """The given device, else the fastest available one: CUDA, then Apple MPS, then CPU."""
-    if preferred:
-        device = torch.device(preferred)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {preferred!r} was asked for but CUDA is not available")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {preferred!r} was asked for but there are only {torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {preferred!r} was asked for but MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def is_ampere_or_newer(device: torch.device | str, capability: tuple[int, int] | None = None) -> bool:
-    """True for a CUDA card of compute capability 8.0+ (A100, L4, H100): it has TF32 tensor cores
-    and native bf16. False for older cards (T4: 7.5), CPU and MPS. Pass `capability` to test
-    the rule without a GPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    if capability is None:
-        capability = torch.cuda.get_device_capability(device)
-    return tuple(capability) >= (8, 0)
-
-
-def choose_precision(device: torch.device | str, capability: tuple[int, int] | None = None) -> str:
-    """The training (and sampling) precision for this device: "fp32" or "fp16" ("bf16" on request).
-
-    Ampere and newer cards run fp32 maths on TF32 tensor cores. For this small U-Net that beats
-    bf16 autocast: 1.19x on an H100 and 1.18x on an H200 (eager; benchmarks/gpu.py), since the
-    casts around every fp32 GroupNorm cost more than bf16 saves in the convolutions (measured on
-    those two cards only, not on A100 or L4). Older cards such as the T4 have no TF32 and an fp32
-    rate ~8x below their fp16 tensor cores, so they get fp16 with a gradient scaler. CPU and MPS
-    stay in fp32. Trainer(precision="bf16") trains in bf16 on Ampere or newer.
-    """
-    if torch.device(device).type != "cuda":
-        return "fp32"
-    return "fp32" if is_ampere_or_newer(device, capability) else "fp16"
-
-
-def check_precision(device: torch.device | str, precision: str | None, capability: tuple[int, int] | None = None) -> str:
-    """`precision` if this device can run it (None: choose_precision's pick), else a ValueError
-    that says what it can run: CPU and MPS run fp32 only, and bf16 needs an Ampere or newer card
-    (an older one such as the T4 would emulate it, slowly). Pass `capability` to test the rule
-    without a GPU."""
-    if precision is None:
-        return choose_precision(device, capability)
-    _check_choice("precision", precision, PRECISIONS)
-    device = torch.device(device)
-    if precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"precision {precision!r} needs a CUDA device; {device} runs in fp32")
-    if precision == "bf16" and not is_ampere_or_newer(device, capability):
-        found = capability or torch.cuda.get_device_capability(device)
-        raise ValueError(f"precision 'bf16' needs a GPU of compute capability 8.0+ (Ampere or newer); this one is {found[0]}.{found[1]}: use 'fp16' or 'fp32'")
-    return precision
-
-
-def use_tf32_on_cuda(device: torch.device) -> None:
-    """Let fp32 matmuls and convs use TF32 tensor cores (Ampere and newer; a no-op elsewhere).
-    A process-wide switch: "fp32" on these cards means fp32 storage with TF32 maths."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def fused_adamw(device: torch.device) -> bool | None:
-    """Whether AdamW should use its fused kernel here: one pass over each tensor instead of ~10
-    elementwise ops (CPU: 1.1 against 7.3 ms per optimiser step for the 24-channel recipe).
-    None on MPS, which keeps PyTorch's default (fused is unmeasured there)."""
-    return True if device.type in ("cuda", "cpu") else None
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for the forward pass; a no-op in fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfig]:
-    """The project's best recipe for this kind of device (measured in benchmarks/)."""
+    """The project's measured recipe for this kind of device (benchmarks/RESULTS.md).
+
+    A CPU is compute-bound, so a narrow network that sees many images per minute wins there; a GPU has compute to
+    spare and takes a wider, deeper one with large batches. MPS takes the CPU recipe (unmeasured).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         model = ModelConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
-        return model, TrainConfig(batch_size=256, lr=1e-3, warmup_steps=200, ema_decay=0.999, data_workers=min(4, max(1, (os.cpu_count() or 2) - 1)))
-    # CPU (and MPS, unmeasured): narrow, since a CPU is compute-bound and 24 channels see 3.6x the
-    # images of 64 in the same minutes (README, "Width")
-    model = ModelConfig(base_channels=24)
-    return model, TrainConfig(channels_last=device.type == "cpu")
+        workers = min(4, max(1, (os.cpu_count() or 2) - 1))
+        return model, TrainConfig(batch_size=256, ema_decay=0.999, channels_last=False, data_workers=workers)
+    return ModelConfig(), TrainConfig(channels_last=device.type == "cpu")
 
 
 def default_training_minutes(device: torch.device | str, capability: tuple[int, int] | None = None) -> float:
-    """The notebook's training budget when none is given: long enough for clean shapes, short
-    enough for a learner. Ampere and newer: 3 minutes (an H100 reaches 99.4 % valid in 60 s and
-    after 3 minutes, measured once; A100 and L4 are unmeasured). Older GPUs
-    such as Colab's T4: 7 minutes (an estimate, not measured: about a tenth of an H100's
-    bandwidth and fp16 rate, so ~700+ steps of batch 256, where the H100 runs were at 96-98 %).
-    CPU and MPS: 15 minutes (2-core CPU: 96-99 % valid, 2.0-2.7 % mid-gray pixels, measured)."""
+    """The notebook's training budget when none is given: long enough for clean shapes, short enough for a learner.
+
+    Ampere and newer GPUs: 3 minutes. Older GPUs such as Colab's T4: 7 minutes (an estimate from their bandwidth and
+    fp16 rate, not a measurement). CPU and MPS: 15 minutes. Pass `capability` to test the rule without a GPU.
+    """
     if torch.device(device).type != "cuda":
         return 15
     return 3 if is_ampere_or_newer(device, capability) else 7
 
 
 def original_design_configs(like: tuple[ModelConfig, TrainConfig] | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """The design this project started from, with the network size and batch of `like` (default:
-    the CPU recipe): linear schedule, eps target, time added only at the bottleneck, no attention,
-    plain MSE, no EMA (sample it with 1000 DDPM steps)."""
+    """The design this project started from, with the network size and batch of `like` (default: the CPU recipe).
+
+    Linear schedule, eps target, time added only at the bottleneck, no attention, no conditioning, plain MSE, a
+    constant learning rate and no EMA; it was meant to be sampled with 1000 DDPM steps.
+    """
     model, train = like or default_configs("cpu")
-    model = dataclasses.replace(model, schedule="linear", prediction="eps", time_injection="bottleneck", bottleneck_attention=False)
-    return model, dataclasses.replace(train, min_snr_gamma=None, ema_decay=None)
+    model = dataclasses.replace(
+        model,
+        schedule="linear",
+        prediction="eps",
+        time_injection="bottleneck",
+        bottleneck_attention=False,
+        conditional=False,
+    )
+    return model, dataclasses.replace(train, min_snr_gamma=None, ema_decay=None, lr_schedule="constant")
 
 
 # ------------------------------------------------------------------------------------------
-# 2. Dataset: one filled white circle or square on black, drawn with OpenCV
+# 3. The data: one filled white circle or square on black, drawn with OpenCV
 # ------------------------------------------------------------------------------------------
 
 SIZE_RANGE = (15, 39)  # diameter of circles / side of squares, in pixels, both ends included
@@ -272,11 +242,77 @@ class ShapeBatch:
 
     images: torch.Tensor
     labels: np.ndarray  # 0 = circle, 1 = square
-    centers: np.ndarray  # (N, 2) centre (x, y) in pixels
+    centers: np.ndarray  # (N, 2) geometric centre (x, y) in pixels
     sizes: np.ndarray  # diameter or side, in pixels
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def condition(self) -> Condition:
+        """The request that each image answers: its class, centre and size (section 11)."""
+        return Condition(
+            torch.as_tensor(self.labels, dtype=torch.long),
+            torch.as_tensor(self.centers, dtype=torch.float32),
+            torch.as_tensor(self.sizes, dtype=torch.float32),
+        )
+
+
+@dataclass
+class Condition:
+    """What to draw, one entry per image; any field of any image may be left out (the null condition).
+
+    labels   (N,) long: CIRCLE or SQUARE, or -1 where the class is not given
+    centers  (N, 2) float: the centre (x, y) in pixels, or NaN where it is not given
+    sizes    (N,) float: the diameter or side in pixels, or NaN where it is not given
+    A conditional U-Net learns all of them at once because training hides each field with some probability
+    (`dropped`); an all-null Condition asks for any shape (section 11).
+    """
+
+    labels: torch.Tensor
+    centers: torch.Tensor
+    sizes: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def null(cls, n: int, device: torch.device | str = "cpu") -> Condition:
+        """n requests with nothing given: "draw any shape"."""
+        nan = torch.full((n,), math.nan, device=device)
+        return cls(torch.full((n,), -1, dtype=torch.long, device=device), torch.stack([nan, nan], 1), nan.clone())
+
+    def given(self) -> dict[str, torch.Tensor]:
+        """Per field, a (N,) bool mask of the images for which it is given."""
+        return {"class": self.labels >= 0, "center": ~self.centers.isnan().any(1), "size": ~self.sizes.isnan()}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Condition:
+        return Condition(*(v.to(device, non_blocking=non_blocking) for v in self.fields()))
+
+    def pin_memory(self) -> Condition:  # called by DataLoader(pin_memory=True)
+        return Condition(*(v.pin_memory() for v in self.fields()))
+
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.labels, self.centers, self.sizes
+
+    def select(self, index: torch.Tensor | slice) -> Condition:
+        return Condition(*(v[index] for v in self.fields()))
+
+    def cat(self, other: Condition) -> Condition:
+        return Condition(*(torch.cat([a, b]) for a, b in zip(self.fields(), other.fields())))
+
+    def dropped(self, p: float, generator: torch.Generator | None = None) -> Condition:
+        """Each field of each request hidden with probability p, independently (condition dropout).
+
+        With p = 0.5, every combination of given and hidden fields, the all-null one included, is trained on in
+        1/8 of the images, so one network serves "anything", "a circle", "size 20", "a circle of 20 at (30, 30)".
+        """
+        device = self.labels.device
+        hide = torch.rand((3, len(self)), generator=generator, device=device) < p
+        return Condition(
+            torch.where(hide[0], torch.full_like(self.labels, -1), self.labels),
+            torch.where(hide[1][:, None], torch.full_like(self.centers, math.nan), self.centers),
+            torch.where(hide[2], torch.full_like(self.sizes, math.nan), self.sizes),
+        )
 
 
 def draw_shape(label: int, center: tuple[int, int], size: int) -> np.ndarray:
@@ -294,8 +330,8 @@ def draw_shape(label: int, center: tuple[int, int], size: int) -> np.ndarray:
 def make_shapes(n: int, seed: int | Sequence[int] = 0) -> ShapeBatch:
     """Draw n random shapes, 50/50 circles and squares, reproducibly from a seed.
 
-    Size is uniform over SIZE_RANGE (circles: odd diameters 2r + 1), and the centre is uniform
-    over the pixel positions that keep the whole shape MARGIN pixels inside the frame.
+    Size is uniform over SIZE_RANGE (circles: odd diameters 2r + 1), and the centre is uniform over the pixel
+    positions that keep the whole shape MARGIN pixels inside the frame.
     """
     _check_positive_int("n", n)
     rng = np.random.default_rng(seed)
@@ -308,48 +344,61 @@ def make_shapes(n: int, seed: int | Sequence[int] = 0) -> ShapeBatch:
     pixel_centers = rng.integers(low[:, None], high[:, None] + 1, size=(n, 2))
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     for i in range(n):
-        images[i] = draw_shape(int(labels[i]), (int(pixel_centers[i, 0]), int(pixel_centers[i, 1])), int(sizes[i]))
-    offsets = np.where((labels == SQUARE) & (sizes % 2 == 0), 0.5, 0.0)  # even squares: centre between pixels
-    centers = pixel_centers + offsets[:, None]
+        center = (int(pixel_centers[i, 0]), int(pixel_centers[i, 1]))
+        images[i] = draw_shape(int(labels[i]), center, int(sizes[i]))
+    even_squares = (labels == SQUARE) & (sizes % 2 == 0)  # their centre lies between pixels
+    centers = pixel_centers + np.where(even_squares, 0.5, 0.0)[:, None]
     return ShapeBatch(uint8_to_model(images), labels, centers, sizes.astype(np.float64))
 
 
 class ShapeStream(torch.utils.data.IterableDataset):
     """Fresh procedural batches, a new set of shapes every step, so the model cannot memorise.
 
-    Batch k is always make_shapes(batch_size, seed=(seed, k)): the stream is reproducible and
-    resumes exactly from any step. With DataLoader workers, worker w draws steps w, w + W, ...
-    and the loader interleaves them back in order, so the GPU never waits for OpenCV.
+    Batch k is always make_shapes(batch_size, seed=(seed, k)): the stream is reproducible and resumes exactly from
+    any step. With DataLoader workers, worker w draws steps w, w + W, ... and the loader interleaves them back in
+    order, so a GPU never waits for OpenCV. Each item is (images, the Condition they answer).
     """
 
     def __init__(self, batch_size: int, seed: int = 0, start_step: int = 0) -> None:
         _check_positive_int("batch_size", batch_size)
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Condition]]:
         worker = torch.utils.data.get_worker_info()
         step, stride = (self.start_step, 1) if worker is None else (self.start_step + worker.id, worker.num_workers)
         while True:
-            yield make_shapes(self.batch_size, seed=(self.seed, step)).images
+            batch = make_shapes(self.batch_size, seed=(self.seed, step))
+            yield batch.images, batch.condition()
             step += stride
 
 
-def training_batches(batch_size: int, seed: int = 0, start_step: int = 0, workers: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+def training_batches(
+    batch_size: int, seed: int = 0, start_step: int = 0, workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, Condition]]:
     """Iterate over a ShapeStream, in `workers` background processes when workers > 0."""
     stream = ShapeStream(batch_size, seed, start_step)
     if workers == 0:
         return iter(stream)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4
+    )
     return iter(loader)
 
 
-def fixed_batches(images: torch.Tensor, batch_size: int, seed: int = 0, start_step: int = 0) -> Iterator[torch.Tensor]:
-    """Random mini-batches from a fixed set (the classic epoch-based dataset), resumable by step."""
+def fixed_batches(
+    data: torch.Tensor | ShapeBatch, batch_size: int, seed: int = 0, start_step: int = 0
+) -> Iterator[tuple[torch.Tensor, Condition | None]]:
+    """Random mini-batches from a fixed set (the classic epoch-based dataset), resumable by step.
+
+    `data` is a ShapeBatch, or plain images (then there is no request to learn from: the Condition is None).
+    """
+    images = data.images if isinstance(data, ShapeBatch) else data
     validate_images(images)
+    condition = data.condition() if isinstance(data, ShapeBatch) else None
     step = start_step
     while True:
         index = torch.from_numpy(np.random.default_rng((seed, step)).integers(0, len(images), batch_size))
-        yield images[index]
+        yield images[index], condition.select(index) if condition is not None else None
         step += 1
 
 
@@ -372,43 +421,96 @@ def validate_images(images: object, check_range: bool = True) -> None:
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE) or len(images) == 0:
-        raise ValueError(f"images must have shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1, got {tuple(images.shape)}")
+        raise ValueError(
+            f"images must have shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1, got {tuple(images.shape)}"
+        )
     if check_range:
         low, high = images.min().item(), images.max().item()
         if not (math.isfinite(low) and math.isfinite(high)) or low < -1.0 - 1e-4 or high > 1.0 + 1e-4:
-            raise ValueError(f"images must lie in [-1, 1], got values in [{low:.7g}, {high:.7g}]")  # 7 digits: 1.0002 is not "1"
+            # 7 digits, so that 1.0002 does not print as "1"
+            raise ValueError(f"images must lie in [-1, 1], got values in [{low:.7g}, {high:.7g}]")
 
 
-# ------------------------------------------------------------------------------------------
-# 3. Noise schedule and forward process
-# ------------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    """A matplotlib Figure made without pyplot, so nothing leaks or pops up; the notebook shows it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
 
 
-def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Ho et al. (2020): beta_t rises linearly from 1e-4 to 0.02 (scaled for T != 1000)."""
-    scale = 1000 / timesteps
-    if beta_end * scale >= 1:
-        raise ValueError(f"the linear schedule needs at least {math.floor(beta_end * 1000) + 1} timesteps, got {timesteps}")
-    return torch.linspace(beta_start * scale, beta_end * scale, timesteps, dtype=torch.float64)
+def _show(ax, image: torch.Tensor | np.ndarray, title: str | None = None) -> None:
+    """One image on an axis without ticks: a tensor in [-1, 1] or a uint8 array in [0, 255]."""
+    if isinstance(image, torch.Tensor):
+        data, low, high = image.detach().float().cpu().squeeze().numpy(), -1, 1
+    else:
+        data, low, high = np.squeeze(image), 0, 255
+    ax.imshow(data, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
 
 
-def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal (2021): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2).
+def plot_grid(
+    images: torch.Tensor,
+    titles: Sequence[str] | None = None,
+    columns: int = 8,
+    title: str | None = None,
+    outline: Sequence[bool | None] | None = None,
+):
+    """A grid of images in [-1, 1], optionally titled one by one.
 
-    beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at 0.999 to avoid a singularity at t = T.
+    outline[k] = True draws a green frame around image k, False a red one, None none (e.g. valid / invalid).
     """
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    rows = math.ceil(len(images) / columns)
+    fig = _figure(columns * 1.1, rows * 1.2 + (0.3 if title else 0))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(images):
+            ax.axis("off")
+            continue
+        _show(ax, images[k], titles[k] if titles else None)
+        if outline is not None and outline[k] is not None:
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if outline[k] else "red")
+                spine.set_linewidth(2.5)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------
+# 4. The forward process: a fixed noise schedule and q(x_t | x_0) in closed form
+# ------------------------------------------------------------------------------------------
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """beta_t rising linearly from 1e-4 to 0.02, scaled for T != 1000 (Ho et al. 2020, arXiv 2006.11239)."""
+    scale = 1000 / num_timesteps
+    if beta_end * scale >= 1:
+        needed = math.floor(beta_end * 1000) + 1
+        raise ValueError(f"the linear schedule needs at least {needed} timesteps, got {num_timesteps}")
+    return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """The cosine schedule of Nichol & Dhariwal 2021 (arXiv 2102.09672), eq. (17).
+
+    alpha_bar(t) = f(t) / f(0) with f(t) = cos^2(((t/T + offset) / (1 + offset)) * pi/2); then
+    beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at 0.999 to avoid the singularity at t = T.
+    """
+    fraction = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    alpha_bar = torch.cos((fraction + offset) / (1 + offset) * math.pi / 2) ** 2
     betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
     return betas.clamp(max=max_beta)
 
 
 class NoiseSchedule:
-    """The fixed forward process and everything derived from it, precomputed in float64.
+    """The fixed forward process and every table derived from it, precomputed in float64.
 
-    Timesteps are indexed t = 0 .. T-1; x_0 is the clean image and x_t has had t+1 noise steps.
-    `timesteps` maps each index to the timestep the network sees (the identity, unless the
-    schedule was respaced for faster sampling, see `respaced`).
+    Index i = 0 .. len-1 runs from the least to the most noisy step; x_0 is the clean image. `timesteps[i]` is the
+    training timestep the network sees at index i: the identity for the training schedule, the kept timesteps for
+    a respaced one (`respaced`), which samples with fewer steps.
     """
 
     def __init__(self, betas: torch.Tensor, timesteps: torch.Tensor | None = None) -> None:
@@ -422,8 +524,8 @@ class NoiseSchedule:
         self.alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
         self.sqrt_alpha_bars = self.alpha_bars.sqrt()
         self.sqrt_one_minus_alpha_bars = (1 - self.alpha_bars).sqrt()
-        self.snr = self.alpha_bars / (1 - self.alpha_bars)  # signal-to-noise ratio alpha_bar / (1 - alpha_bar)
-        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 * x_0 + coef2 * x_t, beta_tilde_t)
+        self.snr = self.alpha_bars / (1 - self.alpha_bars)  # signal-to-noise ratio of x_t
+        # The posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t I), DDPM eq. (6)-(7)
         self.posterior_variance = betas * (1 - self.alpha_bars_prev) / (1 - self.alpha_bars)
         self.posterior_mean_coef1 = betas * self.alpha_bars_prev.sqrt() / (1 - self.alpha_bars)
         self.posterior_mean_coef2 = (1 - self.alpha_bars_prev) * self.alphas.sqrt() / (1 - self.alpha_bars)
@@ -431,30 +533,35 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> NoiseSchedule:
-        return cls.create(config.schedule, config.timesteps)
+        return cls.create(config.schedule, config.num_timesteps)
 
     @classmethod
-    def create(cls, kind: str = "cosine", timesteps: int = 1000) -> NoiseSchedule:
+    def create(cls, kind: str = "cosine", num_timesteps: int = 1000) -> NoiseSchedule:
         _check_choice("schedule", kind, SCHEDULES)
-        _check_positive_int("timesteps", timesteps)
-        return cls(linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps))
+        _check_positive_int("num_timesteps", num_timesteps)
+        return cls(linear_betas(num_timesteps) if kind == "linear" else cosine_betas(num_timesteps))
 
     def __len__(self) -> int:
         return len(self.betas)
 
-    def respaced(self, num_steps: int) -> NoiseSchedule:
-        """A shorter schedule over num_steps of the original timesteps, evenly spaced from T-1 to 0.
+    def respaced(self, num_steps: int, spacing: str = "time") -> NoiseSchedule:
+        """A shorter schedule over num_steps of these timesteps (section 7; "logsnr" spacing: section 10).
 
-        It keeps alpha_bar at the kept steps, so beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}
-        (Nichol & Dhariwal 2021, section 4): a model trained on T steps samples in fewer.
+        It keeps alpha_bar at the kept steps, so beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} (Nichol &
+        Dhariwal 2021, section 4): a model trained on T steps samples in fewer. "time" keeps num_steps timesteps
+        evenly spaced from 0 to T-1.
         """
         _check_positive_int("num_steps", num_steps)
         if num_steps > len(self):
             raise ValueError(f"num_steps must be <= the {len(self)} training timesteps, got {num_steps}")
-        if num_steps == 1:  # a single step must start where sampling does: pure noise at T-1
-            kept = torch.tensor([len(self) - 1])
-        else:
-            kept = torch.linspace(0, len(self) - 1, num_steps, dtype=torch.float64).round().long()
+        _check_choice("spacing", spacing, SPACINGS)
+        return self.at(SPACINGS[spacing](self, num_steps))
+
+    def at(self, kept: torch.Tensor) -> NoiseSchedule:
+        """The schedule restricted to the kept indices (increasing), with alpha_bar kept there."""
+        kept = torch.as_tensor(kept, dtype=torch.long)
+        if kept.ndim != 1 or len(kept) == 0 or bool((kept[1:] <= kept[:-1]).any()):
+            raise ValueError(f"kept indices must be increasing, got {kept.tolist()}")
         kept_alpha_bars = self.alpha_bars[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), kept_alpha_bars[:-1]])
         return NoiseSchedule(1 - kept_alpha_bars / previous, timesteps=self.timesteps[kept])
@@ -463,41 +570,50 @@ class NoiseSchedule:
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"t must be an integer tensor of timestep indices, got {t!r}")
         if len(t) and (int(t.min()) < 0 or int(t.max()) >= len(self)):
-            raise ValueError(f"timesteps must be in [0, {len(self) - 1}], got values in [{int(t.min())}, {int(t.max())}]")
+            low, high = int(t.min()), int(t.max())
+            raise ValueError(f"timesteps must be in [0, {len(self) - 1}], got values in [{low}, {high}]")
 
     def gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] as a (N, 1, 1, 1) tensor on like's device and dtype, ready to broadcast.
 
-        Each table is copied to the device once (as float32, which MPS needs) and cached, so
-        the training loop does no host-to-device copy per step.
+        Each table is copied to the device once (as float32, which MPS needs) and cached, so the training loop does
+        no host-to-device copy per step.
         """
         key = (id(values), like.device)
         if key not in self._device_tables:
             self._device_tables[key] = values.to(like.device, torch.float32)
         return self._device_tables[key][t].to(like.dtype).view(-1, 1, 1, 1)
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_timesteps(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """t ~ Uniform{0, ..., T-1} for each image of a batch."""
         return torch.randint(0, len(self), (n,), generator=generator, device=device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Sample q(x_t | x_0) in closed form: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        """Sample q(x_t | x_0) in closed form (DDPM eq. (4)), after checking the arguments."""
         self.check_t(t)
         if x0.shape != noise.shape or len(t) != len(x0):
             raise ValueError(f"x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and t ({len(t)}) must match")
-        return self._add_noise(x0, noise, t)
+        return self.noised(x0, noise, t)
 
-    def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """add_noise without the checks, which would cost a host-device sync in the training loop."""
-        return self.gather(self.sqrt_alpha_bars, t, x0) * x0 + self.gather(self.sqrt_one_minus_alpha_bars, t, x0) * noise
+        # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+        return (
+            self.gather(self.sqrt_alpha_bars, t, x0) * x0 + self.gather(self.sqrt_one_minus_alpha_bars, t, x0) * noise
+        )
 
-    # Prediction targets and the exact conversions between x_0, eps and v.
-    # With a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t) and a^2 + s^2 = 1:
-    #   x_t = a x_0 + s eps,   v = a eps - s x_0,   so   x_0 = a x_t - s v,   eps = s x_t + a v.
+    # Prediction targets and the exact conversions between x_0, eps and v. With alpha = sqrt(alpha_bar_t),
+    # sigma = sqrt(1 - alpha_bar_t) and alpha^2 + sigma^2 = 1:
+    #   x_t = alpha x_0 + sigma eps,   v = alpha eps - sigma x_0,
+    # so   x_0 = alpha x_t - sigma v   and   eps = sigma x_t + alpha v.
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022)."""
-        return self.gather(self.sqrt_alpha_bars, t, x0) * noise - self.gather(self.sqrt_one_minus_alpha_bars, t, x0) * x0
+        """v = alpha eps - sigma x_0 (Salimans & Ho 2022, arXiv 2202.00512, section 4)."""
+        return (
+            self.gather(self.sqrt_alpha_bars, t, x0) * noise - self.gather(self.sqrt_one_minus_alpha_bars, t, x0) * x0
+        )
 
     def target(self, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network learns to output: eps itself, or v."""
@@ -505,85 +621,156 @@ class NoiseSchedule:
         return noise if prediction == "eps" else self.velocity(x0, noise, t)
 
     def predict_x0(self, prediction: str, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_0 from a network output: (x_t - s eps) / a for eps, a x_t - s v for v."""
-        a = self.gather(self.sqrt_alpha_bars, t, x_t)
-        s = self.gather(self.sqrt_one_minus_alpha_bars, t, x_t)
-        return (x_t - s * output) / a if prediction == "eps" else a * x_t - s * output
+        """x_0 from a network output: (x_t - sigma eps) / alpha for eps, alpha x_t - sigma v for v."""
+        alpha = self.gather(self.sqrt_alpha_bars, t, x_t)
+        sigma = self.gather(self.sqrt_one_minus_alpha_bars, t, x_t)
+        return (x_t - sigma * output) / alpha if prediction == "eps" else alpha * x_t - sigma * output
 
-    def predict_eps(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t - a x_0) / s: the noise consistent with x_t and a (clipped) x_0."""
-        a = self.gather(self.sqrt_alpha_bars, t, x_t)
-        s = self.gather(self.sqrt_one_minus_alpha_bars, t, x_t)
-        return (x_t - a * x0) / s
-
-    def loss_weight(self, prediction: str, t: torch.Tensor, min_snr_gamma: float | None, min_snr_form: str = "cap") -> torch.Tensor:
-        """Min-SNR-gamma weights per timestep (Hang et al. 2023), 1 when gamma is None.
+    def loss_weights(self, prediction: str, min_snr_gamma: float | None, min_snr_form: str = "cap") -> torch.Tensor:
+        """The loss weight w(t) of every timestep, a (T,) table computed once (min-SNR-gamma, arXiv 2303.09556).
 
         Each target's error is an x_0 error in disguise (predict_x0 inverts it):
             ||eps_hat - eps||^2 = SNR ||x0_hat - x_0||^2,   ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2,
         so plain MSE already weights the x_0 error by lam = SNR (eps) or SNR + 1 (v).
-        "cap": w = min(lam, gamma) / lam, an x_0 weight of min(lam, gamma): plain MSE with its weight
-            capped at gamma, so the low-noise steps (lam huge) stop dominating and the rest keep their loss.
-        "paper": w = min(SNR, gamma) / lam, an x_0 weight of min(SNR, gamma) (Hang et al.'s formula).
-            For v this sends the noisiest steps, where the shape is chosen, to weight 0 (SNR -> 0).
-        For eps the two are the same. For v, "cap" won by 10 points of valid shapes (README).
+        "cap":   w = min(lam, gamma) / lam, an x_0 weight of min(lam, gamma): plain MSE with its weight capped at
+                 gamma, so the almost clean steps (lam huge, the task easy) stop dominating and the rest keep theirs.
+        "paper": w = min(SNR, gamma) / lam, an x_0 weight of min(SNR, gamma) (Hang et al.'s formula). For v it
+                 sends the noisiest steps, where the shape is chosen, to weight 0 (SNR -> 0).
+        For eps the two are the same. gamma = None: plain MSE, w = 1.
         """
+        _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("min_snr_form", min_snr_form, MIN_SNR_FORMS)
-        ones = torch.ones(len(t), device=t.device)
         if min_snr_gamma is None:
-            return ones
-        snr = self.gather(self.snr, t, ones).flatten()
-        lam = snr if prediction == "eps" else snr + 1  # the x_0 weight plain MSE on this target gives
-        clipped = (lam if min_snr_form == "cap" else snr).clamp(max=min_snr_gamma)
+            return torch.ones(len(self), dtype=torch.float64)
+        lam = self.snr if prediction == "eps" else self.snr + 1  # the x_0 weight plain MSE on this target gives
+        clipped = (lam if min_snr_form == "cap" else self.snr).clamp(max=min_snr_gamma)
         return clipped / lam
 
-    # The reverse process: one step from x_t to x_{t-1}, given the network's prediction.
 
-    def ddpm_step(self, x_t: torch.Tensor, x0: torch.Tensor, i: int, noise: torch.Tensor | None) -> torch.Tensor:
-        """Ancestral sampling (Ho et al. 2020): x_{t-1} = coef1 x_0 + coef2 x_t + sqrt(beta_tilde_t) z."""
-        mean = float(self.posterior_mean_coef1[i]) * x0 + float(self.posterior_mean_coef2[i]) * x_t
-        if i == 0 or noise is None:
-            return mean
-        return mean + math.sqrt(float(self.posterior_variance[i])) * noise
+def _time_spacing(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
+    """num_steps indices evenly spaced in time from 0 to T-1; one step must start where sampling does, at T-1."""
+    if num_steps == 1:
+        return torch.tensor([len(schedule) - 1])
+    return torch.linspace(0, len(schedule) - 1, num_steps, dtype=torch.float64).round().long()
 
-    def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, i: int, eta: float, noise: torch.Tensor | None) -> torch.Tensor:
-        """DDIM (Song et al. 2021): x_{t-1} = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
 
-        sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev); eta = 0 is
-        deterministic and eta = 1 is exactly the ancestral DDPM step.
-        """
-        ab, ab_prev = float(self.alpha_bars[i]), float(self.alpha_bars_prev[i])
-        eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
-        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-        direction = math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
-        x_prev = math.sqrt(ab_prev) * x0 + direction
-        if sigma > 0 and noise is not None:
-            x_prev = x_prev + sigma * noise
-        return x_prev
+def _log_snr_spacing(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
+    """num_steps indices whose log-SNR is evenly spaced from that of T-1 to that of 0 (the "logSNR" grid of
+    DPM-Solver, Lu et al. 2022, arXiv 2206.00927, section 3.4): equal steps in lambda = log(alpha / sigma), the
+    variable in which the probability-flow ODE's solution is an exponential integral (section 10)."""
+    if num_steps == 1:
+        return torch.tensor([len(schedule) - 1])
+    lam = 0.5 * schedule.snr.log()  # lambda_t, falling with t
+    targets = torch.linspace(float(lam[0]), float(lam[-1]), num_steps, dtype=torch.float64)
+    kept = (lam[None, :] - targets[:, None]).abs().argmin(1)  # the nearest timestep to each target, increasing
+    kept[-1] = len(schedule) - 1
+    for k in range(num_steps - 2, -1, -1):  # distinct indices: push collisions towards less noise
+        kept[k] = min(int(kept[k]), int(kept[k + 1]) - 1)
+    if int(kept[0]) < 0:
+        raise ValueError(f"the log-SNR grid cannot hold {num_steps} distinct timesteps of {len(schedule)}")
+    return kept
+
+
+SPACINGS: dict[str, Callable[[NoiseSchedule, int], torch.Tensor]] = {"time": _time_spacing, "logsnr": _log_snr_spacing}
+
+
+def plot_forward_process(
+    schedule: NoiseSchedule, x0: torch.Tensor, ts: Sequence[int] = (0, 50, 100, 200, 400, 600, 800, 999), seed: int = 0
+):
+    """One image (1, 1, 64, 64) noised to each t in ts with q(x_t | x_0), one shared noise draw."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    fig = _figure(len(ts) * 1.2 + 1.2, 1.6)
+    axes = fig.subplots(1, len(ts) + 1)
+    _show(axes[0], x0[0], "x_0")
+    for ax, t in zip(axes[1:], ts):
+        x_t = schedule.add_noise(x0, noise, torch.tensor([t]))
+        _show(ax, x_t[0].clamp(-1, 1), f"t={t}\nᾱ={float(schedule.alpha_bars[t]):.3f}")
+    return fig
+
+
+def plot_schedules(num_timesteps: int = 1000):
+    """alpha_bar_t and log SNR for the linear and cosine schedules."""
+    fig = _figure(9, 3)
+    left, right = fig.subplots(1, 2)
+    for kind in SCHEDULES:
+        schedule = NoiseSchedule.create(kind, num_timesteps)
+        left.plot(schedule.alpha_bars.numpy(), label=kind)
+        right.plot(schedule.snr.log10().numpy(), label=kind)
+    left.set_title("signal kept: ᾱ_t")
+    right.set_title("log10 SNR = log10(ᾱ_t / (1 - ᾱ_t))")
+    for ax in (left, right):
+        ax.set_xlabel("t")
+        ax.legend()
+    return fig
 
 
 # ------------------------------------------------------------------------------------------
-# 4. The time-conditioned U-Net
+# 5. The U-Net: predicts eps (or v) from x_t, the timestep and, optionally, a request
 # ------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Transformer-style timestep features: [cos(t w_k), sin(t w_k)], w_k = max_period^(-k / (dim/2))."""
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer-style features [cos(x w_k), sin(x w_k)] with w_k = max_period^(-k / (dim/2)), k < dim/2.
+
+    Vaswani et al. 2017 (arXiv 1706.03762), section 3.5; DDPM embeds its timestep this way (appendix B). The low
+    frequencies change slowly with x and say roughly where it is, the high ones tell neighbours apart.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs[None, :]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    angles = values.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+ATTRIBUTE_PERIOD = 64.0  # pixels: the slowest attribute feature turns once in 2 pi * 64 px, the frame's size and more
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
+def _mlp(features: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+class ConditionEmbedding(nn.Module):
+    """A request (class, centre, size) as one vector that the U-Net adds to its time embedding.
+
+    The class has a learned embedding with one more row for "not given" (as diffusers' `class_embed`); the centre
+    and the size go through sinusoidal features and a small MLP each, and "not given" is a learned vector per field.
+    Everything starts at zero, so an untrained conditional U-Net is the unconditional one.
+    """
+
+    def __init__(self, features: int, dim: int) -> None:
+        super().__init__()
+        self.features = features
+        self.classes = nn.Embedding(len(CLASS_NAMES) + 1, dim)  # the last row: class not given
+        self.center = _mlp(2 * features, dim)
+        self.size = _mlp(features, dim)
+        self.null_center = nn.Parameter(torch.zeros(dim))
+        self.null_size = nn.Parameter(torch.zeros(dim))
+        for layer in (self.classes, self.center[-1], self.size[-1]):
+            nn.init.zeros_(layer.weight)
+        nn.init.zeros_(self.center[-1].bias)
+        nn.init.zeros_(self.size[-1].bias)
+
+    def forward(self, condition: Condition) -> torch.Tensor:
+        given = condition.given()
+        labels = torch.where(given["class"], condition.labels, len(CLASS_NAMES))
+        centers, sizes = condition.centers.nan_to_num(0.0), condition.sizes.nan_to_num(0.0)
+        center_features = torch.cat([self._features(centers[:, 0]), self._features(centers[:, 1])], 1)
+        center = torch.where(given["center"][:, None], self.center(center_features), self.null_center)
+        size = torch.where(given["size"][:, None], self.size(self._features(sizes)), self.null_size)
+        return self.classes(labels) + center + size
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return sinusoidal_embedding(pixels, self.features, max_period=ATTRIBUTE_PERIOD)
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, (+ time), GroupNorm -> SiLU -> conv, plus a skip connection.
 
-    If time_dim is set, a linear projection of the time embedding is added to every channel
-    after the first conv: the block's features then depend on how noisy the input is.
+    If time_dim is set, a linear projection of the time embedding is added to every channel after the first conv:
+    the block's features then depend on how noisy the input is (and on the request, which rides along).
     """
 
     def __init__(self, in_ch: int, out_ch: int, time_dim: int | None, dropout: float = 0.0) -> None:
@@ -594,7 +781,7 @@ class ResidualBlock(nn.Module):
         self.norm2 = _group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.weight)  # each block starts as its skip connection: stable early training
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -609,8 +796,8 @@ class ResidualBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all positions of a feature map, with a residual connection.
 
-    softmax(Q K^T / sqrt(d)) V lets every position see every other one in a single layer: cheap at
-    the 8x8 bottleneck, and it helps the network agree on one shape for the whole image.
+    softmax(Q K^T / sqrt(d)) V lets every position see every other one in a single layer: cheap at the small
+    bottleneck, and it helps the network agree on one shape for the whole image.
     """
 
     def __init__(self, channels: int, heads: int = 4) -> None:
@@ -624,21 +811,22 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)
         attended = F.scaled_dot_product_attention(q, k, v)  # (n, heads, h*w, c/heads)
         return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
 
 
 class UNet(nn.Module):
-    """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t).
+    """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request.
 
-    Encoder: each level runs residual blocks, keeps its output for the decoder (the skip), then
-    halves the resolution with a strided conv. Bottleneck: two residual blocks. Decoder: mirror
-    image, concatenating each level's skip before its blocks and doubling the resolution with
-    nearest-neighbour upsampling + conv. The timestep goes through a sinusoidal embedding and a
-    small MLP, then is added either in every residual block or only at the bottleneck (the
-    original design). An optional pixel-unshuffle stem folds 2x2 (or 4x4) pixels into channels,
-    so the network runs at 32x32 (16x16), 4x (16x) cheaper, and a pixel-shuffle undoes it.
+    Encoder: each level runs residual blocks, keeps its output for the decoder (the skip), then halves the
+    resolution with a strided conv. Bottleneck: two residual blocks, with self-attention between them. Decoder: the
+    mirror image, concatenating each level's skip before its blocks and doubling the resolution with nearest-neighbour
+    upsampling + conv. The timestep goes through a sinusoidal embedding and a small MLP, then is added in every
+    residual block or only at the bottleneck (the original design). A conditional U-Net adds the request's embedding
+    to it. A pixel-unshuffle stem folds 2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16),
+    4x (16x) cheaper, and a pixel-shuffle head undoes it.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -648,7 +836,8 @@ class UNet(nn.Module):
         time_dim = config.base_channels * 4
         block_time = time_dim if config.time_injection == "every_block" else None
         factor = config.pixel_unshuffle
-        self.time_mlp = nn.Sequential(nn.Linear(config.base_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_mlp = _mlp(config.base_channels, time_dim)
+        self.condition_embedding = ConditionEmbedding(config.base_channels, time_dim) if config.conditional else None
         self.stem = nn.Sequential(nn.PixelUnshuffle(factor), nn.Conv2d(factor * factor, widths[0], 3, padding=1))
 
         self.down_blocks, self.downsamplers = nn.ModuleList(), nn.ModuleList()
@@ -673,15 +862,24 @@ class UNet(nn.Module):
                 blocks.append(ResidualBlock(channels + skip, width, block_time, config.dropout))
                 channels = width
             self.up_blocks.append(nn.ModuleList(blocks))
-            self.upsamplers.append(
-                nn.Identity() if level == 0 else nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, widths[level - 1], 3, padding=1))
+            upsample = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, widths[level - 1], 3, padding=1)
             )
+            self.upsamplers.append(nn.Identity() if level == 0 else upsample)
             channels = width if level == 0 else widths[level - 1]
 
-        self.head = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, factor * factor, 3, padding=1), nn.PixelShuffle(factor))
+        head_conv = nn.Conv2d(channels, factor * factor, 3, padding=1)
+        self.head = nn.Sequential(_group_norm(channels), nn.SiLU(), head_conv, nn.PixelShuffle(factor))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
+        """The prediction for x_t at training timesteps t; condition None = unconditional (all fields null)."""
         time = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
+        if self.condition_embedding is not None:
+            time = time + self.condition_embedding(
+                condition if condition is not None else Condition.null(len(x), x.device)
+            )
+        elif condition is not None and bool(torch.cat([g for g in condition.given().values()]).any()):
+            raise ValueError("this U-Net is unconditional (ModelConfig.conditional=False): it cannot take a request")
         h = self.stem(x)
         skips = []
         for blocks, downsample in zip(self.down_blocks, self.downsamplers):
@@ -708,16 +906,20 @@ def describe_model(model: UNet) -> str:
     """Parameter count and the feature-map shape at each level, for a one-line summary."""
     c = model.config
     size = IMAGE_SIZE // c.pixel_unshuffle
-    levels = [f"{c.base_channels * m}x{size >> i}x{size >> i}" for i, m in enumerate(c.channel_mults)]
-    return f"U-Net, {count_parameters(model) / 1e6:.2f} M parameters; levels (channels x H x W): {' -> '.join(levels)}; time enters {c.time_injection.replace('_', ' ')}"
+    levels = " -> ".join(f"{c.base_channels * m}x{size >> i}x{size >> i}" for i, m in enumerate(c.channel_mults))
+    kind = "conditional " if c.conditional else ""
+    return (
+        f"{kind}U-Net, {count_parameters(model) / 1e6:.2f} M parameters; levels (channels x H x W): {levels}; "
+        f"time enters {c.time_injection.replace('_', ' ')}"
+    )
 
 
 @torch.no_grad()
 def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
     """(stage, (channels, H, W)) of the feature maps in one forward pass of a 64x64 image.
 
-    Forward hooks record the stem output, each encoder level (its skip), the bottleneck, each
-    decoder level (before upsampling) and the head; the model's weights and mode are untouched.
+    Forward hooks record the stem output, each encoder level (its skip), the bottleneck, each decoder level (before
+    upsampling) and the head; the model's weights and mode are untouched.
     """
     shapes: list[tuple[str, tuple[int, ...]]] = [("input", (1, IMAGE_SIZE, IMAGE_SIZE))]
     levels = len(model.config.channel_mults)
@@ -734,9 +936,8 @@ def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
     was_training = model.training
     try:
         parameter = next(model.parameters())
-        model.eval()(
-            torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, device=parameter.device, dtype=parameter.dtype), torch.zeros(1, dtype=torch.long, device=parameter.device)
-        )
+        x = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, device=parameter.device, dtype=parameter.dtype)
+        model.eval()(x, torch.zeros(1, dtype=torch.long, device=parameter.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -744,8 +945,36 @@ def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+def plot_time_embedding(dim: int = 32, num_timesteps: int = 1000):
+    """The sinusoidal features of every timestep as a heat map: the cos half above the sin half.
+
+    Drawn as an image of num_timesteps columns resampled by matplotlib with antialiasing, so the fast features do
+    not alias into moire patterns on screen.
+    """
+    fig = _figure(7, 3.2)
+    ax = fig.subplots()
+    features = sinusoidal_embedding(torch.arange(num_timesteps), dim).T.numpy()
+    image = ax.imshow(
+        features,
+        aspect="auto",
+        cmap="RdBu",
+        interpolation="antialiased",
+        vmin=-1,
+        vmax=1,
+        extent=(-0.5, num_timesteps - 0.5, dim - 0.5, -0.5),
+    )
+    ax.axhline(dim / 2 - 0.5, color="black", lw=0.8)
+    half = dim // 2
+    ax.set_yticks([0, half - 1, half, dim - 1], ["cos k=0", f"cos k={half - 1}", "sin k=0", f"sin k={half - 1}"])
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("feature (frequency k)")
+    ax.set_title("Sinusoidal time embedding: cos(t ω_k) above, sin(t ω_k) below; ω_k falls with k")
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
 # ------------------------------------------------------------------------------------------
-# 5. Training: MSE between the network output and the target (eps or v)
+# 6. Training: a weighted MSE between the network output and its target (eps or v)
 # ------------------------------------------------------------------------------------------
 
 
@@ -758,31 +987,33 @@ def diffusion_loss(
     schedule: NoiseSchedule,
     x0: torch.Tensor,
     prediction: str,
-    min_snr_gamma: float | None,
+    loss_weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    *,
-    min_snr_form: str = "cap",
+    condition: Condition | None = None,
 ) -> torch.Tensor:
-    """One Monte-Carlo estimate of the training objective.
+    """One Monte-Carlo estimate of the training objective, DDPM's L_simple (Ho et al. 2020, eq. (14)), reweighted.
 
-    t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps,
-    loss = mean_i w(t_i) || model(x_t, t) - target ||^2   (target = eps or v;
-    w = NoiseSchedule.loss_weight with min_snr_gamma and min_snr_form).
+        t ~ U{0..T-1},  eps ~ N(0, I),  x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
+        loss = mean_i  w(t_i) || model(x_t, t_i) - target_i ||^2,   target = eps or v.
+    loss_weights is the (T,) table w of NoiseSchedule.loss_weights (None: w = 1); condition is the request each x_0
+    answers, for a conditional model (None: unconditional).
     """
     t = schedule.sample_timesteps(len(x0), generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = schedule._add_noise(x0, noise, t)
+    x_t = schedule.noised(x0, noise, t)
     target = schedule.target(prediction, x0, noise, t)
-    output = model(x_t, t)
+    output = model(x_t, t) if condition is None else model(x_t, t, condition)
     per_image = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = schedule.loss_weight(prediction, t, min_snr_gamma, min_snr_form).to(per_image)
-    return (weights * per_image).mean()
+    if loss_weights is None:
+        return per_image.mean()
+    return (schedule.gather(loss_weights, t, per_image).flatten() * per_image).mean()
 
 
 class EMA:
     """Exponential moving average of the weights, with warm-up: decay_k = min(decay, (1+k)/(10+k)).
 
-    The warm-up lets a short run forget the random initial weights quickly; sample from the EMA.
+    Averaging smooths out the jitter of the last optimiser steps; the warm-up lets a short run forget the random
+    initial weights quickly. Sample from the EMA.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -793,8 +1024,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        # ema = decay * ema + (1 - decay) * param, for every tensor in one fused call (a loop of
-        # ema_param.lerp_(param, 1 - decay) does the same with one GPU kernel launch per tensor)
+        # ema = decay * ema + (1 - decay) * param for every tensor, in one fused call
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
         self.updates += 1
 
@@ -807,32 +1037,41 @@ class Trainer:
         model_config: ModelConfig | None = None,
         train_config: TrainConfig | None = None,
         device: torch.device | str | None = None,
-        data: torch.Tensor | None = None,
+        data: torch.Tensor | ShapeBatch | None = None,
         precision: str | None = None,
     ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
-        self.precision = check_precision(self.device, precision)  # e.g. "fp16" to try a T4's path on a newer card
+        self.precision = check_precision(self.device, precision)
         default_model, default_train = default_configs(self.device)
         self.model_config = model_config or default_model
         self.train_config = cfg = train_config or default_train
-        with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; global RNG untouched
+        if self.model_config.conditional and data is not None and not isinstance(data, ShapeBatch):
+            raise ValueError("a conditional model learns what each image shows: pass data as a ShapeBatch, not images")
+        with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is untouched
             torch.manual_seed(cfg.seed)
             self.model = UNet(self.model_config).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule.from_config(self.model_config)
+        self.loss_weights = self.schedule.loss_weights(
+            self.model_config.prediction, cfg.min_snr_gamma, cfg.min_snr_form
+        )
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         use_tf32_on_cuda(self.device)
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(self.device))
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / (cfg.warmup_steps + 1)))
+        fused = fused_adamw(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+        )
+        self.budget_progress = 0.0  # the share of the current train() budget done, for the lr decay
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.data = data
         self.step = 0
         self.images_seen = 0
         self.losses: list[float] = []
-        self._batch_iterator: Iterator[torch.Tensor] | None = None  # kept between train() calls
+        self._batch_iterator: Iterator | None = None  # kept between train() calls
         self._batch_iterator_step = -1  # the step whose batch the iterator yields next
 
     @property
@@ -840,30 +1079,56 @@ class Trainer:
         """The EMA weights when there are any (they give cleaner samples), else the raw model."""
         return self.ema.model if self.ema is not None else self.model
 
-    def batches(self) -> Iterator[torch.Tensor]:
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at `step` as a share of the peak: a linear warm-up, then the configured decay.
+
+        "cosine" decays to 0 at the end of each train() call's budget (Loshchilov & Hutter 2016, arXiv 1608.03983,
+        without restarts): the budget is known in advance, so the last steps take small, careful ones. A resumed run
+        starts a new decay over its own budget.
+        """
+        cfg = self.train_config
+        warmup = min(1.0, (step + 1) / (cfg.warmup_steps + 1))
+        if cfg.lr_schedule == "constant":
+            return warmup
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, self.budget_progress)))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, Condition | None]]:
         """Training batches from the current step on (the same ones whenever they are asked for)."""
         cfg = self.train_config
         if self.data is None:
-            return training_batches(cfg.batch_size, cfg.seed, self.step, cfg.data_workers, pin_memory=self.device.type == "cuda")
+            pin = self.device.type == "cuda"
+            return training_batches(cfg.batch_size, cfg.seed, self.step, cfg.data_workers, pin_memory=pin)
         return fixed_batches(self.data, cfg.batch_size, cfg.seed, self.step)
 
-    def _batches_from_here(self) -> Iterator[torch.Tensor]:
-        """The iterator of the last train() call when it is still at this step, else a new one:
-        training in chunks then starts DataLoader workers once, not once per chunk."""
+    def _batches_from_here(self) -> Iterator[tuple[torch.Tensor, Condition | None]]:
+        """The iterator of the last train() call when it is still at this step, else a new one: training in chunks
+        then starts DataLoader workers once, not once per chunk."""
         if self._batch_iterator is None or self._batch_iterator_step != self.step:
             self._batch_iterator = self.batches()
         return self._batch_iterator
 
-    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x0: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         """One optimiser step; returns the loss as a tensor (no host-device sync here)."""
         cfg = self.train_config
         x0 = x0.to(self.device, non_blocking=True)
         if cfg.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        if self.model_config.conditional:
+            if condition is None:
+                raise ValueError("a conditional model needs the condition of every training image")
+            condition = condition.to(self.device, non_blocking=True).dropped(cfg.condition_dropout, self.generator)
+        else:
+            condition = None
         self.model.train()
         with autocast_for(self.device, self.precision):
             loss = diffusion_loss(
-                self.train_model, self.schedule, x0, self.model_config.prediction, cfg.min_snr_gamma, self.generator, min_snr_form=cfg.min_snr_form
+                self.train_model,
+                self.schedule,
+                x0,
+                self.model_config.prediction,
+                self.loss_weights,
+                self.generator,
+                condition,
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -871,7 +1136,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.lr_schedule.step()
+        self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
@@ -887,42 +1152,30 @@ class Trainer:
         checkpoint_every: int = 500,
         on_log: Callable[[Trainer], None] | None = None,
     ) -> list[float]:
-        """Train for `steps` more steps or `minutes` of wall time (whichever is given; both: first hit).
+        """Train for `steps` more steps or `minutes` of wall time (whichever is given; both: the first reached).
 
-        The loss is read back every `log_every` steps; a NaN/inf loss stops training with
-        NonFiniteLossError naming the step, before anything is saved. With checkpoint_path,
-        a checkpoint is written atomically every `checkpoint_every` steps and at the end.
-        Returns the loss history (one value per step, all steps so far).
+        The loss is read back every `log_every` steps; a NaN/inf loss stops training with NonFiniteLossError naming
+        the step, before anything is saved. With checkpoint_path, a checkpoint is written atomically every
+        `checkpoint_every` steps and at the end. Returns the loss history (one value per step, all steps so far).
         """
-        from tqdm.auto import tqdm
-
-        if steps is None and minutes is None:
-            raise ValueError("give a training budget: steps or minutes")
-        if steps is not None:
-            _check_positive_int("steps", steps)
-        if minutes is not None and not minutes > 0:
-            raise ValueError(f"minutes must be > 0, got {minutes}")
+        _check_budget(steps, minutes)
         _check_positive_int("checkpoint_every", checkpoint_every)
-        started = time.monotonic()
-        deadline = started + minutes * 60 if minutes is not None else math.inf
-        last_step = self.step + steps if steps is not None else math.inf
-        by_steps = steps is not None  # the bar counts steps, or seconds of the time budget
-        bar = tqdm(
-            total=steps if by_steps else round(minutes * 60), unit="step" if by_steps else "s", desc="training", disable=not progress, dynamic_ncols=True
-        )
+        budget = _Budget(self.step, steps, minutes)
+        bar = _progress_bar(steps, minutes, progress)
         pending: list[torch.Tensor] = []
         saved_at = None
         batches = self._batches_from_here()
         try:
-            while self.step < last_step and time.monotonic() < deadline:
+            while not budget.spent(self.step):
+                self.budget_progress = budget.progress(self.step)
                 self._batch_iterator_step = -1  # out of step until this batch is trained on
-                pending.append(self.train_step(next(batches)))
+                pending.append(self.train_step(*next(batches)))
                 self._batch_iterator_step = self.step
-                finished = self.step >= last_step or time.monotonic() >= deadline
+                finished = budget.spent(self.step)
                 save_now = checkpoint_path is not None and self.step % checkpoint_every == 0
                 if len(pending) >= self.train_config.log_every or finished or save_now:
                     self._record_losses(pending)  # raises on NaN/inf before anything is saved
-                    bar.update(len(pending) if by_steps else round(time.monotonic() - started) - bar.n)
+                    bar.update(len(pending) if steps is not None else budget.elapsed_seconds() - bar.n)
                     bar.set_postfix(loss=f"{self.losses[-1]:.4f}", images=self.images_seen)
                     pending = []
                     if on_log is not None:
@@ -932,6 +1185,7 @@ class Trainer:
                     saved_at = self.step
         finally:
             bar.close()
+            self.budget_progress = 0.0
         if checkpoint_path is not None and saved_at != self.step:
             save_checkpoint(checkpoint_path, self)
         return self.losses
@@ -942,7 +1196,8 @@ class Trainer:
         for offset, value in enumerate(values):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"training stopped: the loss became {value} at step {first_step + offset}; the last saved checkpoint is unchanged (try a lower lr)"
+                    f"training stopped: the loss became {value} at step {first_step + offset}; "
+                    "the last saved checkpoint is unchanged (try a lower lr)"
                 )
         self.losses.extend(values)
 
@@ -953,7 +1208,7 @@ class Trainer:
             "ema": self.ema.model.state_dict() if self.ema is not None else None,
             "ema_updates": self.ema.updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
+            "lr_schedule": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "generator_device": self.device.type,
@@ -968,7 +1223,7 @@ class Trainer:
             self.ema.model.load_state_dict(state["ema"])
             self.ema.updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(self._optimizer_state_for_this_device(state["optimizer"]))
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.lr_scheduler.load_state_dict(state["lr_schedule"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -981,24 +1236,206 @@ class Trainer:
         self._batch_iterator = None
 
     def _optimizer_state_for_this_device(self, saved: dict) -> dict:
-        """The saved AdamW state with this device's kernel choice (fused on CUDA and CPU, not on
-        MPS): load_state_dict would otherwise carry the unfused AdamW of an MPS run (or of a CPU
-        checkpoint saved before 2026-11-27) onto the CPU or GPU, or the reverse."""
+        """The saved AdamW state with this device's kernel choice (fused or not, section B): load_state_dict would
+        otherwise carry an MPS run's unfused AdamW onto the CPU or a GPU, or the reverse."""
         fused = self.optimizer.param_groups[0].get("fused")
         return {**saved, "param_groups": [{**group, "fused": fused} for group in saved["param_groups"]]}
 
 
+def _check_budget(steps: int | None, minutes: float | None) -> None:
+    """The checks of a training budget, shared by Trainer.train and the command line (which checks first)."""
+    if steps is None and minutes is None:
+        raise ValueError("give a training budget: steps or minutes")
+    if steps is not None:
+        _check_positive_int("steps", steps)
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+
+
+class _Budget:
+    """A budget of steps and/or wall-clock minutes, started now: spent when either runs out."""
+
+    def __init__(self, first_step: int, steps: int | None, minutes: float | None) -> None:
+        self.first_step, self.steps = first_step, steps
+        self.seconds = minutes * 60 if minutes is not None else None
+        self.started = time.monotonic()
+
+    def elapsed_seconds(self) -> int:
+        return round(time.monotonic() - self.started)
+
+    def progress(self, step: int) -> float:
+        """The share of the budget done: the larger of the step and the time shares."""
+        shares = [0.0]
+        if self.steps is not None:
+            shares.append((step - self.first_step) / self.steps)
+        if self.seconds is not None:
+            shares.append((time.monotonic() - self.started) / self.seconds)
+        return max(shares)
+
+    def spent(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+
+def _progress_bar(steps: int | None, minutes: float | None, progress: bool):
+    """A tqdm bar counting steps, or seconds of a time budget."""
+    from tqdm.auto import tqdm
+
+    total, unit = (steps, "step") if steps is not None else (round(minutes * 60), "s")
+    return tqdm(total=total, unit=unit, desc="training", disable=not progress, dynamic_ncols=True)
+
+
+def plot_losses(losses: Sequence[float], smooth: int = 50):
+    """Loss per step (faint) and its running mean."""
+    fig = _figure(6, 3)
+    ax = fig.subplots()
+    values = np.asarray(losses, dtype=np.float64)
+    ax.plot(values, alpha=0.3, lw=0.8, label="per step")
+    if len(values) >= smooth:
+        running = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(np.arange(smooth - 1, len(values)), running, label=f"mean of {smooth}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return fig
+
+
+@torch.no_grad()
+def loss_by_timestep(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    prediction: str,
+    loss_weights: torch.Tensor | None = None,
+    n: int = 256,
+    bins: int = 20,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(timesteps, unweighted loss, weighted loss) at `bins` evenly spaced timesteps, each on n fresh images.
+
+    Shows where the network still errs: the mean ||output - target||^2 per timestep, before and after w(t).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    x0 = make_shapes(n, seed=(seed, 1)).images
+    ts = torch.linspace(0, len(schedule) - 1, bins).round().long()
+    raw, weighted = [], []
+    was_training = model.training
+    model.eval()
+    for t_value in ts:
+        t = torch.full((n,), int(t_value))
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = schedule.noised(x0, noise, t)
+        output = model(x_t.to(device), t.to(device)).float().cpu()
+        error = float(F.mse_loss(output, schedule.target(prediction, x0, noise, t)))
+        raw.append(error)
+        weighted.append(error * (float(loss_weights[int(t_value)]) if loss_weights is not None else 1.0))
+    model.train(was_training)
+    return ts.numpy(), np.array(raw), np.array(weighted)
+
+
+def plot_loss_by_timestep(ts: np.ndarray, raw: np.ndarray, weighted: np.ndarray):
+    """The loss against the timestep, before and after the min-SNR weight."""
+    fig = _figure(6, 3)
+    ax = fig.subplots()
+    ax.plot(ts, raw, "o-", label="||output - target||²")
+    ax.plot(ts, weighted, "s--", label="× w(t) (what training minimises)")
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t (0 = almost clean, T-1 = pure noise)")
+    ax.set_ylabel("mean squared error")
+    ax.legend()
+    return fig
+
+
 # ------------------------------------------------------------------------------------------
-# 6. Sampling: from pure noise x_T ~ N(0, I) back to an image, one denoising step at a time
+# 7. Sampling: from pure noise x_T ~ N(0, I) back to an image, one denoising step at a time
 # ------------------------------------------------------------------------------------------
+#
+# A sampler is one step function, step(schedule, i, x_t, x0_hat, state) -> the sample one index less noisy,
+# registered by name in SAMPLERS. `schedule` is the respaced schedule, i the index of the current step in it
+# (from len-1, pure noise, down to 0), x0_hat the network's clipped estimate of the clean image, and `state` what a
+# step may need beyond that: fresh noise, eta, and the earlier estimates (for multistep solvers such as DPM-Solver++,
+# section 10). `sample` runs the loop: the network, the clipping, the step, the snapshots.
+
+
+@dataclass
+class StepState:
+    """What a sampler step may use besides x_t and x0_hat."""
+
+    noise: torch.Tensor | None = None  # a fresh N(0, I) draw for this step (stochastic samplers), else None
+    eta: float = 0.0  # DDIM's noise scale
+    x0_history: list[torch.Tensor] = field(default_factory=list)  # x0_hat of the earlier steps, most recent last
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: its step function and what it takes."""
+
+    name: str
+    step: Callable[[NoiseSchedule, int, torch.Tensor, torch.Tensor, StepState], torch.Tensor]
+    stochastic: bool  # draws fresh noise at every step (DDIM: only when eta > 0)
+    takes_eta: bool
+    spacing: str  # the timestep grid it samples on (NoiseSchedule.respaced)
+    about: str
+
+    def draws_noise(self, eta: float) -> bool:
+        return self.stochastic or (self.takes_eta and eta > 0)
+
+
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, about: str, *, stochastic: bool = False, takes_eta: bool = False, spacing="time"):
+    """Adds a step function to SAMPLERS under `name`: the command line and `sample` then offer it."""
+
+    def register(step: Callable) -> Callable:
+        SAMPLERS[name] = Sampler(name, step, stochastic, takes_eta, spacing, about)
+        return step
+
+    return register
+
+
+@register_sampler("ddpm", "ancestral sampling (Ho et al. 2020), stochastic", stochastic=True)
+def ddpm_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState) -> torch.Tensor:
+    """One step of ancestral sampling (Ho et al. 2020, arXiv 2006.11239, eq. (6)-(7) with x0_hat for x_0).
+
+    x_{t-1} ~ q(x_{t-1} | x_t, x0_hat) = N(coef1 x0_hat + coef2 x_t, beta_tilde_t I); no noise at the last step.
+    """
+    # 1. The posterior mean: coef1 x0_hat + coef2 x_t
+    mean = float(schedule.posterior_mean_coef1[i]) * x0 + float(schedule.posterior_mean_coef2[i]) * x_t
+    if i == 0 or state.noise is None:
+        return mean
+    # 2. Plus the posterior's standard deviation times fresh noise
+    return mean + math.sqrt(float(schedule.posterior_variance[i])) * state.noise
+
+
+@register_sampler("ddim", "DDIM (Song et al. 2021), deterministic at eta = 0", takes_eta=True)
+def ddim_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState) -> torch.Tensor:
+    """One DDIM step (Song et al. 2021, arXiv 2010.02502, eq. (12)); eta = 0 is deterministic, eta = 1 is DDPM.
+
+    x_{t-1} = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)   (eq. (16)).
+    """
+    ab, ab_prev = float(schedule.alpha_bars[i]), float(schedule.alpha_bars_prev[i])
+    # 1. The noise that x_t and the clipped x0_hat imply
+    eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+    # 2. The noise scale of this step
+    sigma = state.eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    # 3. Point to x0_hat, keep the rest of the noise direction, add fresh noise
+    x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+    if sigma > 0 and state.noise is not None:
+        x_prev = x_prev + sigma * state.noise
+    return x_prev
 
 
 @dataclass
 class SampleResult:
     images: torch.Tensor  # (N, 1, 64, 64) in [-1, 1], on the CPU
-    timesteps: list[int] = field(default_factory=list)  # training timesteps of the saved steps
-    x_t: list[torch.Tensor] = field(default_factory=list)  # the noisy image at each saved step
-    x0: list[torch.Tensor] = field(default_factory=list)  # the network's guess of x_0 there
+    timesteps: list[int] = field(default_factory=list)  # the training timesteps of the snapshots
+    x_t: list[torch.Tensor] = field(default_factory=list)  # the noisy sample at each snapshot
+    x0: list[torch.Tensor] = field(default_factory=list)  # the network's estimate of x_0 there
+
+
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddpm", 100
 
 
 @torch.no_grad()
@@ -1006,102 +1443,220 @@ def sample(
     model: nn.Module,
     schedule: NoiseSchedule,
     n: int,
-    steps: int = 100,
-    sampler: str = "ddpm",
+    steps: int = DEFAULT_STEPS,
+    sampler: str = DEFAULT_SAMPLER,
     eta: float | None = None,
     seed: int = 0,
     prediction: str | None = None,
+    condition: Condition | None = None,
+    guidance: float = 1.0,
     save_at: Sequence[int] = (),
     batch_size: int = 256,
     progress: bool = True,
-    device: torch.device | str | None = None,
     precision: str | None = None,
+    initial_noise: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Generate n images from pure noise with `steps` reverse steps (respaced from the T of training).
+    """Generate n images from pure noise with `steps` network evaluations (respaced from the T of training).
 
-    Each step: the network output gives x_0_hat (clipped to [-1, 1]); then
-    ddpm: x_{t-1} ~ q(x_{t-1} | x_t, x_0_hat)  (ancestral, stochastic)
-    ddim: x_{t-1} = sqrt(ab_prev) x_0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z  (eta=0: deterministic)
-    Images are made in chunks of batch_size so memory stays bounded for any n. save_at lists
-    step indices (0 = first step from pure noise) whose x_t and x_0_hat are kept for pictures.
-    The same seed gives the same images whatever batch_size is. precision: this device's
-    (choose_precision) unless given, as in Trainer.
+    Each step: the network's output gives x0_hat, clipped to the data range [-1, 1], then the sampler's step.
+    condition (a Condition of n requests) and guidance: section 11. save_at lists steps (0 = the first, from pure
+    noise) whose x_t and x0_hat are kept for pictures. Images are made in chunks of batch_size, so memory stays
+    bounded for any n, and each image's noise comes from its own generator: the same seed gives the same images
+    whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10).
+    precision: this device's (choose_precision) unless given, as in Trainer.
     """
+    method, eta, prediction = _check_sample_args(
+        model, schedule, n, steps, sampler, eta, prediction, save_at, batch_size
+    )
+    _check_guidance(model, condition, n, guidance)
+    if initial_noise is not None and tuple(initial_noise.shape) != (n, 1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(
+            f"initial_noise must have shape ({n}, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(initial_noise.shape)}"
+        )
+    device = next(model.parameters()).device
+    precision = check_precision(device, precision)
+    use_tf32_on_cuda(device)
+    spaced = schedule.respaced(steps, method.spacing)
+    chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
+    result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE))
+    result.timesteps = [int(spaced.timesteps[steps - 1 - k]) for k in sorted(save_at)]
+    snapshots: dict[int, tuple[list, list]] = {k: ([], []) for k in sorted(save_at)}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=steps * len(chunks),
+        disable=not progress,
+        desc=f"sampling ({sampler}, {steps} steps)",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        for start, stop in chunks:
+            generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
+            x = next(_noise_per_image(generators, device, 1))  # x_T ~ N(0, I)
+            if initial_noise is not None:
+                x = initial_noise[start:stop].to(device, torch.float32)
+            chunk_condition = condition.select(slice(start, stop)).to(device) if condition is not None else None
+            x = _sample_chunk(
+                model,
+                spaced,
+                method,
+                eta,
+                prediction,
+                x,
+                generators,
+                chunk_condition,
+                guidance,
+                precision,
+                snapshots,
+                bar,
+            )
+            result.images[start:stop] = x.clamp(-1, 1).cpu()
+    finally:
+        bar.close()
+        model.train(was_training)
+    result.x_t = [torch.cat(snapshots[k][0]) for k in sorted(save_at)]
+    result.x0 = [torch.cat(snapshots[k][1]) for k in sorted(save_at)]
+    return result
+
+
+def _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, save_at, batch_size):
+    """(the Sampler, eta, the prediction type), or a ValueError naming the bad argument."""
     _check_positive_int("n", n)
     _check_positive_int("steps", steps)
     _check_positive_int("batch_size", batch_size)
     _check_choice("sampler", sampler, SAMPLERS)
+    method = SAMPLERS[sampler]
     prediction = prediction or getattr(getattr(model, "config", None), "prediction", None)
     if prediction is None:
         raise ValueError("prediction ('eps' or 'v') must be given for a model without a config")
     _check_choice("prediction", prediction, PREDICTIONS)
-    if sampler == "ddpm" and eta not in (None, 1.0):
+    if eta is not None and not method.takes_eta:
         raise ValueError(f"eta applies to the ddim sampler only (ddpm is ddim with eta=1), got eta={eta}")
     eta = 0.0 if eta is None else float(eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    bad = [s for s in save_at if not 0 <= s < steps]
+    bad = [k for k in save_at if not 0 <= k < steps]
     if bad:
         raise ValueError(f"save_at steps must be in [0, {steps - 1}], got {bad}")
-    model_device = next(model.parameters()).device
-    if device is not None and torch.device(device).type != model_device.type:
-        raise ValueError(f"the model is on {model_device}; move it with model.to({str(device)!r}) before sampling there")
-    device = model_device
-    spaced = schedule.respaced(steps)
-    model_timesteps = spaced.timesteps.to(device)  # the training timestep of each respaced step
-    precision = check_precision(device, precision)
-    use_tf32_on_cuda(device)
-    was_training = model.training
-    model.eval()
-    result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE))
-    result.timesteps = [int(spaced.timesteps[steps - 1 - s]) for s in sorted(save_at)]
-    chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps * len(chunks), disable=not progress, desc=f"sampling ({sampler}, {steps} steps)", unit="step", dynamic_ncols=True)
-    saved: dict[int, tuple[list, list]] = {s: ([], []) for s in sorted(save_at)}
-    for start, stop in chunks:
-        # one generator per image, so an image does not depend on the chunk it was made in
-        generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
-        x = next(_noise_per_image(generators, device, 1))  # x_T ~ N(0, I)
-        stochastic = sampler == "ddpm" or eta > 0
-        step_noise = _noise_per_image(generators, device, steps - 1 if stochastic else 0)
-        for s in range(steps):
-            i = steps - 1 - s  # index into the respaced schedule, from most to least noisy
-            t = torch.full((stop - start,), i, device=device, dtype=torch.long)
-            with autocast_for(device, precision):
-                output = model(x, model_timesteps[t]).float()
-            x0 = spaced.predict_x0(prediction, x, output, t).clamp(-1, 1)  # clip x_0_hat to the data range
-            noise = next(step_noise) if stochastic and i > 0 else None
-            if sampler == "ddpm":
-                x_next = spaced.ddpm_step(x, x0, i, noise)
-            else:
-                x_next = spaced.ddim_step(x, x0, i, eta, noise)
-            if s in saved:
-                saved[s][0].append(x.cpu())
-                saved[s][1].append(x0.cpu())
-            x = x_next
-            bar.update(1)
-        result.images[start:stop] = x.clamp(-1, 1).cpu()
-    bar.close()
-    model.train(was_training)
-    result.x_t = [torch.cat(saved[s][0]) for s in sorted(save_at)]
-    result.x0 = [torch.cat(saved[s][1]) for s in sorted(save_at)]
-    return result
+    return method, eta, prediction
 
 
-def _noise_per_image(generators: list[torch.Generator], device: torch.device, count: int, block: int = 10) -> Iterator[torch.Tensor]:
+def _sample_chunk(
+    model, spaced, method, eta, prediction, x, generators, condition, guidance, precision, snapshots, bar
+):
+    """The reverse process for one chunk of images: from x = x_T to the sample, keeping the asked snapshots."""
+    device, steps = x.device, len(spaced)
+    step_noise = _noise_per_image(generators, device, steps - 1 if method.draws_noise(eta) else 0)
+    state = StepState(eta=eta)
+    for k in range(steps):  # the k-th step from pure noise
+        i = steps - 1 - k  # its index in the respaced schedule, from the most to the least noisy
+        index = torch.full((len(x),), i, device=device, dtype=torch.long)
+        t = spaced.timesteps.to(device)[index]  # the training timestep the network sees
+        with autocast_for(device, precision):
+            output = guided_output(model, x, t, condition, guidance).float()
+        x0 = spaced.predict_x0(prediction, x, output, index).clamp(-1, 1)  # clip x0_hat to the data range
+        state.noise = next(step_noise) if method.draws_noise(eta) and i > 0 else None
+        x_next = method.step(spaced, i, x, x0, state)
+        state.x0_history = state.x0_history[-1:] + [x0]  # multistep solvers look one step back
+        if k in snapshots:
+            snapshots[k][0].append(x.cpu())
+            snapshots[k][1].append(x0.cpu())
+        x = x_next
+        bar.update(1)
+    return x
+
+
+def _noise_per_image(
+    generators: list[torch.Generator], device: torch.device, count: int, block: int = 10
+) -> Iterator[torch.Tensor]:
     """`count` noise tensors (N, 1, 64, 64); image k's noise comes from generators[k] alone.
 
     Drawn `block` steps at a time, so a GPU gets N random-number launches per block, not per step.
     """
     for start in range(0, count, block):
         size = min(block, count - start)
-        yield from torch.stack([torch.randn(size, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g, device=device) for g in generators], dim=1)
+        draws = [torch.randn(size, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g, device=device) for g in generators]
+        yield from torch.stack(draws, dim=1)
 
 
 # ------------------------------------------------------------------------------------------
-# 7. Evaluation: does each sample show exactly one clean circle or square?
+# 8. The backward process, in pictures
+# ------------------------------------------------------------------------------------------
+
+
+def plot_backward_process(result: SampleResult, rows: int = 4, show_x0: bool = True):
+    """Samples (rows) at the saved steps (columns): x_t, the network's estimate x0_hat beside it, and the sample.
+
+    The last column is the finished sample, after the last step; every other column is a moment on the way.
+    """
+    columns = len(result.timesteps)
+    per_step = 2 if show_x0 else 1
+    fig = _figure((columns * per_step + 1) * 1.0 + 0.5, rows * 1.15 + 0.7)
+    axes = fig.subplots(rows, columns * per_step + 1, squeeze=False)
+    for r in range(rows):
+        for c, t in enumerate(result.timesteps):
+            _show(axes[r, c * per_step], result.x_t[c][r].clamp(-1, 1), f"x_t at t={t}" if r == 0 else None)
+            if show_x0:
+                _show(axes[r, c * per_step + 1], result.x0[c][r], f"x̂_0 at t={t}" if r == 0 else None)
+        _show(axes[r, -1], result.images[r], "sample" if r == 0 else None)
+    fig.suptitle("Backward process: from pure noise (left) to a shape (right); x̂_0 is the network's estimate of x_0")
+    return fig
+
+
+def animate_backward_process(result: SampleResult, samples: int = 4, interval_ms: int = 60):
+    """A matplotlib animation of the reverse process: x_t (top row) above x0_hat (bottom row), one frame per
+    snapshot, then the finished samples. Show it with `.to_jshtml()` or save it with `save_animation`."""
+    from matplotlib.animation import FuncAnimation
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    samples = min(samples, len(result.images))
+    fig = _figure(samples * 1.3, 3.0)
+    FigureCanvasAgg(fig)  # the animation writers draw through a canvas
+    axes = fig.subplots(2, samples, squeeze=False)
+    shown = []
+    for k in range(samples):
+        shown.append(
+            (
+                axes[0, k].imshow(np.zeros((IMAGE_SIZE, IMAGE_SIZE)), cmap="gray", vmin=-1, vmax=1),
+                axes[1, k].imshow(np.zeros((IMAGE_SIZE, IMAGE_SIZE)), cmap="gray", vmin=-1, vmax=1),
+            )
+        )
+        for ax in axes[:, k]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("x_t")
+    axes[1, 0].set_ylabel("x̂_0")
+    title = fig.suptitle("")
+    frames = len(result.timesteps) + 1
+
+    def draw(frame: int):
+        last = frame == frames - 1
+        for k, (top, bottom) in enumerate(shown):
+            top.set_data((result.images[k] if last else result.x_t[frame][k].clamp(-1, 1)).squeeze().numpy())
+            bottom.set_data((result.images[k] if last else result.x0[frame][k]).squeeze().numpy())
+        title.set_text(
+            "finished samples" if last else f"step {frame + 1} of {frames - 1}: t = {result.timesteps[frame]}"
+        )
+        return [artist for pair in shown for artist in pair] + [title]
+
+    return FuncAnimation(fig, draw, frames=frames, interval=interval_ms, repeat_delay=1500, blit=False)
+
+
+def save_animation(animation, path: str | os.PathLike, fps: int = 15) -> Path:
+    """Write an animation as a GIF (Pillow, which matplotlib brings), e.g. backwards_process.gif."""
+    from matplotlib.animation import PillowWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    animation.save(path, writer=PillowWriter(fps=fps), dpi=60)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# 9. Evaluation: does each sample show exactly one clean circle or square?
 # ------------------------------------------------------------------------------------------
 
 VALID_IOU = 0.90  # a blob is a valid shape when its IoU with the best ideal shape is >= this
@@ -1159,7 +1714,7 @@ def read_shape(image: np.ndarray) -> ShapeReading:
 
 
 def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
-    """Earth mover's distance between two 1-D samples (mean gap between matching quantiles)."""
+    """Earth mover's distance between two 1-D samples (mean gap between matching quantiles); NaN if one is empty."""
     if len(a) == 0 or len(b) == 0:
         return math.nan
     q = np.linspace(0, 1, 201)
@@ -1175,7 +1730,9 @@ def _reference_readings(n: int = 2048) -> list[ShapeReading]:
     return _REFERENCE_CACHE[n]
 
 
-def evaluate_samples(samples: torch.Tensor | np.ndarray, reference: Sequence[ShapeReading] | None = None) -> dict[str, float]:
+def evaluate_samples(
+    samples: torch.Tensor | np.ndarray, reference: Sequence[ShapeReading] | None = None
+) -> dict[str, float]:
     """Objective quality of a batch of generated images.
 
     valid          share with exactly one blob whose IoU with an ideal circle/square >= 0.90
@@ -1183,30 +1740,40 @@ def evaluate_samples(samples: torch.Tensor | np.ndarray, reference: Sequence[Sha
     mid_gray       share of pixels strictly between 32 and 223 of 255 (blur and gray backgrounds)
     size_w1        distance (pixels) between the size distributions of valid samples and real data
     position_w1    same for the centre, averaged over x and y
+    circle_share and the distances are NaN when no sample is valid: there is nothing to measure.
     Accepts (N, 1, 64, 64) floats in [-1, 1] or (N, 64, 64) uint8.
     """
     images = _as_uint8_images(samples)
-    readings = [read_shape(image) for image in images]
-    valid = [r for r in readings if r.valid]
+    valid = [r for r in (read_shape(image) for image in images) if r.valid]
     reference = list(reference) if reference is not None else _reference_readings()
     ref_valid = [r for r in reference if r.valid]
-    mid_gray = float(((images > MID_GRAY[0]) & (images < MID_GRAY[1])).mean())
+
+    def w1(values: Callable[[ShapeReading], float]) -> float:
+        return wasserstein_1d(np.array([values(r) for r in valid]), np.array([values(r) for r in ref_valid]))
+
     return {
         "n": len(images),
         "valid": len(valid) / len(images),
         "circle_share": float(np.mean([r.label == CIRCLE for r in valid])) if valid else math.nan,
-        "mid_gray": mid_gray,
-        "size_w1": wasserstein_1d(np.array([r.size for r in valid]), np.array([r.size for r in ref_valid])),
-        "position_w1": float(np.mean([wasserstein_1d(np.array([r.center[k] for r in valid]), np.array([r.center[k] for r in ref_valid])) for k in (0, 1)])),
+        "mid_gray": float(((images > MID_GRAY[0]) & (images < MID_GRAY[1])).mean()),
+        "size_w1": w1(lambda r: r.size),
+        "position_w1": float(np.mean([w1(lambda r: r.center[0]), w1(lambda r: r.center[1])])),
     }
 
 
+def outline_valid(images: torch.Tensor | np.ndarray) -> list[bool]:
+    """For plot_grid's outline: True where the evaluation reads one valid shape."""
+    return [read_shape(image).valid for image in _as_uint8_images(images)]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table (for IPython.display.Markdown): floats to 3 significant digits, NaN as "-"."""
+    """A Markdown table (for IPython.display.Markdown): floats to 3 significant digits, NaN and None as "-"."""
 
     def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
         if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.3g}"
+            return f"{value:.3g}"
         return str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
@@ -1226,117 +1793,246 @@ def _as_uint8_images(samples: torch.Tensor | np.ndarray) -> np.ndarray:
     if samples.dtype != np.uint8:
         raise TypeError(f"a samples array must be uint8 in [0, 255], got dtype {samples.dtype}")
     if samples.ndim != 3 or samples.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(samples) == 0:
-        raise ValueError(f"a samples array must have shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1, got {samples.shape}")
+        raise ValueError(
+            f"a samples array must have shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1, got {samples.shape}"
+        )
     return samples
 
 
 # ------------------------------------------------------------------------------------------
-# 8. Pictures (matplotlib Figures, made without pyplot so nothing leaks or pops up)
+# 10. Fewer steps: DPM-Solver++ on the probability-flow ODE
 # ------------------------------------------------------------------------------------------
+#
+# Every sample path of the reverse SDE has a deterministic twin, the probability-flow ODE (Song et al. 2021,
+# arXiv 2011.13456, eq. (13)), whose solutions carry x_T ~ N(0, I) to the same distribution of images. In the
+# variables lambda = log(alpha / sigma) and x / sigma it reads d(x/sigma)/d(lambda) = e^lambda x0_hat(x, lambda)
+# (Lu et al. 2022, arXiv 2211.01095, eq. (9)), so an exact step from s to t is
+#     x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0_hat d(lambda).
+# Holding x0_hat constant over the step gives  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0_hat,
+# h = lambda_t - lambda_s: exactly the DDIM step with eta = 0, i.e. DDIM is the first-order (Euler) solver of this
+# ODE. DPM-Solver++(2M) extrapolates x0_hat linearly from the previous step's estimate: second order, for the cost of
+# one network evaluation per step.
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
+@register_sampler("dpm++", "DPM-Solver++(2M) (Lu et al. 2022), deterministic, second order")
+def dpm_solver_step(
+    schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState
+) -> torch.Tensor:
+    """One step of DPM-Solver++(2M) in data-prediction form (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
 
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _show(ax, image: torch.Tensor | np.ndarray, title: str | None = None) -> None:
-    data = image.detach().float().cpu().squeeze().numpy() if isinstance(image, torch.Tensor) else np.squeeze(image)
-    ax.imshow(data, cmap="gray", vmin=-1 if isinstance(image, torch.Tensor) else 0, vmax=1 if isinstance(image, torch.Tensor) else 255)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
-
-
-def plot_grid(images: torch.Tensor, titles: Sequence[str] | None = None, columns: int = 8, title: str | None = None):
-    """A grid of images in [-1, 1], optionally titled one by one."""
-    rows = math.ceil(len(images) / columns)
-    fig = _figure(columns * 1.1, rows * 1.2 + (0.3 if title else 0))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k < len(images):
-            _show(ax, images[k], titles[k] if titles else None)
-        else:
-            ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    return fig
+    From index i (log-SNR lambda_s) to the next, less noisy one (lambda_t), with h = lambda_t - lambda_s:
+        D = x0_hat                                      first order: the first step, and the last (to sigma = 0)
+        D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev    second order, r = h_prev / h
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
+    """
+    ab_s, ab_t = float(schedule.alpha_bars[i]), float(schedule.alpha_bars_prev[i])
+    if ab_t == 1.0:  # 1. The last step lands on alpha_bar = 1, sigma = 0: the sample is the estimate itself
+        return x0
+    # 2. alpha, sigma and lambda = log(alpha / sigma) at both ends of the step
+    alpha_t, sigma_s, sigma_t = math.sqrt(ab_t), math.sqrt(1 - ab_s), math.sqrt(1 - ab_t)
+    h = _half_log_snr(ab_t) - _half_log_snr(ab_s)
+    # 3. The estimate to integrate: x0_hat, or its linear extrapolation from the previous step's
+    d = x0
+    if state.x0_history:
+        h_prev = _half_log_snr(ab_s) - _half_log_snr(float(schedule.alpha_bars[i + 1]))
+        r = h_prev / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state.x0_history[-1]
+    # 4. The exponential-integrator update
+    return (sigma_t / sigma_s) * x_t - alpha_t * math.expm1(-h) * d
 
 
-def plot_forward_process(schedule: NoiseSchedule, x0: torch.Tensor, ts: Sequence[int] = (0, 50, 100, 200, 400, 600, 800, 999), seed: int = 0):
-    """One image (1, 1, 64, 64) noised to each t in ts with q(x_t | x_0), one shared noise draw."""
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    fig = _figure(len(ts) * 1.2 + 1.2, 1.6)
-    axes = fig.subplots(1, len(ts) + 1)
-    _show(axes[0], x0[0], "x_0")
-    for ax, t in zip(axes[1:], ts):
-        x_t = schedule.add_noise(x0, noise, torch.tensor([t]))
-        _show(ax, x_t[0].clamp(-1, 1), f"t={t}\nᾱ={float(schedule.alpha_bars[t]):.3f}")
-    return fig
+def _half_log_snr(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma) = log(SNR) / 2."""
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
 
 
-def plot_backward_process(result: SampleResult, rows: int = 4, show_x0: bool = True):
-    """Samples (rows) at the saved intermediate steps (columns): x_t, and the predicted x_0 beside it."""
-    columns = len(result.timesteps)
-    per_step = 2 if show_x0 else 1
-    fig = _figure(columns * per_step * 1.0 + 0.5, rows * 1.15 + 0.5)
-    axes = fig.subplots(rows, columns * per_step, squeeze=False)
-    for r in range(rows):
-        for c, t in enumerate(result.timesteps):
-            _show(axes[r, c * per_step], result.x_t[c][r].clamp(-1, 1), f"x_t, t={t}" if r == 0 else None)
-            if show_x0:
-                _show(axes[r, c * per_step + 1], result.x0[c][r], "predicted x_0" if r == 0 else None)
-    fig.suptitle("Backward process: from pure noise (left) to a shape (right)")
-    return fig
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (Shoemake 1985; White 2016, arXiv 1609.04468).
+
+    Gaussian noise lives near a sphere of radius sqrt(d); a straight line between two draws cuts inside it (the
+    midpoint has norm ~0.71 sqrt(d), not noise the model has seen), while the great circle keeps the norm.
+    """
+    flat_a, flat_b = a.flatten(), b.flatten()
+    cos = float(torch.dot(flat_a, flat_b) / (flat_a.norm() * flat_b.norm()))
+    angle = math.acos(max(-1.0, min(1.0, cos)))
+    if angle < 1e-6:
+        return (1 - weight) * a + weight * b
+    return (math.sin((1 - weight) * angle) * a + math.sin(weight * angle) * b) / math.sin(angle)
 
 
-def plot_losses(losses: Sequence[float], smooth: int = 50):
-    """Loss per step (faint) and its running mean."""
-    fig = _figure(6, 3)
+def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validity against network evaluations"):
+    """One line per sampler: the valid share (y) at each number of network evaluations (x, log scale).
+
+    rows: dicts with "sampler", "steps" and "valid" (as written by benchmarks/samplers.py).
+    """
+    fig = _figure(6, 3.4)
     ax = fig.subplots()
-    values = np.asarray(losses, dtype=np.float64)
-    ax.plot(values, alpha=0.3, lw=0.8, label="per step")
-    if len(values) >= smooth:
-        ax.plot(np.arange(smooth - 1, len(values)), np.convolve(values, np.ones(smooth) / smooth, mode="valid"), label=f"mean of {smooth}")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        points = sorted((r["steps"], r["valid"]) for r in rows if r["sampler"] == name)
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image")
+    ax.set_ylabel("valid samples (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend()
     return fig
 
 
-def plot_schedules(timesteps: int = 1000):
-    """alpha_bar_t and log SNR for the linear and cosine schedules."""
-    fig = _figure(9, 3)
-    left, right = fig.subplots(1, 2)
-    for kind in SCHEDULES:
-        schedule = NoiseSchedule.create(kind, timesteps)
-        left.plot(schedule.alpha_bars.numpy(), label=kind)
-        right.plot(schedule.snr.log10().numpy(), label=kind)
-    left.set_title("signal kept: ᾱ_t")
-    right.set_title("log10 SNR = log10(ᾱ_t / (1 - ᾱ_t))")
-    for ax in (left, right):
-        ax.set_xlabel("t")
-        ax.legend()
-    return fig
+# ------------------------------------------------------------------------------------------
+# 11. Asking for a shape: requests and classifier-free guidance
+# ------------------------------------------------------------------------------------------
+#
+# A conditional model learns p(x | y) for requests y (class, centre, size), and p(x) too, because training hides each
+# field at random (Condition.dropped). Bayes' rule splits the conditional score:
+#     grad log p(x | y) = grad log p(x) + grad log p(y | x),
+# so (cond - uncond) is the gradient of an implicit classifier log p(y | x). Classifier-free guidance (Ho & Salimans
+# 2022, arXiv 2207.12598) scales it: out = uncond + s (cond - uncond), a sample from p(x) p(y | x)^s. s = 1 is the
+# plain conditional model, s = 0 the unconditional one, s > 1 trades diversity for faithfulness to the request.
+# Guiding the v output is the same as guiding eps or x0_hat: at a given x_t each is an affine function of the
+# network output with the same coefficients (eps = sigma x_t + alpha v, x0 = alpha x_t - sigma v), and an affine map
+# commutes with u + s (c - u).
+
+DEFAULT_GUIDANCE = 1.0
 
 
-def plot_time_embedding(dim: int = 32, timesteps: int = 1000):
-    """The sinusoidal features of every timestep, as a heat map."""
-    fig = _figure(7, 3)
-    ax = fig.subplots()
-    image = ax.imshow(sinusoidal_embedding(torch.arange(timesteps), dim).T.numpy(), aspect="auto", cmap="RdBu", interpolation="nearest")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("feature")
-    ax.set_title("Sinusoidal time embedding (input to the time MLP)")
-    fig.colorbar(image, ax=ax)
-    return fig
+def guided_output(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | None, guidance: float
+) -> torch.Tensor:
+    """The network output for x at t: unconditional, conditional, or guided (both passes in one batched forward)."""
+    if condition is None or guidance == 0:
+        return model(x, t)
+    if guidance == 1:
+        return model(x, t, condition)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), condition.cat(Condition.null(len(x), x.device)))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _check_guidance(model: nn.Module, condition: Condition | None, n: int, guidance: float) -> None:
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance must be a number >= 0, got {guidance}")
+    if condition is None:
+        return
+    if not getattr(getattr(model, "config", None), "conditional", False):
+        raise ValueError("this model is unconditional (trained without requests): it cannot be asked for a shape")
+    if len(condition) != n:
+        raise ValueError(f"the condition holds {len(condition)} requests for {n} images")
+
+
+def request(
+    n: int, shape: str | None = None, size: float | None = None, center: tuple[float, float] | None = None
+) -> Condition:
+    """n copies of one request: a class name ("circle" or "square"), a size and a centre in pixels; None = any.
+
+    Each given value must be one the data can show: a size within SIZE_RANGE, and a centre that keeps the shape (of
+    that size, or of the smallest size when none is given) MARGIN pixels inside the frame.
+    """
+    _check_positive_int("n", n)
+    label = -1
+    if shape is not None:
+        _check_choice("shape", shape, CLASS_NAMES)
+        label = CLASS_NAMES.index(shape)
+    if size is not None and not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
+        raise ValueError(f"size must be within the data's {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px, got {size}")
+    if center is not None:
+        _check_center(center, size if size is not None else SIZE_RANGE[0])
+    return Condition(
+        torch.full((n,), label, dtype=torch.long),
+        torch.tensor([center if center is not None else (math.nan, math.nan)] * n, dtype=torch.float32),
+        torch.full((n,), math.nan if size is None else float(size), dtype=torch.float32),
+    )
+
+
+def _check_center(center: tuple[float, float], size: float) -> None:
+    """A centre is possible when the shape spans [c - (size-1)/2, c + (size-1)/2] within [MARGIN, 63 - MARGIN]."""
+    low, high = MARGIN + (size - 1) / 2, IMAGE_SIZE - 1 - MARGIN - (size - 1) / 2
+    for axis, value in zip("xy", center):
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(
+                f"a centre {axis} of {value} puts a {size:g} px shape outside the frame's {MARGIN} px margin; "
+                f"it must lie in [{low:g}, {high:g}]"
+            )
+
+
+def evaluate_requests(samples: torch.Tensor | np.ndarray, condition: Condition) -> dict[str, float]:
+    """How well samples obey their requests, read by the same reader as evaluate_samples.
+
+    valid           share of samples with one valid shape
+    class_accuracy  among valid samples that were asked for a class, the share that show it
+    matches         share of all samples that are valid and show the asked class (if one was asked)
+    center_error    mean distance (px) between a valid sample's centre and the asked one's, as drawn by draw_shape
+    size_error      mean absolute size error (px), likewise
+    Each request is drawn with draw_shape (with the sample's class when none was asked) and read back, so real data
+    scores 100 % and 0 px. NaN where nothing was asked or nothing is valid.
+    """
+    images = _as_uint8_images(samples)
+    if len(condition) != len(images):
+        raise ValueError(f"the condition holds {len(condition)} requests for {len(images)} samples")
+    given = {name: mask.cpu().numpy() for name, mask in condition.given().items()}
+    labels, centers, sizes = (v.cpu().numpy() for v in condition.fields())
+    readings = [read_shape(image) for image in images]
+    right_class, center_errors, size_errors = [], [], []
+    for k, reading in enumerate(readings):
+        if not reading.valid:
+            continue
+        if given["class"][k]:
+            right_class.append(reading.label == labels[k])
+        reference = _drawn_request(
+            int(labels[k]) if given["class"][k] else reading.label, centers[k], sizes[k], reading
+        )
+        if given["center"][k]:
+            center_errors.append(math.dist(reading.center, reference.center))
+        if given["size"][k]:
+            size_errors.append(abs(reading.size - reference.size))
+    matches = [r.valid and (not given["class"][k] or r.label == labels[k]) for k, r in enumerate(readings)]
+    return {
+        "n": len(images),
+        "valid": float(np.mean([r.valid for r in readings])),
+        "class_accuracy": float(np.mean(right_class)) if right_class else math.nan,
+        "matches": float(np.mean(matches)),
+        "center_error": float(np.mean(center_errors)) if center_errors else math.nan,
+        "size_error": float(np.mean(size_errors)) if size_errors else math.nan,
+    }
+
+
+def _drawn_request(label: int, center: np.ndarray, size: float, reading: ShapeReading) -> ShapeReading:
+    """The reading of the request drawn as the data would be; a field not asked takes the sample's own value."""
+    size = size if math.isfinite(size) else reading.size
+    center = center if np.isfinite(center).all() else np.array(reading.center)
+    drawn = int(2 * ((round(size) - 1) // 2) + 1) if label == CIRCLE else int(round(size))  # circles: odd diameters
+    offset = 0.5 if label == SQUARE and drawn % 2 == 0 else 0.0  # an even square's centre lies between pixels
+    pixel = (int(round(center[0] - offset)), int(round(center[1] - offset)))
+    return read_shape(draw_shape(label, pixel, drawn))
+
+
+def describe_request(condition: Condition, k: int = 0) -> str:
+    """Request k in words, e.g. "circle, 25 px, at (30, 40)", or "anything"."""
+    given = {name: bool(mask[k]) for name, mask in condition.given().items()}
+    words = []
+    if given["class"]:
+        words.append(CLASS_NAMES[int(condition.labels[k])])
+    if given["size"]:
+        words.append(f"{float(condition.sizes[k]):g} px")
+    if given["center"]:
+        words.append("at ({:g}, {:g})".format(*condition.centers[k].tolist()))
+    return ", ".join(words) or "anything"
+
+
+def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: float = 3.0) -> list[bool]:
+    """For plot_grid's outline: each sample is valid, of the asked class, and within tolerance_px of the asked
+    centre and size (the fields that were asked)."""
+    outcome = []
+    for k in range(len(samples)):
+        one = condition.select(slice(k, k + 1))
+        scores = evaluate_requests(samples[k : k + 1], one)
+        close = all(not (scores[key] > tolerance_px) for key in ("center_error", "size_error"))
+        outcome.append(bool(scores["matches"] == 1.0 and close))
+    return outcome
 
 
 # ------------------------------------------------------------------------------------------
-# 9. Checkpoints: atomic writes, safe loads, clear errors
+# A. Saving and loading: atomic writes, safe loads, clear errors
 # ------------------------------------------------------------------------------------------
 
 
@@ -1383,18 +2079,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused to load, it holds pickled objects that are not plain weights ({str(error).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: refused to load, it holds pickled objects that are not plain weights ({_first_line(error)})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or another format): {str(error).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or another format): {_first_line(error)}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a diffusion_patterns checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return payload
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+# Fields that files written before they existed do not hold, with the value those files were trained with.
+_OLDER_MODEL_FIELDS = {"conditional": False}
+_OLDER_TRAIN_FIELDS = {"min_snr_form": "paper", "lr_schedule": "constant", "condition_dropout": 0.0}
+_RENAMED_MODEL_FIELDS = {"timesteps": "num_timesteps"}
+
+
 def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     try:
-        train = {"min_snr_form": "paper", **payload["train_config"]}  # files from before the field trained with "paper"
-        return ModelConfig(**payload["model_config"]), TrainConfig(**train)
+        model = {_RENAMED_MODEL_FIELDS.get(k, k): v for k, v in payload["model_config"].items()}
+        return ModelConfig(**{**_OLDER_MODEL_FIELDS, **model}), TrainConfig(
+            **{**_OLDER_TRAIN_FIELDS, **payload["train_config"]}
+        )
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its configuration is invalid: {error}") from None
 
@@ -1403,16 +2115,15 @@ def load_trainer(
     path: str | os.PathLike,
     device: torch.device | str | None = None,
     expect: ModelConfig | None = None,
-    data: torch.Tensor | None = None,
+    data: torch.Tensor | ShapeBatch | None = None,
     compile: bool | None = None,
     precision: str | None = None,
 ) -> Trainer:
     """Rebuild a Trainer from a checkpoint to resume training (or to sample from its EMA).
 
-    compile, when given, replaces the saved TrainConfig.compile: it changes speed, not results.
-    The precision is this device's (choose_precision) unless given, as in Trainer: a run may
-    continue on another kind of device. An fp16 run's gradient-scaler state carries over when
-    the resumed run is fp16 too.
+    compile, when given, replaces the saved TrainConfig.compile: it changes speed, not results. The precision is
+    this device's (choose_precision) unless given, as in Trainer: a run may continue on another kind of device. An
+    fp16 run's gradient-scaler state carries over when the resumed run is fp16 too.
     """
     path = Path(path)
     payload = read_checkpoint(path)
@@ -1420,10 +2131,12 @@ def load_trainer(
     if compile is not None:
         train_config = dataclasses.replace(train_config, compile=compile)
     if expect is not None and expect != model_config:
-        differences = {k: (v, getattr(expect, k)) for k, v in dataclasses.asdict(model_config).items() if getattr(expect, k) != v}
-        raise CheckpointError(
-            f"{path}: made by a different model configuration: " + ", ".join(f"{k}={a!r} in the file, {b!r} expected" for k, (a, b) in differences.items())
-        )
+        differences = [
+            f"{k}={v!r} in the file, {getattr(expect, k)!r} expected"
+            for k, v in dataclasses.asdict(model_config).items()
+            if getattr(expect, k) != v
+        ]
+        raise CheckpointError(f"{path}: made by a different model configuration: " + ", ".join(differences))
     trainer = Trainer(model_config, train_config, device=device, data=data, precision=precision)
     try:
         trainer.load_state_dict(payload["state"])
@@ -1437,7 +2150,9 @@ def _first_mismatch(error: Exception) -> str:
     return " ".join(line.strip() for line in str(error).splitlines()[:2])[:300]
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str | None = None, prefer_ema: bool = True) -> tuple[UNet, NoiseSchedule]:
+def load_model(
+    path: str | os.PathLike, device: torch.device | str | None = None, prefer_ema: bool = True
+) -> tuple[UNet, NoiseSchedule]:
     """The sampling network (EMA weights when saved) and its schedule, ready for `sample`."""
     path = Path(path)
     payload = read_checkpoint(path)
@@ -1449,11 +2164,91 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: does not match its model: {_first_mismatch(error)}") from None
-    return model.to(pick_device(str(device) if device is not None else None)).eval(), NoiseSchedule.from_config(model_config)
+    return model.to(pick_device(str(device) if device is not None else None)).eval(), NoiseSchedule.from_config(
+        model_config
+    )
 
 
 # ------------------------------------------------------------------------------------------
-# 10. Command line: python diffusion_utils.py {train, sample, evaluate}
+# B. Running fast: device, precision and kernel policy
+# ------------------------------------------------------------------------------------------
+
+
+def is_ampere_or_newer(device: torch.device | str, capability: tuple[int, int] | None = None) -> bool:
+    """True for a CUDA card of compute capability 8.0+ (A100, L4, H100): it has TF32 tensor cores and native bf16.
+
+    False for older cards (T4: 7.5), CPU and MPS. Pass `capability` to test the rule without a GPU.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return tuple(capability) >= (8, 0)
+
+
+def choose_precision(device: torch.device | str, capability: tuple[int, int] | None = None) -> str:
+    """The training and sampling precision for this device: "fp32" or "fp16" ("bf16" only on request).
+
+    Ampere and newer cards run fp32 maths on TF32 tensor cores, which beats bf16 autocast for this small U-Net: the
+    casts around every fp32 GroupNorm cost more than bf16 saves in the convolutions (benchmarks/RESULTS.md). Older
+    cards such as the T4 have no TF32 and an fp32 rate far below their fp16 tensor cores, so they get fp16 with a
+    gradient scaler. CPU and MPS stay in fp32.
+    """
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "fp32" if is_ampere_or_newer(device, capability) else "fp16"
+
+
+def check_precision(
+    device: torch.device | str, precision: str | None, capability: tuple[int, int] | None = None
+) -> str:
+    """`precision` if this device can run it (None: choose_precision's pick), else a ValueError that says what it
+    can run: CPU and MPS run fp32 only, and bf16 needs an Ampere or newer card (an older one such as the T4 would
+    emulate it, slowly). Pass `capability` to test the rule without a GPU."""
+    if precision is None:
+        return choose_precision(device, capability)
+    _check_choice("precision", precision, PRECISIONS)
+    device = torch.device(device)
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision {precision!r} needs a CUDA device; {device} runs in fp32")
+    if precision == "bf16" and not is_ampere_or_newer(device, capability):
+        major, minor = capability or torch.cuda.get_device_capability(device)
+        raise ValueError(
+            "precision 'bf16' needs a GPU of compute capability 8.0+ (Ampere or newer); "
+            f"this one is {major}.{minor}: use 'fp16' or 'fp32'"
+        )
+    return precision
+
+
+def use_tf32_on_cuda(device: torch.device) -> None:
+    """Let fp32 matmuls and convs use TF32 tensor cores (Ampere and newer; a no-op elsewhere).
+
+    A process-wide switch: "fp32" on these cards means fp32 storage with TF32 maths.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def fused_adamw(device: torch.device) -> bool | None:
+    """Whether AdamW should use its fused kernel here: one pass over each tensor instead of ~10 elementwise ops.
+
+    None on MPS, which keeps PyTorch's default (fused is unmeasured there).
+    """
+    return True if device.type in ("cuda", "cpu") else None
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the forward pass; a no-op in fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# C. Command line: python diffusion_utils.py {train, sample, evaluate}
 # ------------------------------------------------------------------------------------------
 
 
@@ -1462,11 +2257,22 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _parse_center(text: str) -> tuple[float, float]:
+    """ "30,40" -> (30.0, 40.0)."""
+    parts = text.split(",")
+    try:
+        x, y = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y in pixels, e.g. 32,30, got {text!r}") from None
+    return x, y
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="diffusion_utils.py", description="Train, sample and evaluate the shapes DDPM.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    precision_help = "default: the device's best (fp32, TF32 maths on Ampere+; fp16 on older GPUs)"
 
-    train = commands.add_parser("train", help="train a model (defaults: the best recipe for the device)")
+    train = commands.add_parser("train", help="train a model (defaults: the recipe for the device)")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="wall-clock training budget")
     budget.add_argument("--steps", type=int, help="number of optimiser steps")
@@ -1474,18 +2280,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="continue from this checkpoint")
     train.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: the fastest available)")
     train.add_argument("--seed", type=int, help="seed of a new run (default 0); a resumed run keeps its own")
+    train.add_argument(
+        "--conditional",
+        action=argparse.BooleanOptionalAction,
+        help=f"learn requests (class, centre, size) too (default: {'yes' if ModelConfig().conditional else 'no'})",
+    )
     train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (long GPU runs)")
-    precision_help = "default: the device's best (fp32, TF32 maths on Ampere+; fp16 on older GPUs)"
     train.add_argument("--precision", choices=PRECISIONS, help=precision_help)
     train.add_argument("--no-progress", action="store_true")
 
     sample_cmd = commands.add_parser("sample", help="generate images from a checkpoint")
     sample_cmd.add_argument("--checkpoint", required=True)
     sample_cmd.add_argument("--n", type=int, default=64)
-    sample_cmd.add_argument("--steps", type=int, default=100)
-    sample_cmd.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    sample_cmd.add_argument("--eta", type=float, help="DDIM noise (default 0 for ddim)")
+    sample_cmd.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"network evaluations (default {DEFAULT_STEPS})"
+    )
+    sample_cmd.add_argument(
+        "--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}"
+    )
+    sample_cmd.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
+    _add_request_args(sample_cmd)
+    sample_cmd.add_argument(
+        "--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})"
+    )
     sample_cmd.add_argument("--seed", type=int, default=0)
     sample_cmd.add_argument("--batch-size", type=int, default=256)
     sample_cmd.add_argument("--device")
@@ -1496,24 +2314,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="print shape metrics of a samples .npy as JSON")
     evaluate.add_argument("samples")
+    _add_request_args(evaluate, "also score how well the samples obey this request")
     return parser
 
 
+def _add_request_args(parser: argparse.ArgumentParser, note: str = "ask a conditional model for") -> None:
+    group = parser.add_argument_group("request", f"{note}: any of a class, a size and a centre")
+    group.add_argument("--shape", choices=CLASS_NAMES)
+    group.add_argument("--size", type=float, help=f"diameter or side in pixels, {SIZE_RANGE[0]}-{SIZE_RANGE[1]}")
+    group.add_argument("--center", type=_parse_center, help="X,Y in pixels, e.g. 32,30")
+
+
+def _request_from(args: argparse.Namespace, n: int) -> Condition | None:
+    if args.shape is None and args.size is None and args.center is None:
+        return None
+    return request(n, args.shape, args.size, args.center)
+
+
 def _command_train(args: argparse.Namespace) -> None:
-    if args.minutes is None and args.steps is None:
+    if args.minutes is None and args.steps is None:  # every argument is checked before anything is built
         raise ValueError("give a training budget: --minutes M or --steps N")
+    _check_budget(args.steps, args.minutes)
+    _check_positive_int("checkpoint_every", args.checkpoint_every)
+    if args.resume and args.seed is not None:
+        raise ValueError(
+            "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
+        )
+    if args.resume and args.conditional is not None:
+        raise ValueError("a resumed run keeps its own model: drop --conditional / --no-conditional or --resume")
     if args.resume:
-        if args.seed is not None:
-            raise ValueError("--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)")
         trainer = load_trainer(args.resume, device=args.device, compile=args.compile or None, precision=args.precision)
         print(f"resuming from {args.resume} at step {trainer.step}")
     else:
         device = pick_device(args.device)
         model_config, train_config = default_configs(device)
-        train_config = dataclasses.replace(train_config, seed=0 if args.seed is None else args.seed, compile=args.compile)
+        if args.conditional is not None:
+            model_config = dataclasses.replace(model_config, conditional=args.conditional)
+        seed = 0 if args.seed is None else args.seed
+        train_config = dataclasses.replace(train_config, seed=seed, compile=args.compile)
         trainer = Trainer(model_config, train_config, device=device, precision=args.precision)
     print(f"{describe_model(trainer.model)}; device {trainer.device}, precision {trainer.precision}")
-    trainer.train(steps=args.steps, minutes=args.minutes, progress=not args.no_progress, checkpoint_path=args.out, checkpoint_every=args.checkpoint_every)
+    trainer.train(
+        steps=args.steps,
+        minutes=args.minutes,
+        progress=not args.no_progress,
+        checkpoint_path=args.out,
+        checkpoint_every=args.checkpoint_every,
+    )
     final = f"final loss {trainer.losses[-1]:.4f}" if trainer.losses else "no step fitted in the budget"
     print(f"trained to step {trainer.step} ({trainer.images_seen} images); {final}; saved {args.out}")
 
@@ -1521,6 +2368,11 @@ def _command_train(args: argparse.Namespace) -> None:
 def _command_sample(args: argparse.Namespace) -> None:
     if not args.out.endswith(".npy"):
         raise ValueError(f"--out must end in .npy, got {args.out!r}")
+    _check_positive_int("--n", args.n)
+    condition = _request_from(args, args.n)
+    if args.guidance is not None and condition is None:
+        raise ValueError("--guidance steers towards a request: give --shape, --size or --center too")
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     model, schedule = load_model(args.checkpoint, device=args.device)
     result = sample(
         model,
@@ -1530,6 +2382,8 @@ def _command_sample(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         eta=args.eta,
         seed=args.seed,
+        condition=condition,
+        guidance=guidance,
         batch_size=args.batch_size,
         progress=not args.no_progress,
         precision=args.precision,
@@ -1538,8 +2392,13 @@ def _command_sample(args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, images)
     print(f"saved {len(images)} samples to {args.out}")
+    if condition is not None:
+        print(json.dumps(_strict_json(evaluate_requests(images, condition))))
     if args.png:
-        plot_grid(result.images[:64], title=f"{args.sampler}, {args.steps} steps").savefig(args.png, dpi=100)
+        title = f"{args.sampler}, {args.steps} steps" + (
+            f", {describe_request(condition)}" if condition is not None else ""
+        )
+        plot_grid(result.images[:64], title=title).savefig(args.png, dpi=100)
         print(f"saved a grid to {args.png}")
 
 
@@ -1551,7 +2410,23 @@ def _command_evaluate(args: argparse.Namespace) -> None:
         images = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as error:  # pickled, empty, truncated or not .npy at all
         raise ValueError(f"{path}: not a plain .npy array ({error})") from None
-    print(json.dumps(evaluate_samples(images), indent=2))
+    if not isinstance(images, np.ndarray):  # np.load opens a zip (.npz, or a checkpoint) as an archive
+        images.close()
+        raise ValueError(f"{path}: not a samples .npy array but a zip archive (a checkpoint or an .npz?)")
+    metrics = evaluate_samples(images)
+    condition = _request_from(args, len(images))
+    if condition is not None:
+        metrics["request"] = evaluate_requests(images, condition)
+    print(json.dumps(_strict_json(metrics), indent=2))
+
+
+def _strict_json(value: object) -> object:
+    """NaN (a metric with nothing to measure) as None: JSON has no NaN, and strict parsers reject the token."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

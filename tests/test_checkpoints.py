@@ -38,7 +38,7 @@ def test_round_trip_restores_everything(trained):
     assert loaded.ema.updates == trainer.ema.updates == 3
     assert (loaded.step, loaded.images_seen, loaded.losses) == (3, 12, trainer.losses)
     assert torch.equal(loaded.generator.get_state(), trainer.generator.get_state())
-    assert loaded.lr_schedule.last_epoch == 3
+    assert loaded.lr_scheduler.last_epoch == 3
     ours, theirs = loaded.optimizer.state_dict(), trainer.optimizer.state_dict()
     assert ours["param_groups"] == theirs["param_groups"]
     for key, state in theirs["state"].items():

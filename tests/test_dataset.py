@@ -141,36 +141,55 @@ def test_model_to_uint8_clips_values_outside_the_range():
 def test_training_batches_give_step_k_the_same_batch_every_time():
     stream = du.training_batches(4, seed=1)
     first = [next(stream) for _ in range(4)]
-    assert all(b.shape == (4, 1, 64, 64) for b in first)
-    assert torch.equal(first[0], du.make_shapes(4, seed=(1, 0)).images)
-    assert torch.equal(first[3], du.make_shapes(4, seed=(1, 3)).images)
-    assert not torch.equal(first[0], first[1])
+    assert all(images.shape == (4, 1, 64, 64) for images, _ in first)
+    assert torch.equal(first[0][0], du.make_shapes(4, seed=(1, 0)).images)
+    assert torch.equal(first[3][0], du.make_shapes(4, seed=(1, 3)).images)
+    assert not torch.equal(first[0][0], first[1][0])
     resumed = du.training_batches(4, seed=1, start_step=2)
-    assert torch.equal(next(resumed), first[2]) and torch.equal(next(resumed), first[3])
-    assert not torch.equal(next(du.training_batches(4, seed=2)), first[0])
+    assert torch.equal(next(resumed)[0], first[2][0]) and torch.equal(next(resumed)[0], first[3][0])
+    assert not torch.equal(next(du.training_batches(4, seed=2))[0], first[0][0])
+
+
+def test_each_training_batch_carries_what_was_drawn_in_it():
+    images, condition = next(du.training_batches(6, seed=4, start_step=1))
+    drawn = du.make_shapes(6, seed=(4, 1))
+    assert torch.equal(images, drawn.images)
+    assert condition.labels.tolist() == drawn.labels.tolist()
+    assert condition.centers.tolist() == drawn.centers.tolist() and condition.sizes.tolist() == drawn.sizes.tolist()
+    assert all(bool(mask.all()) for mask in condition.given().values())
 
 
 def test_training_batches_from_worker_processes_arrive_in_step_order():
-    expected = [du.make_shapes(2, seed=(5, k)).images for k in range(3, 8)]
+    expected = [du.make_shapes(2, seed=(5, k)) for k in range(3, 8)]
     stream = du.training_batches(2, seed=5, start_step=3, workers=2)
     got = [next(stream) for _ in range(5)]
     del stream  # shuts the workers down
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(images, drawn.images) for (images, _), drawn in zip(got, expected))
+    assert all(condition.labels.tolist() == drawn.labels.tolist() for (_, condition), drawn in zip(got, expected))
 
 
 def test_fixed_batches_draw_from_the_set_reproducibly():
     images = du.make_shapes(10, seed=0).images
     stream = du.fixed_batches(images, 6, seed=2)
     batches = [next(stream) for _ in range(3)]
-    for b in batches:
-        assert b.shape == (6, 1, 64, 64)
+    for b, condition in batches:
+        assert b.shape == (6, 1, 64, 64) and condition is None  # plain images: nothing known about them
         for image in b:  # every image is one of the set
             assert any(torch.equal(image, candidate) for candidate in images)
     index = np.random.default_rng((2, 1)).integers(0, 10, 6)
-    assert torch.equal(batches[1], images[torch.from_numpy(index)])
+    assert torch.equal(batches[1][0], images[torch.from_numpy(index)])
     resumed = du.fixed_batches(images, 6, seed=2, start_step=2)
-    assert torch.equal(next(resumed), batches[2])
-    assert not torch.equal(next(du.fixed_batches(images, 6, seed=3)), batches[0])
+    assert torch.equal(next(resumed)[0], batches[2][0])
+    assert not torch.equal(next(du.fixed_batches(images, 6, seed=3))[0], batches[0][0])
+
+
+def test_fixed_batches_of_a_shape_batch_carry_its_conditions():
+    data = du.make_shapes(10, seed=0)
+    images, condition = next(du.fixed_batches(data, 6, seed=2))
+    index = torch.from_numpy(np.random.default_rng((2, 0)).integers(0, 10, 6))
+    assert torch.equal(images, data.images[index])
+    assert condition.labels.tolist() == data.labels[index.numpy()].tolist()
+    assert condition.sizes.tolist() == data.sizes[index.numpy()].tolist()
 
 
 def test_fixed_batches_refuse_images_outside_the_range():

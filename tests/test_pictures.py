@@ -47,9 +47,11 @@ def test_plot_backward_process_lays_out_steps_by_samples():
     oracle_x0 = du.make_shapes(4, seed=1).images
     result = du.sample(Oracle(schedule, oracle_x0, "v"), schedule, 4, steps=5, sampler="ddim", prediction="v", save_at=(0, 2, 4), progress=False)
     fig = du.plot_backward_process(result, rows=4)
-    assert len(fig.axes) == 4 * 3 * 2
-    assert [ax.get_title() for ax in fig.axes[:6]] == ["x_t, t=999", "predicted x_0", "x_t, t=500", "predicted x_0", "x_t, t=0", "predicted x_0"]
-    assert len(du.plot_backward_process(result, rows=2, show_x0=False).axes) == 2 * 3
+    assert len(fig.axes) == 4 * (3 * 2 + 1)  # x_t and x0_hat at each saved step, then the finished sample
+    titles = ["x_t at t=999", "x̂_0 at t=999", "x_t at t=500", "x̂_0 at t=500", "x_t at t=0", "x̂_0 at t=0", "sample"]
+    assert [ax.get_title() for ax in fig.axes[:7]] == titles
+    assert np.allclose(fig.axes[6].images[0].get_array(), result.images[0, 0].numpy())
+    assert len(du.plot_backward_process(result, rows=2, show_x0=False).axes) == 2 * (3 + 1)
 
 
 @pytest.mark.parametrize(("n", "lines"), [(10, 1), (60, 2)])
@@ -68,5 +70,5 @@ def test_plot_schedules_and_time_embedding():
     left, right = fig.axes
     assert [line.get_label() for line in left.lines] == ["linear", "cosine"]
     assert np.allclose(left.lines[1].get_ydata(), du.NoiseSchedule.create("cosine", 100).alpha_bars.numpy())
-    heat = du.plot_time_embedding(dim=16, timesteps=50)
+    heat = du.plot_time_embedding(dim=16, num_timesteps=50)
     assert heat.axes[0].images[0].get_array().shape == (16, 50)

@@ -103,8 +103,8 @@ def test_ddim_with_eta_1_is_the_ddpm_step(kind):
     for i in range(10):
         x_t, noise = torch.randn(2, 1, 8, 8, generator=generator), torch.randn(2, 1, 8, 8, generator=generator)
         x0 = torch.rand(2, 1, 8, 8, generator=generator) * 2 - 1
-        ddim = spaced.ddim_step(x_t, x0, i, 1.0, noise)
-        ddpm = spaced.ddpm_step(x_t, x0, i, noise)
+        ddim = du.ddim_step(spaced, i, x_t, x0, du.StepState(noise=noise, eta=1.0))
+        ddpm = du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=noise))
         assert torch.allclose(ddim, ddpm, atol=1e-5), i
 
 
@@ -115,8 +115,8 @@ def test_ddim_step_with_eta_0_by_hand():
     ab, ab_prev = float(spaced.alpha_bars[i]), float(spaced.alpha_bars[i - 1])
     eps = (0.3 - math.sqrt(ab) * -0.5) / math.sqrt(1 - ab)
     expected = math.sqrt(ab_prev) * -0.5 + math.sqrt(1 - ab_prev) * eps
-    assert torch.allclose(spaced.ddim_step(x_t, x0, i, 0.0, None), torch.full_like(x_t, expected), atol=1e-6)
-    assert torch.equal(spaced.ddim_step(x_t, x0, 0, 0.0, None), x0)  # the last step lands on x_0
+    assert torch.allclose(du.ddim_step(spaced, i, x_t, x0, du.StepState(noise=None, eta=0.0)), torch.full_like(x_t, expected), atol=1e-6)
+    assert torch.equal(du.ddim_step(spaced, 0, x_t, x0, du.StepState(noise=None, eta=0.0)), x0)  # the last step lands on x_0
 
 
 def test_ddpm_step_by_hand():
@@ -125,9 +125,9 @@ def test_ddpm_step_by_hand():
     i = 2
     mean = float(spaced.posterior_mean_coef1[i]) * -0.5 + float(spaced.posterior_mean_coef2[i]) * 0.3
     expected = mean + math.sqrt(float(spaced.posterior_variance[i])) * 2.0
-    assert torch.allclose(spaced.ddpm_step(x_t, x0, i, z), torch.full_like(x_t, expected), atol=1e-6)
-    assert torch.allclose(spaced.ddpm_step(x_t, x0, i, None), torch.full_like(x_t, mean), atol=1e-6)
-    assert torch.allclose(spaced.ddpm_step(x_t, x0, 0, z), x0, atol=1e-6)  # no noise at the last step
+    assert torch.allclose(du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=z)), torch.full_like(x_t, expected), atol=1e-6)
+    assert torch.allclose(du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=None)), torch.full_like(x_t, mean), atol=1e-6)
+    assert torch.allclose(du.ddpm_step(spaced, 0, x_t, x0, du.StepState(noise=z)), x0, atol=1e-6)  # no noise at the last step
 
 
 def test_whole_ddpm_run_equals_ddim_with_eta_1(tiny_net):
@@ -195,14 +195,9 @@ def test_prediction_comes_from_the_model_config(tiny_net, x0):
 def test_sample_restores_the_model_mode_and_works_on_the_cpu(tiny_net):
     for training in (True, False):
         tiny_net.train(training)
-        result = du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, device="cpu", progress=False)
+        result = du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, progress=False)
         assert tiny_net.training == training
         assert result.images.device.type == "cpu"
-
-
-def test_sample_refuses_a_device_the_model_is_not_on(tiny_net):
-    with pytest.raises(ValueError, match="model.to"):
-        du.sample(tiny_net, SCHEDULES["cosine"], 1, steps=1, device="meta", progress=False)
 
 
 def test_sample_takes_a_precision_the_device_runs(tiny_net):

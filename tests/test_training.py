@@ -120,17 +120,18 @@ def test_diffusion_loss_of_a_zero_output_is_the_weighted_target_power():
     schedule = du.NoiseSchedule.create("cosine", 1000)
     x0 = du.make_shapes(4, seed=0).images
     generator = torch.Generator().manual_seed(5)
-    loss = du.diffusion_loss(Constant(), schedule, x0, "eps", None, torch.Generator().manual_seed(5))
+    loss = du.diffusion_loss(Constant(), schedule, x0, "eps", None, torch.Generator().manual_seed(5))  # w = 1
     # replay the same draws: t first, then the noise
     t = schedule.sample_timesteps(4, generator)
     noise = torch.randn(x0.shape, generator=generator)
     assert float(loss) == pytest.approx(float((noise**2).mean()), rel=1e-6)
-    v_loss = du.diffusion_loss(Constant(), schedule, x0, "v", 5.0, torch.Generator().manual_seed(5))
+    cap, paper = schedule.loss_weights("v", 5.0, "cap"), schedule.loss_weights("v", 5.0, "paper")
+    v_loss = du.diffusion_loss(Constant(), schedule, x0, "v", cap, torch.Generator().manual_seed(5))
     v = schedule.velocity(x0, noise, t)
-    expected = (schedule.loss_weight("v", t, 5.0) * (v**2).mean(dim=(1, 2, 3))).mean()
+    expected = (cap[t] * (v**2).mean(dim=(1, 2, 3))).mean()
     assert float(v_loss) == pytest.approx(float(expected), rel=1e-5)
-    paper_loss = du.diffusion_loss(Constant(), schedule, x0, "v", 5.0, torch.Generator().manual_seed(5), min_snr_form="paper")
-    paper_expected = (schedule.loss_weight("v", t, 5.0, "paper") * (v**2).mean(dim=(1, 2, 3))).mean()
+    paper_loss = du.diffusion_loss(Constant(), schedule, x0, "v", paper, torch.Generator().manual_seed(5))
+    paper_expected = (paper[t] * (v**2).mean(dim=(1, 2, 3))).mean()
     assert float(paper_loss) == pytest.approx(float(paper_expected), rel=1e-5) and float(paper_loss) < float(v_loss)
 
 
@@ -138,11 +139,19 @@ def test_diffusion_loss_of_a_zero_output_is_the_weighted_target_power():
 def test_the_trainer_weights_its_loss_with_its_min_snr_settings(form):
     """The first step's loss is diffusion_loss with the config's gamma and form, from the same draws."""
     trainer = du.Trainer(tiny_model_config(prediction="v", dropout=0.0), tiny_train_config(min_snr_gamma=2.0, min_snr_form=form), device="cpu")
-    x0 = next(trainer.batches())
+    x0, _ = next(trainer.batches())
+    assert torch.equal(trainer.loss_weights, trainer.schedule.loss_weights("v", 2.0, form))  # computed once, kept
     with torch.no_grad():
         expected = {
             f: float(
-                du.diffusion_loss(trainer.model, trainer.schedule, x0, "v", 2.0, torch.Generator().set_state(trainer.generator.get_state()), min_snr_form=f)
+                du.diffusion_loss(
+                    trainer.model,
+                    trainer.schedule,
+                    x0,
+                    "v",
+                    trainer.schedule.loss_weights("v", 2.0, f),
+                    torch.Generator().set_state(trainer.generator.get_state()),
+                )
             )
             for f in du.MIN_SNR_FORMS
         }
@@ -305,7 +314,7 @@ def test_state_dict_round_trip_in_memory():
     b = du.Trainer(tiny_model_config(), tiny_train_config(ema_decay=None, seed=8), device="cpu")
     b.load_state_dict(a.state_dict())
     assert same_state(a.model.state_dict(), b.model.state_dict())
-    assert b.step == 2 and b.losses == a.losses and b.lr_schedule.last_epoch == 2
+    assert b.step == 2 and b.losses == a.losses and b.lr_scheduler.last_epoch == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,7 +372,7 @@ def test_the_fused_cpu_optimiser_matches_the_loop_one_with_channels_last():
     fused = du.Trainer(tiny_model_config(), config, "cpu")
     loop = du.Trainer(tiny_model_config(), config, "cpu")
     loop.optimizer = torch.optim.AdamW(loop.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
-    loop.lr_schedule = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, fused.lr_schedule.lr_lambdas[0])
+    loop.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, fused.lr_scheduler.lr_lambdas[0])
     assert fused.optimizer.param_groups[0]["fused"] is True
     assert fused.model.stem[1].weight.is_contiguous(memory_format=torch.channels_last)
     # One step: Adam's first update is about lr * sign(grad) for every element, so an update

@@ -145,7 +145,7 @@ def test_create_names_a_bad_length(timesteps):
 # ------------------------------------------------------------------------------------------
 
 
-@given(field=st.sampled_from(["timesteps", "base_channels", "blocks_per_level"]), value=non_positive)
+@given(field=st.sampled_from(["num_timesteps", "base_channels", "blocks_per_level"]), value=non_positive)
 def test_model_config_names_a_non_positive_integer(field, value):
     with pytest.raises(ValueError, match=contains(f"{field} must be a positive integer, got {value}")):
         du.ModelConfig(**{field: value})
