@@ -529,7 +529,7 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1 - self.alpha_bars_prev) / (1 - self.alpha_bars)
         self.posterior_mean_coef1 = betas * self.alpha_bars_prev.sqrt() / (1 - self.alpha_bars)
         self.posterior_mean_coef2 = (1 - self.alpha_bars_prev) * self.alphas.sqrt() / (1 - self.alpha_bars)
-        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._device_tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> NoiseSchedule:
@@ -576,12 +576,13 @@ class NoiseSchedule:
     def gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] as a (N, 1, 1, 1) tensor on like's device and dtype, ready to broadcast.
 
-        Each table is copied to the device once (as float32, which MPS needs) and cached, so the training loop does
-        no host-to-device copy per step.
+        Each table is copied to the device once and cached, so the training loop does no host-to-device copy per
+        step: as float32 (which MPS needs), or as float64 for float64 work such as the tests against diffusers.
         """
-        key = (id(values), like.device)
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        key = (id(values), like.device, dtype)
         if key not in self._device_tables:
-            self._device_tables[key] = values.to(like.device, torch.float32)
+            self._device_tables[key] = values.to(like.device, dtype)
         return self._device_tables[key][t].to(like.dtype).view(-1, 1, 1, 1)
 
     def sample_timesteps(
@@ -1053,9 +1054,8 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule.from_config(self.model_config)
-        self.loss_weights = self.schedule.loss_weights(
-            self.model_config.prediction, cfg.min_snr_gamma, cfg.min_snr_form
-        )
+        weights = self.schedule.loss_weights(self.model_config.prediction, cfg.min_snr_gamma, cfg.min_snr_form)
+        self.loss_weights = weights.to(self.device, torch.float32)  # on the device once, like a registered buffer
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         use_tf32_on_cuda(self.device)
         self.train_model = torch.compile(self.model) if cfg.compile else self.model

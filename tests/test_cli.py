@@ -53,7 +53,9 @@ def checkpoint(tmp_path_factory):
 
 def test_train_writes_a_checkpoint(tiny_defaults, tmp_path, capsys):
     path = tmp_path / "out" / "run.pt"
-    status, out, err = run_main(capsys, "train", "--steps", "3", "--out", str(path), "--no-progress", "--seed", "4", "--checkpoint-every", "2")
+    status, out, err = run_main(
+        capsys, "train", "--steps", "3", "--out", str(path), "--no-progress", "--seed", "4", "--checkpoint-every", "2"
+    )
     assert status == 0 and err == ""
     assert "trained to step 3 (12 images)" in out and str(path) in out
     trainer = du.load_trainer(path)
@@ -62,7 +64,9 @@ def test_train_writes_a_checkpoint(tiny_defaults, tmp_path, capsys):
 
 def test_train_resumes_from_a_checkpoint(checkpoint, tmp_path, capsys):
     path = tmp_path / "more.pt"
-    status, out, _ = run_main(capsys, "train", "--steps", "1", "--resume", str(checkpoint), "--out", str(path), "--no-progress")
+    status, out, _ = run_main(
+        capsys, "train", "--steps", "1", "--resume", str(checkpoint), "--out", str(path), "--no-progress"
+    )
     assert status == 0 and f"resuming from {checkpoint} at step 2" in out
     assert du.load_trainer(path).step == 3
 
@@ -70,21 +74,38 @@ def test_train_resumes_from_a_checkpoint(checkpoint, tmp_path, capsys):
 def test_train_precision_must_suit_the_device(tiny_defaults, tmp_path, capsys):
     path = tmp_path / "run.pt"
     assert_one_line_error(
-        *run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--precision", "bf16")[::2], "precision 'bf16' needs a CUDA device"
+        *run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--precision", "bf16")[::2],
+        "precision 'bf16' needs a CUDA device",
     )
     assert not path.exists()
-    status, out, _ = run_main(capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--no-progress", "--precision", "fp32")
+    status, out, _ = run_main(
+        capsys, "train", "--steps", "1", "--out", str(path), "--device", "cpu", "--no-progress", "--precision", "fp32"
+    )
     assert status == 0 and "precision fp32" in out
 
 
 def test_train_refuses_a_seed_for_a_resumed_run(checkpoint, tmp_path, capsys):
-    status, _, err = run_main(capsys, "train", "--steps", "1", "--resume", str(checkpoint), "--seed", "3", "--out", str(tmp_path / "x.pt"), "--no-progress")
+    status, _, err = run_main(
+        capsys,
+        "train",
+        "--steps",
+        "1",
+        "--resume",
+        str(checkpoint),
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "x.pt"),
+        "--no-progress",
+    )
     assert_one_line_error(status, err, "--seed", "resumed run")
     assert not (tmp_path / "x.pt").exists()
 
 
 def test_train_with_a_minute_budget(tiny_defaults, tmp_path, capsys):
-    status, out, _ = run_main(capsys, "train", "--minutes", "0.0002", "--out", str(tmp_path / "run.pt"), "--no-progress")
+    status, out, _ = run_main(
+        capsys, "train", "--minutes", "0.0002", "--out", str(tmp_path / "run.pt"), "--no-progress"
+    )
     assert status == 0 and "trained to step" in out  # however many steps fit
     trainer = du.load_trainer(tmp_path / "run.pt")
     assert f"trained to step {trainer.step} " in out and len(trainer.losses) == trainer.step
@@ -102,7 +123,19 @@ def test_train_when_not_even_one_step_fits_the_budget(tiny_defaults, tmp_path, c
 def test_sample_then_evaluate(checkpoint, tmp_path, capsys):
     samples, grid = tmp_path / "s.npy", tmp_path / "grid.png"
     status, out, err = run_main(
-        capsys, "sample", "--checkpoint", str(checkpoint), "--n", "3", "--steps", "4", "--out", str(samples), "--png", str(grid), "--no-progress"
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(checkpoint),
+        "--n",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        str(samples),
+        "--png",
+        str(grid),
+        "--no-progress",
     )
     assert status == 0 and err == ""
     assert f"saved 3 samples to {samples}" in out
@@ -123,7 +156,18 @@ def test_sample_then_evaluate(checkpoint, tmp_path, capsys):
 
 def test_sample_options_reach_the_sampler(checkpoint, tmp_path, capsys):
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    common = ["sample", "--checkpoint", str(checkpoint), "--n", "2", "--steps", "3", "--no-progress", "--sampler", "ddim"]
+    common = [
+        "sample",
+        "--checkpoint",
+        str(checkpoint),
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--no-progress",
+        "--sampler",
+        "ddim",
+    ]
     assert run_main(capsys, *common, "--seed", "1", "--batch-size", "1", "--out", str(a))[0] == 0
     assert run_main(capsys, *common, "--seed", "1", "--eta", "0", "--out", str(b))[0] == 0
     assert np.array_equal(np.load(a), np.load(b))  # chunking and the default eta change nothing
@@ -144,7 +188,9 @@ def test_evaluate_scores_real_shapes_as_valid(tmp_path, capsys):
 
 
 def test_train_without_a_budget(tiny_defaults, tmp_path, capsys):
-    assert_one_line_error(*run_main(capsys, "train", "--out", str(tmp_path / "x.pt"))[::2], "train: error", "--minutes M or --steps N")
+    assert_one_line_error(
+        *run_main(capsys, "train", "--out", str(tmp_path / "x.pt"))[::2], "train: error", "--minutes M or --steps N"
+    )
 
 
 @pytest.mark.parametrize(
@@ -156,13 +202,17 @@ def test_train_without_a_budget(tiny_defaults, tmp_path, capsys):
     ],
 )
 def test_train_with_a_bad_budget(tiny_defaults, tmp_path, capsys, args, fragment):
-    assert_one_line_error(*run_main(capsys, "train", *args, "--out", str(tmp_path / "x.pt"), "--no-progress")[::2], fragment)
+    assert_one_line_error(
+        *run_main(capsys, "train", *args, "--out", str(tmp_path / "x.pt"), "--no-progress")[::2], fragment
+    )
     assert not (tmp_path / "x.pt").exists()
 
 
 def test_train_argument_errors_are_one_line(tmp_path, capsys):
     out = str(tmp_path / "x.pt")
-    assert_one_line_error(*run_main(capsys, "train", "--steps", "2", "--minutes", "1", "--out", out)[::2], "not allowed with argument")
+    assert_one_line_error(
+        *run_main(capsys, "train", "--steps", "2", "--minutes", "1", "--out", out)[::2], "not allowed with argument"
+    )
     assert_one_line_error(*run_main(capsys, "train", "--steps", "two", "--out", out)[::2], "invalid int value: 'two'")
     assert_one_line_error(*run_main(capsys, "train", "--steps", "2")[::2], "--out")
     assert_one_line_error(*run_main(capsys, "paint")[::2], "invalid choice: 'paint'")
@@ -171,7 +221,10 @@ def test_train_argument_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_train_on_a_missing_device(tiny_defaults, tmp_path, capsys):
-    assert_one_line_error(*run_main(capsys, "train", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "x.pt"))[::2], "CUDA is not available")
+    assert_one_line_error(
+        *run_main(capsys, "train", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "x.pt"))[::2],
+        "CUDA is not available",
+    )
 
 
 @pytest.mark.parametrize(
@@ -191,13 +244,18 @@ def test_train_on_a_missing_device(tiny_defaults, tmp_path, capsys):
 )
 def test_sample_with_bad_options(checkpoint, tmp_path, capsys, args, fragment):
     out = tmp_path / "s.npy"
-    status, _, err = run_main(capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args)
+    status, _, err = run_main(
+        capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args
+    )
     assert_one_line_error(status, err, fragment)
     assert not out.exists()
 
 
 def test_sample_output_must_be_npy(checkpoint, tmp_path, capsys):
-    assert_one_line_error(*run_main(capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.png"))[::2], "--out must end in .npy")
+    assert_one_line_error(
+        *run_main(capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.png"))[::2],
+        "--out must end in .npy",
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated"])
@@ -207,7 +265,9 @@ def test_sample_from_a_bad_checkpoint(checkpoint, tmp_path, capsys, kind):
         path.write_bytes(b"\x00garbage" * 100)
     elif kind == "truncated":
         path.write_bytes(checkpoint.read_bytes()[:1000])
-    status, _, err = run_main(capsys, "sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.npy"), "--no-progress")
+    status, _, err = run_main(
+        capsys, "sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.npy"), "--no-progress"
+    )
     assert_one_line_error(status, err, "sample: error", str(path))
 
 
@@ -226,7 +286,9 @@ def test_evaluate_a_bad_samples_file(tmp_path, capsys, array, fragment):
     assert_one_line_error(*run_main(capsys, "evaluate", str(path))[::2], "evaluate: error", fragment)
 
 
-@pytest.mark.parametrize("content", [None, b"", b"not numpy at all", b"\x93NUMPY\x01\x00"], ids=["missing", "empty", "text", "cut header"])
+@pytest.mark.parametrize(
+    "content", [None, b"", b"not numpy at all", b"\x93NUMPY\x01\x00"], ids=["missing", "empty", "text", "cut header"]
+)
 def test_evaluate_a_file_that_is_not_an_array(tmp_path, capsys, content):
     path = tmp_path / "bad.npy"
     if content is not None:
@@ -239,8 +301,158 @@ def test_the_script_itself_exits_2_with_one_line(tmp_path):
     np.save(bad, np.zeros((3, 64, 64), np.float32))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "diffusion_utils.py"), "evaluate", str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        [sys.executable, str(ROOT / "diffusion_utils.py"), "evaluate", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.strip().splitlines() == ["diffusion_utils.py evaluate: error: a samples array must be uint8 in [0, 255], got dtype float32"]
+    assert done.stderr.strip().splitlines() == [
+        "diffusion_utils.py evaluate: error: a samples array must be uint8 in [0, 255], got dtype float32"
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Found when tried as a new user would
+# ------------------------------------------------------------------------------------------
+
+
+def test_evaluate_prints_strict_json_when_nothing_is_valid(tmp_path, capsys):
+    """No valid sample leaves the circle share and the distances undefined: null, never the NaN token."""
+    path = tmp_path / "blank.npy"
+    np.save(path, np.zeros((3, 64, 64), np.uint8))
+    status, out, _ = run_main(capsys, "evaluate", str(path))
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    metrics = json.loads(out, parse_constant=refuse)
+    assert status == 0 and metrics["valid"] == 0.0
+    assert metrics["circle_share"] is None and metrics["size_w1"] is None and metrics["position_w1"] is None
+
+
+def test_evaluate_on_a_checkpoint_says_it_is_not_a_samples_array(checkpoint, capsys):
+    assert_one_line_error(
+        *run_main(capsys, "evaluate", str(checkpoint))[::2], "not a samples .npy array", "zip archive"
+    )
+
+
+def test_a_bad_budget_is_refused_before_the_model_is_built(tiny_defaults, tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(du, "UNet", lambda *args, **kwargs: built.append(args) or pytest.fail("built a model"))
+    status, out, err = run_main(capsys, "train", "--minutes", "-5", "--out", str(tmp_path / "x.pt"))
+    assert_one_line_error(status, err, "minutes must be > 0, got -5")
+    assert out == "" and not built
+
+
+# ------------------------------------------------------------------------------------------
+# Samplers and requests from the command line
+# ------------------------------------------------------------------------------------------
+
+
+def test_the_sampler_choices_come_from_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        du.main(["sample", "--help"])
+    assert "{" + ",".join(du.SAMPLERS) + "}" in capsys.readouterr().out
+
+
+def test_sample_with_dpm_solver(checkpoint, tmp_path, capsys):
+    out = tmp_path / "dpm.npy"
+    status, _, err = run_main(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(checkpoint),
+        "--n",
+        "3",
+        "--sampler",
+        "dpm++",
+        "--steps",
+        "5",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert status == 0 and err == "" and np.load(out).shape == (3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "conditional.pt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(du, "default_configs", lambda device: (tiny_model_config(), tiny_train_config()))
+        assert du.main(["train", "--steps", "2", "--conditional", "--out", str(path), "--no-progress"]) == 0
+    return path
+
+
+def test_train_takes_both_conditional_flags(tiny_defaults, tmp_path, capsys):
+    for flag, expected in (("--conditional", True), ("--no-conditional", False)):
+        path = tmp_path / f"{flag}.pt"
+        assert run_main(capsys, "train", "--steps", "1", flag, "--out", str(path), "--no-progress")[0] == 0
+        assert du.load_trainer(path).model_config.conditional is expected
+    status, _, err = run_main(
+        capsys, "train", "--steps", "1", "--resume", str(path), "--conditional", "--out", str(path)
+    )
+    assert_one_line_error(status, err, "a resumed run keeps its own model")
+
+
+def test_sample_a_request_and_score_it(conditional_checkpoint, tmp_path, capsys):
+    out = tmp_path / "asked.npy"
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(conditional_checkpoint),
+        "--n",
+        "4",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    status, printed, err = run_main(
+        capsys, *argv, "--shape", "circle", "--size", "25", "--center", "30,34", "--guidance", "2"
+    )
+    assert status == 0 and err == ""
+    scores = json.loads(printed.splitlines()[1])
+    assert set(scores) == {"n", "valid", "class_accuracy", "matches", "center_error", "size_error"} and scores["n"] == 4
+    status, printed, _ = run_main(
+        capsys, "evaluate", str(out), "--shape", "circle", "--size", "25", "--center", "30,34"
+    )
+    assert status == 0 and json.loads(printed)["request"]["n"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--shape", "triangle"], "invalid choice: 'triangle'"),
+        (["--shape", "circle", "--size", "50"], "size must be within the data's 15-39 px, got 50.0"),
+        (
+            ["--shape", "square", "--size", "39", "--center", "5,32"],
+            "puts a 39 px shape outside the frame's 4 px margin",
+        ),
+        (["--shape", "circle", "--guidance", "-1"], "guidance must be a number >= 0, got -1.0"),
+        (["--shape", "circle", "--center", "30"], "expected X,Y in pixels"),
+        (["--shape", "circle", "--center", "a,b"], "expected X,Y in pixels"),
+        (["--guidance", "2"], "--guidance steers towards a request"),
+    ],
+)
+def test_sample_with_a_bad_request(conditional_checkpoint, tmp_path, capsys, args, fragment):
+    out = tmp_path / "s.npy"
+    status, _, err = run_main(
+        capsys, "sample", "--checkpoint", str(conditional_checkpoint), "--out", str(out), "--no-progress", *args
+    )
+    assert_one_line_error(status, err, fragment)
+    assert not out.exists()
+
+
+def test_an_unconditional_checkpoint_refuses_a_request(checkpoint, tmp_path, capsys):
+    out = tmp_path / "s.npy"
+    status, _, err = run_main(
+        capsys, "sample", "--checkpoint", str(checkpoint), "--shape", "circle", "--out", str(out), "--no-progress"
+    )
+    assert_one_line_error(status, err, "this model is unconditional")
+    assert not out.exists()

@@ -140,7 +140,7 @@ def test_the_trainer_weights_its_loss_with_its_min_snr_settings(form):
     """The first step's loss is diffusion_loss with the config's gamma and form, from the same draws."""
     trainer = du.Trainer(tiny_model_config(prediction="v", dropout=0.0), tiny_train_config(min_snr_gamma=2.0, min_snr_form=form), device="cpu")
     x0, _ = next(trainer.batches())
-    assert torch.equal(trainer.loss_weights, trainer.schedule.loss_weights("v", 2.0, form))  # computed once, kept
+    assert torch.equal(trainer.loss_weights, trainer.schedule.loss_weights("v", 2.0, form).float())  # computed once
     with torch.no_grad():
         expected = {
             f: float(

@@ -1,0 +1,306 @@
+"""Section 11: requests (class, centre, size), condition dropout and classifier-free guidance."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from helpers import same_state, tiny_model_config, tiny_train_config
+
+import diffusion_utils as du
+
+
+def perturbed(model: du.UNet, seed: int = 1) -> du.UNet:
+    """The model with every zero-initialised layer given small random weights, so that x, t and the request all
+    change its output (an untrained U-Net ignores both its blocks' second convs and the request)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if bool((parameter == 0).all()):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def conditional_net():
+    torch.manual_seed(0)
+    return perturbed(du.UNet(tiny_model_config(conditional=True)))
+
+
+def inputs(n: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 64, 64, generator=generator), torch.randint(0, 1000, (n,), generator=generator)
+
+
+# ------------------------------------------------------------------------------------------
+# Conditions and their dropout
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_shape_batch_knows_the_request_each_image_answers():
+    batch = du.make_shapes(5, seed=3)
+    condition = batch.condition()
+    assert condition.labels.tolist() == batch.labels.tolist()
+    assert condition.centers.tolist() == batch.centers.tolist() and condition.sizes.tolist() == batch.sizes.tolist()
+
+
+def test_the_null_condition_gives_nothing():
+    null = du.Condition.null(3)
+    assert len(null) == 3 and not any(bool(mask.any()) for mask in null.given().values())
+    assert du.describe_request(null) == "anything"
+
+
+def test_dropout_hides_each_field_with_its_probability_independently():
+    n, p = 20_000, 0.3
+    full = du.make_shapes(n, seed=0).condition()
+    given = full.dropped(p, torch.Generator().manual_seed(0)).given()
+    sigma = math.sqrt(p * (1 - p) / n)
+    for name, mask in given.items():
+        assert abs(1 - float(mask.float().mean()) - p) < 4 * sigma, name
+    all_hidden = float((~given["class"] & ~given["center"] & ~given["size"]).float().mean())
+    assert abs(all_hidden - p**3) < 4 * math.sqrt(p**3 * (1 - p**3) / n)  # independent fields
+    kept = given["class"]
+    assert torch.equal(full.dropped(0.0).labels, full.labels)
+    assert not bool(full.dropped(1.0).given()["size"].any())
+    assert torch.equal(full.dropped(p, torch.Generator().manual_seed(0)).labels[kept], full.labels[kept])
+
+
+# ------------------------------------------------------------------------------------------
+# The network
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_untrained_conditional_unet_is_the_unconditional_one():
+    """The request embedding starts at zero: with the same weights elsewhere, the outputs are identical."""
+    unconditional = perturbed(du.UNet(tiny_model_config()))
+    conditional = du.UNet(tiny_model_config(conditional=True)).eval()
+    missing, unexpected = conditional.load_state_dict(unconditional.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("condition_embedding.") for key in missing)
+    x, t = inputs()
+    request = du.make_shapes(4, seed=1).condition()
+    with torch.no_grad():
+        assert torch.equal(conditional(x, t, request), unconditional(x, t))
+
+
+def test_no_condition_is_the_null_condition_and_a_request_changes_the_output(conditional_net):
+    x, t = inputs()
+    with torch.no_grad():
+        none = conditional_net(x, t)
+        assert torch.equal(none, conditional_net(x, t, du.Condition.null(4)))
+        asked = conditional_net(x, t, du.request(4, "square", 25, (32, 32)))
+    assert (asked - none).abs().max() > 1e-3
+
+
+def test_an_unconditional_unet_refuses_a_request_but_takes_the_null_one():
+    model = du.UNet(tiny_model_config()).eval()
+    x, t = inputs(2)
+    with pytest.raises(ValueError, match="this U-Net is unconditional"):
+        model(x, t, du.request(2, "circle"))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, du.Condition.null(2)), model(x, t))
+
+
+# ------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ------------------------------------------------------------------------------------------
+
+
+def test_guidance_1_is_the_conditional_output_and_0_the_unconditional(conditional_net):
+    x, t = inputs()
+    request = du.request(4, "circle", 21)
+    with torch.no_grad():
+        cond, uncond = conditional_net(x, t, request), conditional_net(x, t)
+        assert torch.equal(du.guided_output(conditional_net, x, t, request, 1.0), cond)
+        assert torch.equal(du.guided_output(conditional_net, x, t, request, 0.0), uncond)
+        assert torch.equal(du.guided_output(conditional_net, x, t, None, 3.0), uncond)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, 3.0])
+def test_guidance_extrapolates_from_the_unconditional_to_the_conditional_output(conditional_net, scale):
+    """out = u + s (c - u), with both passes in one batched forward (equal to two separate ones)."""
+    x, t = inputs()
+    request = du.request(4, "square", None, (30, 34))
+    with torch.no_grad():
+        cond, uncond = conditional_net(x, t, request), conditional_net(x, t)
+        guided = du.guided_output(conditional_net, x, t, request, scale)
+    torch.testing.assert_close(guided, uncond + scale * (cond - uncond), rtol=0, atol=1e-5)
+
+
+def test_guiding_v_is_guiding_eps_and_x0():
+    """eps and x0_hat are affine in v with the same coefficients at a given x_t, so they follow the same rule."""
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    generator = torch.Generator().manual_seed(2)
+    x_t, cond, uncond = (torch.randn(3, 1, 8, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([10, 400, 990])
+    s = 2.5
+    guided_x0 = schedule.predict_x0("v", x_t, uncond + s * (cond - uncond), t)
+    x0_u, x0_c = schedule.predict_x0("v", x_t, uncond, t), schedule.predict_x0("v", x_t, cond, t)
+    torch.testing.assert_close(guided_x0, x0_u + s * (x0_c - x0_u), rtol=0, atol=1e-9)
+
+
+def test_sampling_with_a_request_is_seeded_and_independent_of_the_batch_size(conditional_net):
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    request = du.request(5, "circle", 19, (30, 30))
+    args = dict(steps=3, sampler="dpm++", condition=request, guidance=2.0, seed=4, progress=False)
+    whole = du.sample(conditional_net, schedule, 5, batch_size=5, **args)
+    chunked = du.sample(conditional_net, schedule, 5, batch_size=2, **args)
+    assert torch.allclose(whole.images, chunked.images, atol=1e-5)
+    unguided = du.sample(conditional_net, schedule, 5, steps=3, sampler="dpm++", seed=4, progress=False)
+    assert not torch.allclose(whole.images, unguided.images, atol=1e-3)
+
+
+def test_sample_refuses_bad_guidance_and_requests():
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    unconditional = du.UNet(tiny_model_config()).eval()
+    conditional = du.UNet(tiny_model_config(conditional=True)).eval()
+    with pytest.raises(ValueError, match="guidance must be a number >= 0, got -1"):
+        du.sample(conditional, schedule, 1, steps=2, condition=du.request(1, "circle"), guidance=-1, progress=False)
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        du.sample(unconditional, schedule, 1, steps=2, condition=du.request(1, "circle"), progress=False)
+    with pytest.raises(ValueError, match="the condition holds 2 requests for 3 images"):
+        du.sample(conditional, schedule, 3, steps=2, condition=du.request(2, "circle"), progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Requests: what the data can show
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_request_repeats_one_ask_with_unset_fields_null():
+    condition = du.request(3, "square", 20, None)
+    assert condition.labels.tolist() == [du.SQUARE] * 3 and condition.sizes.tolist() == [20.0] * 3
+    assert not bool(condition.given()["center"].any())
+    assert du.describe_request(du.request(1, "circle", 25, (30, 40))) == "circle, 25 px, at (30, 40)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shape": "triangle"}, "unknown shape 'triangle'; choose one of circle, square"),
+        ({"size": 14}, "size must be within the data's 15-39 px, got 14"),
+        ({"size": 40}, "size must be within the data's 15-39 px, got 40"),
+        ({"size": 39, "center": (22, 32)}, "a centre x of 22 puts a 39 px shape outside the frame's 4 px margin"),
+        ({"center": (32, 58)}, "a centre y of 58 puts a 15 px shape outside the frame's 4 px margin"),
+        ({"center": (math.nan, 32)}, "a centre x of nan"),
+    ],
+)
+def test_impossible_requests_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        du.request(2, **kwargs)
+
+
+def test_every_centre_the_data_draws_is_a_possible_request():
+    batch = du.make_shapes(500, seed=5)
+    for center, size in zip(batch.centers, batch.sizes):
+        du.request(1, None, float(size), tuple(center))  # raises if the data's own shapes were refused
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation of requests
+# ------------------------------------------------------------------------------------------
+
+
+def test_real_data_obeys_its_own_requests_exactly():
+    batch = du.make_shapes(200, seed=8)
+    scores = du.evaluate_requests(batch.images, batch.condition())
+    assert scores == {
+        "n": 200,
+        "valid": 1.0,
+        "class_accuracy": 1.0,
+        "matches": 1.0,
+        "center_error": 0.0,
+        "size_error": 0.0,
+    }
+
+
+def test_the_wrong_class_and_a_shifted_shape_are_measured():
+    batch = du.make_shapes(50, seed=9)
+    condition = batch.condition()
+    swapped = dataclasses.replace(condition, labels=1 - condition.labels)
+    assert du.evaluate_requests(batch.images, swapped)["class_accuracy"] == 0.0
+    shifted = dataclasses.replace(condition, centers=condition.centers + torch.tensor([3.0, 4.0]))
+    scores = du.evaluate_requests(batch.images, shifted)
+    assert scores["center_error"] == pytest.approx(5.0, abs=1e-9) and scores["size_error"] == 0.0
+    larger = dataclasses.replace(condition, sizes=condition.sizes + 2)
+    assert du.evaluate_requests(batch.images, larger)["size_error"] == pytest.approx(2.0, abs=0.35)
+
+
+def test_nothing_asked_or_nothing_valid_gives_nan():
+    blank = torch.full((4, 1, 64, 64), -1.0)
+    scores = du.evaluate_requests(blank, du.request(4, "circle", 20, (32, 32)))
+    assert scores["valid"] == 0.0 and scores["matches"] == 0.0
+    assert all(math.isnan(scores[key]) for key in ("class_accuracy", "center_error", "size_error"))
+    batch = du.make_shapes(4, seed=1)
+    assert math.isnan(du.evaluate_requests(batch.images, du.Condition.null(4))["class_accuracy"])
+
+
+def test_request_matches_outlines_each_sample():
+    batch = du.make_shapes(6, seed=2)
+    condition = batch.condition()
+    assert du.request_matches(batch.images, condition) == [True] * 6
+    wrong = dataclasses.replace(condition, labels=1 - condition.labels)
+    assert du.request_matches(batch.images, wrong) == [False] * 6
+
+
+# ------------------------------------------------------------------------------------------
+# Training and checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_conditional_training_step_is_diffusion_loss_with_the_dropped_condition():
+    trainer = du.Trainer(tiny_model_config(conditional=True), tiny_train_config(condition_dropout=0.5), device="cpu")
+    x0, condition = next(trainer.batches())
+    generator = torch.Generator().set_state(trainer.generator.get_state())
+    dropped = condition.dropped(0.5, generator)  # drawn first, from the trainer's generator
+    with torch.no_grad():
+        expected = du.diffusion_loss(trainer.model, trainer.schedule, x0, "v", trainer.loss_weights, generator, dropped)
+    assert float(trainer.train_step(x0, condition)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_conditional_model_needs_to_know_what_its_images_show():
+    with pytest.raises(ValueError, match="pass data as a ShapeBatch"):
+        du.Trainer(
+            tiny_model_config(conditional=True), tiny_train_config(), device="cpu", data=du.make_shapes(4).images
+        )
+    trainer = du.Trainer(tiny_model_config(conditional=True), tiny_train_config(), device="cpu", data=du.make_shapes(8))
+    trainer.train(steps=2, progress=False)
+    with pytest.raises(ValueError, match="needs the condition of every training image"):
+        trainer.train_step(du.make_shapes(4).images)
+
+
+def test_a_conditional_checkpoint_round_trips_and_samples(tmp_path):
+    trainer = du.Trainer(tiny_model_config(conditional=True), tiny_train_config(), device="cpu")
+    trainer.train(steps=2, progress=False)
+    path = du.save_checkpoint(tmp_path / "conditional.pt", trainer)
+    loaded = du.load_trainer(path)
+    assert loaded.model_config.conditional and loaded.train_config == trainer.train_config
+    assert same_state(loaded.model.state_dict(), trainer.model.state_dict())
+    model, schedule = du.load_model(path)
+    request = du.request(2, "circle", 25)
+    result = du.sample(model, schedule, 2, steps=2, condition=request, guidance=2.0, progress=False)
+    again = du.sample(
+        trainer.sampling_model, trainer.schedule, 2, steps=2, condition=request, guidance=2.0, progress=False
+    )
+    assert torch.equal(result.images, again.images)
+
+
+def test_a_checkpoint_from_before_conditioning_loads_and_samples(trained, tmp_path):
+    """Files written before the conditioning, the lr schedule and num_timesteps existed: unconditional, constant lr."""
+    trainer, path = trained
+    payload = torch.load(path, weights_only=True)
+    model_config, train_config = payload["model_config"], payload["train_config"]
+    model_config["timesteps"] = model_config.pop("num_timesteps")
+    for key in ("conditional",):
+        del model_config[key]
+    for key in ("lr_schedule", "condition_dropout", "min_snr_form"):
+        del train_config[key]
+    older = tmp_path / "older.pt"
+    torch.save(payload, older)
+    loaded = du.load_trainer(older)
+    assert not loaded.model_config.conditional and loaded.model_config.num_timesteps == 1000
+    assert (loaded.train_config.lr_schedule, loaded.train_config.min_snr_form) == ("constant", "paper")
+    model, schedule = du.load_model(older)
+    result = du.sample(model, schedule, 2, steps=2, progress=False)
+    assert torch.equal(
+        result.images, du.sample(trainer.sampling_model, trainer.schedule, 2, steps=2, progress=False).images
+    )
