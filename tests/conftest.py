@@ -19,7 +19,14 @@ torch.set_num_threads(1)
 
 # Same examples on every run (derandomize), no example database, no per-example deadline:
 # the suite must be deterministic and must not fail because a shared machine was slow.
-settings.register_profile("suite", derandomize=True, database=None, deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "suite",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile("suite")
 
 

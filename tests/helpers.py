@@ -19,7 +19,9 @@ def tiny_model_config(**overrides) -> du.ModelConfig:
 
 
 def tiny_train_config(**overrides) -> du.TrainConfig:
-    return dataclasses.replace(du.TrainConfig(batch_size=4, warmup_steps=2, log_every=1, channels_last=False), **overrides)
+    return dataclasses.replace(
+        du.TrainConfig(batch_size=4, warmup_steps=2, log_every=1, channels_last=False), **overrides
+    )
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

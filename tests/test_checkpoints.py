@@ -115,7 +115,12 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(trained, 
     path.write_bytes(source.read_bytes())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for _attempt in range(5):  # retried only if the kill happened to land between two saves
-        process = subprocess.Popen([sys.executable, str(script), str(path), str(ROOT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(path), str(ROOT)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 300  # generous: importing torch on a loaded machine is slow
         try:
             while not tmp_files(tmp_path, "run.pt"):  # the writer has started a save
@@ -186,8 +191,15 @@ def test_files_that_are_not_checkpoints_are_refused_naming_the_file(trained, tmp
         path.write_text("step: 3\n")
     elif kind == "folder":
         path.mkdir()
-    expected = {"empty": "empty", "plain dict": "not a diffusion_patterns checkpoint", "missing": "no such checkpoint", "folder": "no such checkpoint"}
-    with pytest.raises(du.CheckpointError, match=re.escape(str(path)) + ".*" + expected.get(kind, "not a readable checkpoint")) as error:
+    expected = {
+        "empty": "empty",
+        "plain dict": "not a diffusion_patterns checkpoint",
+        "missing": "no such checkpoint",
+        "folder": "no such checkpoint",
+    }
+    with pytest.raises(
+        du.CheckpointError, match=re.escape(str(path)) + ".*" + expected.get(kind, "not a readable checkpoint")
+    ) as error:
         du.load_trainer(path)
     assert isinstance(error.value, ValueError)  # the CLI reports it as one line
 
@@ -196,7 +208,9 @@ def test_a_different_configuration_is_named(trained):
     _, path = trained
     expect = tiny_model_config(base_channels=16, prediction="eps")
     with pytest.raises(
-        du.CheckpointError, match=r"different model configuration: prediction='v' in the file, 'eps' expected, base_channels=8 in the file, 16 expected"
+        du.CheckpointError,
+        match=r"different model configuration: prediction='v' in the file, 'eps' expected, "
+        r"base_channels=8 in the file, 16 expected",
     ):
         du.load_trainer(path, expect=expect)
     assert du.load_trainer(path, expect=tiny_model_config()).step == 3
@@ -212,7 +226,10 @@ def _tampered(source: Path, target: Path, change) -> Path:
 def test_a_state_dict_that_does_not_fit_the_model_is_a_clear_error(trained, tmp_path):
     _, source = trained
     path = _tampered(source, tmp_path / "wider.pt", lambda p: p["model_config"].update(base_channels=16))
-    with pytest.raises(du.CheckpointError, match=re.escape(str(path)) + r": does not match its model: .*size mismatch for time_mlp\.0\.weight"):
+    with pytest.raises(
+        du.CheckpointError,
+        match=re.escape(str(path)) + r": does not match its model: .*size mismatch for time_mlp\.0\.weight",
+    ):
         du.load_trainer(path)
     path = _tampered(source, tmp_path / "no-optimizer.pt", lambda p: p["state"].pop("optimizer"))
     with pytest.raises(du.CheckpointError, match="does not match its model: 'optimizer'"):
@@ -232,7 +249,9 @@ def test_a_state_dict_that_does_not_fit_the_model_is_a_clear_error(trained, tmp_
 def test_an_invalid_configuration_in_the_file_is_named(trained, tmp_path, change, message):
     _, source = trained
     path = _tampered(source, tmp_path / "bad.pt", change)
-    with pytest.raises(du.CheckpointError, match=re.escape(str(path)) + ": its configuration is invalid: .*" + re.escape(message)):
+    with pytest.raises(
+        du.CheckpointError, match=re.escape(str(path)) + ": its configuration is invalid: .*" + re.escape(message)
+    ):
         du.load_trainer(path)
 
 
@@ -273,7 +292,9 @@ def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path
 
     moved = du.load_trainer(_tampered(path, tmp_path / "unfused.pt", as_if_from_mps))
     assert [g["fused"] for g in moved.optimizer.param_groups] == [True]  # the CPU's kernel
-    assert moved.optimizer.param_groups[0]["lr"] == du.read_checkpoint(path)["state"]["optimizer"]["param_groups"][0]["lr"]
+    assert (
+        moved.optimizer.param_groups[0]["lr"] == du.read_checkpoint(path)["state"]["optimizer"]["param_groups"][0]["lr"]
+    )
     moved.train(steps=1, progress=False)  # the fused kernel runs on the loaded state
     # the reverse: a fused state loaded where the kernel is not fused (as on MPS)
     unfused = du.Trainer(moved.model_config, moved.train_config, device="cpu")
@@ -284,7 +305,11 @@ def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path
 
 
 def test_load_trainer_can_switch_compilation_without_changing_anything_else(tmp_path):
-    trainer = du.Trainer(tiny_model_config(), dataclasses.replace(du.TrainConfig(batch_size=4, channels_last=False), compile=True), device="cpu")
+    trainer = du.Trainer(
+        tiny_model_config(),
+        dataclasses.replace(du.TrainConfig(batch_size=4, channels_last=False), compile=True),
+        device="cpu",
+    )
     du.save_checkpoint(tmp_path / "compiled.pt", trainer)  # torch.compile is lazy: nothing compiles here
     eager = du.load_trainer(tmp_path / "compiled.pt", compile=False)
     assert eager.train_config == dataclasses.replace(trainer.train_config, compile=False)

@@ -102,7 +102,9 @@ def test_centres_spread_over_the_frame(batch):
 def test_same_seed_same_images_different_seed_different():
     a, b, c = du.make_shapes(16, seed=3), du.make_shapes(16, seed=3), du.make_shapes(16, seed=4)
     assert torch.equal(a.images, b.images)
-    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.centers, b.centers) and np.array_equal(a.sizes, b.sizes)
+    assert (
+        np.array_equal(a.labels, b.labels) and np.array_equal(a.centers, b.centers) and np.array_equal(a.sizes, b.sizes)
+    )
     assert not torch.equal(a.images, c.images)
     assert torch.equal(du.make_shapes(4, seed=(3, 5)).images, du.make_shapes(4, seed=(3, 5)).images)
     assert not torch.equal(du.make_shapes(4, seed=(3, 5)).images, du.make_shapes(4, seed=(3, 6)).images)

@@ -19,7 +19,9 @@ def pinned_batches(batch_size: int, count: int) -> list[torch.Tensor]:
 def test_training_steps_on_cuda_lower_the_loss_in_every_precision(precision):
     if precision == "bf16" and not du.is_ampere_or_newer("cuda"):
         pytest.skip("bf16 is emulated before compute capability 8.0")
-    trainer = du.Trainer(tiny_model_config(), tiny_train_config(batch_size=16, lr=3e-3, log_every=10), device="cuda", precision=precision)
+    trainer = du.Trainer(
+        tiny_model_config(), tiny_train_config(batch_size=16, lr=3e-3, log_every=10), device="cuda", precision=precision
+    )
     assert trainer.scaler.is_enabled() == (precision == "fp16")
     assert trainer.optimizer.param_groups[0]["fused"] is True
     losses = trainer.train(steps=60, progress=False)
@@ -52,7 +54,12 @@ def test_channels_last_computes_the_same_loss_and_gradients_on_cuda(monkeypatch)
     x0 = du.make_shapes(8, seed=0).images.cuda()
     grads = []
     for channels_last in (False, True):
-        trainer = du.Trainer(tiny_model_config(), tiny_train_config(batch_size=8, channels_last=channels_last), device="cuda", precision="fp32")
+        trainer = du.Trainer(
+            tiny_model_config(),
+            tiny_train_config(batch_size=8, channels_last=channels_last),
+            device="cuda",
+            precision="fp32",
+        )
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the Trainer turned TF32 on;
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # monkeypatch turns it back on after the test
         x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
@@ -74,7 +81,10 @@ def test_a_cuda_checkpoint_loads_on_the_cpu_and_resumes_on_cuda(tmp_path):
     assert resumed.step == 3 and resumed.optimizer.param_groups[0]["fused"] is True
     resumed.train(steps=2, progress=False)
     trainer.train(steps=2, progress=False)
-    for key, value in trainer.model.state_dict().items():  # resume = one go, on CUDA too (up to atomics in cuDNN's backward)
+    for (
+        key,
+        value,
+    ) in trainer.model.state_dict().items():  # resume = one go, on CUDA too (up to atomics in cuDNN's backward)
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-3, atol=1e-5, msg=key)
 
 
@@ -86,7 +96,9 @@ def test_an_fp16_run_resumes_in_fp16_with_its_gradient_scale(tmp_path):
     path = du.save_checkpoint(tmp_path / "fp16.pt", trainer)
     resumed = du.load_trainer(path, device="cuda", precision="fp16")
     assert resumed.precision == "fp16" and resumed.scaler.get_scale() == 1024.0
-    assert du.load_trainer(path, device="cuda").precision == du.choose_precision("cuda")  # unless asked, this card's own
+    assert du.load_trainer(path, device="cuda").precision == du.choose_precision(
+        "cuda"
+    )  # unless asked, this card's own
 
 
 def test_an_unfused_cpu_checkpoint_resumes_on_cuda_with_the_fused_optimiser(tmp_path):

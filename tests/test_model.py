@@ -131,7 +131,9 @@ def test_parameter_counts_match_a_hand_count():
     bottleneck = du.UNet(tiny_model_config(time_injection="bottleneck"))
     assert du.count_parameters(every) == 30116
     assert du.count_parameters(bottleneck) == 28532
-    assert du.count_parameters(du.UNet(tiny_model_config(pixel_unshuffle=1))) == 30116 - 3 * 8 * 9 - 8 * 3 * 9 - 3  # 1-channel stem and head
+    assert (
+        du.count_parameters(du.UNet(tiny_model_config(pixel_unshuffle=1))) == 30116 - 3 * 8 * 9 - 8 * 3 * 9 - 3
+    )  # 1-channel stem and head
 
 
 def test_residual_block_starts_as_its_skip_connection():
@@ -154,7 +156,9 @@ def test_sinusoidal_embedding_by_hand():
     freqs = [10000 ** (-k / 4) for k in range(4)]
     expected = [math.cos(250 * w) for w in freqs] + [math.sin(250 * w) for w in freqs]
     assert emb[2].tolist() == pytest.approx(expected, abs=1e-4)
-    assert emb[1, 0].item() == pytest.approx(math.cos(1.0), abs=1e-6) and emb[1, 4].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+    assert emb[1, 0].item() == pytest.approx(math.cos(1.0), abs=1e-6) and emb[1, 4].item() == pytest.approx(
+        math.sin(1.0), abs=1e-6
+    )
 
 
 def test_describe_model_reports_count_and_levels():
@@ -187,6 +191,9 @@ def test_invalid_model_config_names_the_field(field, value):
 
 
 def test_too_many_levels_are_refused():
-    with pytest.raises(ValueError, match=r"channel_mults \(1, 1, 1, 1, 1, 1\): 6 levels after pixel_unshuffle 2 shrink the image below 2x2"):
+    with pytest.raises(
+        ValueError,
+        match=r"channel_mults \(1, 1, 1, 1, 1, 1\): 6 levels after pixel_unshuffle 2 shrink the image below 2x2",
+    ):
         du.ModelConfig(channel_mults=(1, 1, 1, 1, 1, 1), pixel_unshuffle=2)  # 32 -> 1
     du.ModelConfig(channel_mults=(1, 1, 1, 1, 1), pixel_unshuffle=2)  # 32 -> 2 is fine

@@ -90,8 +90,12 @@ def test_exactly_one_parameters_cell_of_literal_assignments():
     tree = ast.parse(cell.source)
     names = []
     for statement in tree.body:
-        assert isinstance(statement, ast.Assign), f"line {statement.lineno}: only plain assignments belong in the parameters cell"
-        assert len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name), f"line {statement.lineno}: assign one name"
+        assert isinstance(statement, ast.Assign), (
+            f"line {statement.lineno}: only plain assignments belong in the parameters cell"
+        )
+        assert len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name), (
+            f"line {statement.lineno}: assign one name"
+        )
         ast.literal_eval(statement.value)  # raises ValueError unless the value is a literal
         names.append(statement.targets[0].id)
     assert len(names) == len(set(names)), f"a parameter is assigned twice: {names}"
@@ -119,7 +123,9 @@ def test_code_cells_call_diffusion_utils_and_define_nothing():
     assert any("import diffusion_utils as du" in source for source in sources)
     for k, source in enumerate(sources):
         for line in source.splitlines():
-            assert not line.startswith(("def ", "class ", "async def ")), f"code cell {k} defines logic; move it to diffusion_utils.py: {line!r}"
+            assert not line.startswith(("def ", "class ", "async def ")), (
+                f"code cell {k} defines logic; move it to diffusion_utils.py: {line!r}"
+            )
         for node in ast.walk(ast.parse(as_python(source))):
             assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), (
                 f"code cell {k} defines {node.name}; move it to diffusion_utils.py"
@@ -136,7 +142,16 @@ def test_colab_setup_only_runs_on_colab():
 # Executing the notebook with a tiny configuration
 # ------------------------------------------------------------------------------------------
 
-FIGURES = ("dataset.png", "forward_process.png", "schedules.png", "time_embedding.png", "loss.png", "samples.png", "samplers.png", "backwards_process.png")
+FIGURES = (
+    "dataset.png",
+    "forward_process.png",
+    "schedules.png",
+    "time_embedding.png",
+    "loss.png",
+    "samples.png",
+    "samplers.png",
+    "backwards_process.png",
+)
 
 
 def tiny_parameters(output_dir: Path, figure_path: Path, **overrides: object) -> str:
@@ -156,11 +171,13 @@ def tiny_parameters(output_dir: Path, figure_path: Path, **overrides: object) ->
         "RESUME": None,
     }
     values.update(overrides)
-    return "\n".join(["# injected by tests/test_notebook.py"] + [f"{name} = {value!r}" for name, value in values.items()])
+    return "\n".join(
+        ["# injected by tests/test_notebook.py"] + [f"{name} = {value!r}" for name, value in values.items()]
+    )
 
 
 def run_notebook(parameters: str) -> nbformat.NotebookNode:
-    """Execute the notebook in a fresh kernel from the repository root, with `parameters` injected after the tagged cell."""
+    """Execute the notebook in a fresh kernel from the repository root, `parameters` injected after the tagged cell."""
     from nbclient import NotebookClient
 
     notebook = read_notebook()
@@ -168,8 +185,16 @@ def run_notebook(parameters: str) -> nbformat.NotebookNode:
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(parameters, metadata={"tags": ["injected-parameters"]}))
     # One thread: the tiny model gains nothing from more, and OpenMP threads that spin-wait on a busy
     # machine made each forward pass ~10x slower. No bytecode written into the repository.
-    env = dict(os.environ, MPLBACKEND="module://matplotlib_inline.backend_inline", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
+    env = dict(
+        os.environ,
+        MPLBACKEND="module://matplotlib_inline.backend_inline",
+        PYTHONDONTWRITEBYTECODE="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+    client = NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
     client.execute(env=env)  # raises CellExecutionError, naming the cell, on the first error
     errors = [
         (k, output.get("ename"), output.get("evalue"))
@@ -207,7 +232,12 @@ def test_notebook_runs_top_to_bottom_with_tiny_configuration(tmp_path, protected
     output_dir, figure_path = tmp_path / "out", tmp_path / "figure" / "backwards_process.png"
     notebook = run_notebook(tiny_parameters(output_dir, figure_path))
 
-    images = [output for cell in code_cells(notebook) for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+    images = [
+        output
+        for cell in code_cells(notebook)
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
     assert len(images) >= len(FIGURES), f"expected the figures inline, got {len(images)} PNG outputs"
     text = printed(notebook)
     assert "| real data |" in text and "| DDIM 3 steps |" in text, "the evaluation table is missing"
@@ -221,7 +251,9 @@ def test_notebook_runs_top_to_bottom_with_tiny_configuration(tmp_path, protected
     for name in FIGURES:
         assert (output_dir / name).is_file(), f"{name} missing from OUTPUT_DIR"
         png_size(output_dir / name)
-    assert set(p.name for p in tmp_path.rglob("*") if p.is_file()) == set(FIGURES) | {"model.pt"}, "unexpected files written"
+    assert set(p.name for p in tmp_path.rglob("*") if p.is_file()) == set(FIGURES) | {"model.pt"}, (
+        "unexpected files written"
+    )
 
 
 def test_notebook_resumes_and_compares_with_the_original_design(tmp_path, protected_files):
@@ -233,7 +265,9 @@ def test_notebook_resumes_and_compares_with_the_original_design(tmp_path, protec
     checkpoint = du.save_checkpoint(tmp_path / "start.pt", trainer)
 
     output_dir, figure_path = tmp_path / "out", tmp_path / "backwards_process.png"
-    notebook = run_notebook(tiny_parameters(output_dir, figure_path, TRAIN_STEPS=2, RESUME=str(checkpoint), COMPARE_ORIGINAL=True))
+    notebook = run_notebook(
+        tiny_parameters(output_dir, figure_path, TRAIN_STEPS=2, RESUME=str(checkpoint), COMPARE_ORIGINAL=True)
+    )
     text = printed(notebook)
     assert f"resumed from {checkpoint} at step 2" in text
     assert "now at step 4" in text

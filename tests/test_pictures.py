@@ -45,7 +45,16 @@ def test_plot_forward_process_noises_one_image_to_each_t():
 def test_plot_backward_process_lays_out_steps_by_samples():
     schedule = du.NoiseSchedule.create("cosine", 1000)
     oracle_x0 = du.make_shapes(4, seed=1).images
-    result = du.sample(Oracle(schedule, oracle_x0, "v"), schedule, 4, steps=5, sampler="ddim", prediction="v", save_at=(0, 2, 4), progress=False)
+    result = du.sample(
+        Oracle(schedule, oracle_x0, "v"),
+        schedule,
+        4,
+        steps=5,
+        sampler="ddim",
+        prediction="v",
+        save_at=(0, 2, 4),
+        progress=False,
+    )
     fig = du.plot_backward_process(result, rows=4)
     assert len(fig.axes) == 4 * (3 * 2 + 1)  # x_t and x0_hat at each saved step, then the finished sample
     titles = ["x_t at t=999", "x̂_0 at t=999", "x_t at t=500", "x̂_0 at t=500", "x_t at t=0", "x̂_0 at t=0", "sample"]

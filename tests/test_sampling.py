@@ -50,7 +50,9 @@ def test_ddim_with_the_oracle_recovers_x0(kind, prediction, x0):
 def test_ddpm_with_the_oracle_recovers_x0(kind, prediction, x0):
     schedule = SCHEDULES[kind]
     oracle = Oracle(schedule, x0, prediction)
-    result = du.sample(oracle, schedule, 3, steps=20, sampler="ddpm", prediction=prediction, save_at=(10, 19), progress=False)
+    result = du.sample(
+        oracle, schedule, 3, steps=20, sampler="ddpm", prediction=prediction, save_at=(10, 19), progress=False
+    )
     assert (result.images - x0).abs().max() < 1e-5
     for predicted in result.x0:  # the x_0 guesses along the way are x_0 as well
         assert (predicted - x0).abs().max() < 1e-4
@@ -61,7 +63,16 @@ def test_ddim_with_the_oracle_keeps_the_initial_noise_along_the_whole_path(x0):
     every x_t on the path uses the same eps, the one implied by x_T."""
     schedule = SCHEDULES["linear"]
     steps = 10
-    result = du.sample(Oracle(schedule, x0, "eps"), schedule, 3, steps=steps, sampler="ddim", prediction="eps", save_at=range(steps), progress=False)
+    result = du.sample(
+        Oracle(schedule, x0, "eps"),
+        schedule,
+        3,
+        steps=steps,
+        sampler="ddim",
+        prediction="eps",
+        save_at=range(steps),
+        progress=False,
+    )
     x_T = torch.stack([initial_noise(0, k) for k in range(3)])
     assert torch.equal(result.x_t[0], x_T)
     ab_T = float(schedule.alpha_bars[-1])
@@ -79,7 +90,16 @@ def test_stochastic_steps_with_the_oracle_keep_x_t_distributed_as_q(sampler, eta
     schedule = SCHEDULES["linear"]  # alpha_bar_T = 4e-5: x_T ~ N(0, I) is q(x_T | x_0) to 1e-2
     steps = 8
     result = du.sample(
-        Oracle(schedule, x0, "eps"), schedule, 3, steps=steps, sampler=sampler, eta=eta, prediction="eps", save_at=range(steps), seed=4, progress=False
+        Oracle(schedule, x0, "eps"),
+        schedule,
+        3,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        prediction="eps",
+        save_at=range(steps),
+        seed=4,
+        progress=False,
     )
     for t, x_t in zip(result.timesteps, result.x_t):
         ab = float(schedule.alpha_bars[t])
@@ -115,8 +135,12 @@ def test_ddim_step_with_eta_0_by_hand():
     ab, ab_prev = float(spaced.alpha_bars[i]), float(spaced.alpha_bars[i - 1])
     eps = (0.3 - math.sqrt(ab) * -0.5) / math.sqrt(1 - ab)
     expected = math.sqrt(ab_prev) * -0.5 + math.sqrt(1 - ab_prev) * eps
-    assert torch.allclose(du.ddim_step(spaced, i, x_t, x0, du.StepState(noise=None, eta=0.0)), torch.full_like(x_t, expected), atol=1e-6)
-    assert torch.equal(du.ddim_step(spaced, 0, x_t, x0, du.StepState(noise=None, eta=0.0)), x0)  # the last step lands on x_0
+    assert torch.allclose(
+        du.ddim_step(spaced, i, x_t, x0, du.StepState(noise=None, eta=0.0)), torch.full_like(x_t, expected), atol=1e-6
+    )
+    assert torch.equal(
+        du.ddim_step(spaced, 0, x_t, x0, du.StepState(noise=None, eta=0.0)), x0
+    )  # the last step lands on x_0
 
 
 def test_ddpm_step_by_hand():
@@ -125,9 +149,15 @@ def test_ddpm_step_by_hand():
     i = 2
     mean = float(spaced.posterior_mean_coef1[i]) * -0.5 + float(spaced.posterior_mean_coef2[i]) * 0.3
     expected = mean + math.sqrt(float(spaced.posterior_variance[i])) * 2.0
-    assert torch.allclose(du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=z)), torch.full_like(x_t, expected), atol=1e-6)
-    assert torch.allclose(du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=None)), torch.full_like(x_t, mean), atol=1e-6)
-    assert torch.allclose(du.ddpm_step(spaced, 0, x_t, x0, du.StepState(noise=z)), x0, atol=1e-6)  # no noise at the last step
+    assert torch.allclose(
+        du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=z)), torch.full_like(x_t, expected), atol=1e-6
+    )
+    assert torch.allclose(
+        du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=None)), torch.full_like(x_t, mean), atol=1e-6
+    )
+    assert torch.allclose(
+        du.ddpm_step(spaced, 0, x_t, x0, du.StepState(noise=z)), x0, atol=1e-6
+    )  # no noise at the last step
 
 
 def test_whole_ddpm_run_equals_ddim_with_eta_1(tiny_net):
@@ -173,8 +203,12 @@ def test_save_at_keeps_the_requested_steps(tiny_net):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_chunking_does_not_change_the_images(tiny_net, sampler):
     schedule = SCHEDULES["cosine"]
-    whole = du.sample(tiny_net, schedule, 5, steps=3, sampler=sampler, seed=2, batch_size=5, save_at=(1,), progress=False)
-    chunked = du.sample(tiny_net, schedule, 5, steps=3, sampler=sampler, seed=2, batch_size=2, save_at=(1,), progress=False)
+    whole = du.sample(
+        tiny_net, schedule, 5, steps=3, sampler=sampler, seed=2, batch_size=5, save_at=(1,), progress=False
+    )
+    chunked = du.sample(
+        tiny_net, schedule, 5, steps=3, sampler=sampler, seed=2, batch_size=2, save_at=(1,), progress=False
+    )
     assert torch.allclose(whole.images, chunked.images, atol=1e-5)
     assert torch.allclose(whole.x_t[0], chunked.x_t[0], atol=1e-5) and chunked.x_t[0].shape == (5, 1, 64, 64)
     first_two = du.sample(tiny_net, schedule, 2, steps=3, sampler=sampler, seed=2, progress=False)

@@ -97,7 +97,12 @@ def test_alpha_bar_falls_from_about_1_to_about_0(schedule):
     assert bool((ab.diff() < 0).all())
     assert 0.999 < float(ab[0]) < 1 and 0 < float(ab[-1]) < 1e-4
     assert torch.equal(schedule.alpha_bars_prev[1:], ab[:-1]) and float(schedule.alpha_bars_prev[0]) == 1.0
-    assert torch.allclose(schedule.sqrt_alpha_bars**2 + schedule.sqrt_one_minus_alpha_bars**2, torch.ones(T, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert torch.allclose(
+        schedule.sqrt_alpha_bars**2 + schedule.sqrt_one_minus_alpha_bars**2,
+        torch.ones(T, dtype=torch.float64),
+        rtol=0,
+        atol=1e-14,
+    )
 
 
 @pytest.mark.parametrize("schedule", [LINEAR, COSINE], ids=["linear", "cosine"])
@@ -125,9 +130,13 @@ def test_posterior_coefficients_match_their_formulas(schedule, t):
     beta, alpha = float(schedule.betas[t]), 1 - float(schedule.betas[t])
     ab = float(schedule.alpha_bars[t])
     ab_prev = float(schedule.alpha_bars[t - 1]) if t > 0 else 1.0
-    assert float(schedule.posterior_variance[t]) == pytest.approx(beta * (1 - ab_prev) / (1 - ab), rel=1e-10, abs=1e-300)
+    assert float(schedule.posterior_variance[t]) == pytest.approx(
+        beta * (1 - ab_prev) / (1 - ab), rel=1e-10, abs=1e-300
+    )
     assert float(schedule.posterior_mean_coef1[t]) == pytest.approx(beta * math.sqrt(ab_prev) / (1 - ab), rel=1e-10)
-    assert float(schedule.posterior_mean_coef2[t]) == pytest.approx((1 - ab_prev) * math.sqrt(alpha) / (1 - ab), rel=1e-10, abs=1e-300)
+    assert float(schedule.posterior_mean_coef2[t]) == pytest.approx(
+        (1 - ab_prev) * math.sqrt(alpha) / (1 - ab), rel=1e-10, abs=1e-300
+    )
 
 
 @pytest.mark.parametrize("schedule", [LINEAR, COSINE], ids=["linear", "cosine"])
@@ -172,7 +181,9 @@ def test_posterior_mean_is_the_conditional_mean_of_the_forward_chain(schedule):
     cov, var = alphas.sqrt() * (1 - ab_prev), 1 - ab
     # coefficient of x_t, and of x_0 after expanding the bracket
     assert torch.allclose(schedule.posterior_mean_coef2[t], cov / var, rtol=1e-9, atol=0)
-    assert torch.allclose(schedule.posterior_mean_coef1[t], ab_prev.sqrt() - cov / var * ab.sqrt(), rtol=1e-7, atol=1e-12)
+    assert torch.allclose(
+        schedule.posterior_mean_coef1[t], ab_prev.sqrt() - cov / var * ab.sqrt(), rtol=1e-7, atol=1e-12
+    )
     assert torch.allclose(schedule.posterior_variance[t], (1 - ab_prev) - cov**2 / var, rtol=1e-7, atol=1e-12)
 
 
@@ -182,7 +193,9 @@ def test_posterior_mean_matches_a_monte_carlo_regression(cosine):
     n, x0 = 400_000, 0.6
     for t in (50, 400, 800):
         ab_prev, beta = float(cosine.alpha_bars[t - 1]), float(cosine.betas[t])
-        x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * torch.randn(n, generator=generator, dtype=torch.float64)
+        x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * torch.randn(
+            n, generator=generator, dtype=torch.float64
+        )
         x_t = math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * torch.randn(n, generator=generator, dtype=torch.float64)
         xc, yc = x_t - x_t.mean(), x_prev - x_prev.mean()
         slope = float((xc * yc).sum() / (xc * xc).sum())
@@ -212,7 +225,9 @@ def test_respaced_keeps_alpha_bar_at_the_kept_steps(kind, steps):
     # float64 round-off only (1 - (1 - r) is exact to ~1e-16 absolute, cosine's last alpha_bar is 2e-9)
     assert torch.allclose(spaced.alpha_bars, schedule.alpha_bars[kept], rtol=1e-12, atol=1e-15)
     # beta'_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}
-    assert float(spaced.betas[1]) == pytest.approx(1 - float(schedule.alpha_bars[kept[1]] / schedule.alpha_bars[kept[0]]), rel=1e-12)
+    assert float(spaced.betas[1]) == pytest.approx(
+        1 - float(schedule.alpha_bars[kept[1]] / schedule.alpha_bars[kept[0]]), rel=1e-12
+    )
 
 
 def test_respaced_by_t_is_the_original(cosine):
@@ -259,7 +274,9 @@ def test_add_noise_has_the_mean_and_std_of_q(kind):
     for k, step in enumerate(ts.tolist()):
         ab = float(schedule.alpha_bars[step])
         std = math.sqrt(1 - ab)
-        assert float(x_t[k].mean()) == pytest.approx(math.sqrt(ab) * float(values[k]), abs=5 * std / math.sqrt(samples) + 1e-6)
+        assert float(x_t[k].mean()) == pytest.approx(
+            math.sqrt(ab) * float(values[k]), abs=5 * std / math.sqrt(samples) + 1e-6
+        )
         assert float(x_t[k].std()) == pytest.approx(std, rel=0.02)
 
 

@@ -1,5 +1,7 @@
 """Section 5 (and 1): the loss, EMA, the Trainer, resuming, NaN handling, device and precision."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,9 @@ def test_trainer_precision_can_be_overridden_but_only_where_it_exists():
 
 def test_check_precision_allows_only_what_the_device_runs():
     assert du.check_precision("cpu", "fp32") == "fp32"
-    assert du.check_precision("cpu", None) == "fp32" and du.check_precision("cuda", None, capability=(7, 5)) == "fp16"  # None: the pick
+    assert (
+        du.check_precision("cpu", None) == "fp32" and du.check_precision("cuda", None, capability=(7, 5)) == "fp16"
+    )  # None: the pick
     assert du.check_precision("cuda", "bf16", capability=(8, 0)) == "bf16"
     assert du.check_precision("cuda", "fp16", capability=(7, 5)) == "fp16"  # T4: fp16 tensor cores
     with pytest.raises(ValueError, match=r"'bf16' needs a GPU of compute capability 8.0\+ .*this one is 7.5"):
@@ -138,7 +142,11 @@ def test_diffusion_loss_of_a_zero_output_is_the_weighted_target_power():
 @pytest.mark.parametrize("form", ["cap", "paper"])
 def test_the_trainer_weights_its_loss_with_its_min_snr_settings(form):
     """The first step's loss is diffusion_loss with the config's gamma and form, from the same draws."""
-    trainer = du.Trainer(tiny_model_config(prediction="v", dropout=0.0), tiny_train_config(min_snr_gamma=2.0, min_snr_form=form), device="cpu")
+    trainer = du.Trainer(
+        tiny_model_config(prediction="v", dropout=0.0),
+        tiny_train_config(min_snr_gamma=2.0, min_snr_form=form),
+        device="cpu",
+    )
     x0, _ = next(trainer.batches())
     assert torch.equal(trainer.loss_weights, trainer.schedule.loss_weights("v", 2.0, form).float())  # computed once
     with torch.no_grad():
@@ -160,7 +168,7 @@ def test_the_trainer_weights_its_loss_with_its_min_snr_settings(form):
 
 
 def test_ema_warm_up_follows_its_formula():
-    """ema = decay_k ema + (1 - decay_k) param, decay_k = min(decay, (1 + k) / (10 + k)): 0.1, 0.1818..., then the cap."""
+    """ema = decay_k ema + (1 - decay_k) param, decay_k = min(decay, (1 + k) / (10 + k)): 0.1, 0.18..., then the cap."""
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
@@ -187,7 +195,12 @@ def test_ema_warm_up_follows_its_formula():
 def test_a_short_run_lowers_the_loss():
     data = du.make_shapes(16, seed=0).images
     config = tiny_model_config(schedule="linear", prediction="eps")
-    trainer = du.Trainer(config, tiny_train_config(batch_size=4, lr=3e-3, warmup_steps=0, ema_decay=None, log_every=10), device="cpu", data=data)
+    trainer = du.Trainer(
+        config,
+        tiny_train_config(batch_size=4, lr=3e-3, warmup_steps=0, ema_decay=None, log_every=10),
+        device="cpu",
+        data=data,
+    )
     losses = trainer.train(steps=40, progress=False)
     assert len(losses) == 40 and trainer.step == 40 and trainer.images_seen == 160
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
@@ -241,7 +254,13 @@ def test_log_and_checkpoint_cadence(tmp_path, monkeypatch):
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(log_every=3), device="cpu")
     saved, logged = [], []
     monkeypatch.setattr(du, "save_checkpoint", lambda path, t: saved.append(t.step))
-    trainer.train(steps=7, progress=False, checkpoint_path=tmp_path / "x.pt", checkpoint_every=2, on_log=lambda t: logged.append((t.step, len(t.losses))))
+    trainer.train(
+        steps=7,
+        progress=False,
+        checkpoint_path=tmp_path / "x.pt",
+        checkpoint_every=2,
+        on_log=lambda t: logged.append((t.step, len(t.losses))),
+    )
     assert saved == [2, 4, 6, 7]  # every 2 steps, and at the end
     # the loss is read back (and checked) before every save; log_every counts from the last read-back
     assert logged == [(2, 2), (4, 4), (6, 6), (7, 7)]
@@ -371,7 +390,9 @@ def test_the_fused_cpu_optimiser_matches_the_loop_one_with_channels_last():
     config = tiny_train_config(channels_last=True)
     fused = du.Trainer(tiny_model_config(), config, "cpu")
     loop = du.Trainer(tiny_model_config(), config, "cpu")
-    loop.optimizer = torch.optim.AdamW(loop.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    loop.optimizer = torch.optim.AdamW(
+        loop.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False
+    )
     loop.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, fused.lr_scheduler.lr_lambdas[0])
     assert fused.optimizer.param_groups[0]["fused"] is True
     assert fused.model.stem[1].weight.is_contiguous(memory_format=torch.channels_last)
@@ -383,9 +404,51 @@ def test_the_fused_cpu_optimiser_matches_the_loop_one_with_channels_last():
     loop.train(steps=1, progress=False)
     for (name, a), b in zip(fused.model.named_parameters(), loop.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
-    assert not same_state(fused.model.state_dict(), du.Trainer(tiny_model_config(), config, "cpu").model.state_dict())  # it trained
+    assert not same_state(
+        fused.model.state_dict(), du.Trainer(tiny_model_config(), config, "cpu").model.state_dict()
+    )  # it trained
 
 
 def test_adamw_is_fused_on_cuda_and_cpu_and_left_to_pytorch_on_mps():
     assert du.fused_adamw(torch.device("cpu")) is True and du.fused_adamw(torch.device("cuda")) is True
     assert du.fused_adamw(torch.device("mps")) is None
+
+
+# ------------------------------------------------------------------------------------------
+# The learning-rate schedule over a known budget
+# ------------------------------------------------------------------------------------------
+
+
+def test_cosine_decay_follows_its_formula_over_a_step_budget():
+    """lr_k = lr * min(1, (k+1)/(warmup+1)) * (1 + cos(pi p_k)) / 2, p_k the share of the budget done before it."""
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=1e-3, warmup_steps=2, lr_schedule="cosine"), "cpu")
+    used = []
+    real_step = trainer.train_step
+
+    def recording(*args):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(*args)
+
+    trainer.train_step = recording
+    trainer.train(steps=8, progress=False)
+    # the lr of step k is set after step k-1, from the budget share done then: (k-1)/8, and 0 before step 0
+    shares = [0.0] + [(k - 1) / 8 for k in range(1, 8)]
+    expected = [1e-3 * min(1.0, (k + 1) / 3) * 0.5 * (1 + math.cos(math.pi * p)) for k, p in enumerate(shares)]
+    assert used == pytest.approx(expected, rel=1e-9)
+    assert trainer.budget_progress == 0.0  # the next train() call starts a new decay
+
+
+def test_the_constant_schedule_keeps_the_peak_after_the_warm_up():
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=2e-3, warmup_steps=1, lr_schedule="constant"), "cpu")
+    trainer.budget_progress = 0.9
+    assert [trainer.lr_factor(k) for k in (0, 1, 50)] == [0.5, 1.0, 1.0]
+
+
+def test_a_minute_budget_decays_by_the_clock(monkeypatch):
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr_schedule="cosine", warmup_steps=0), "cpu")
+    clock = iter(range(0, 10_000, 15))  # every reading of the clock is 15 s later
+    monkeypatch.setattr(du.time, "monotonic", lambda: float(next(clock)))
+    shares = []
+    trainer.train(minutes=1, progress=False, on_log=lambda t: shares.append(t.budget_progress))
+    assert trainer.step >= 1 and all(0.0 <= share < 1.0 for share in shares)
+    assert trainer.lr_factor(10) == 1.0  # the budget is over: back to the peak for the next call

@@ -195,7 +195,10 @@ def test_train_config_names_a_non_positive_integer(field, value):
 )
 def test_train_config_names_a_bad_value(field_value):
     field, value = field_value
-    with pytest.raises(ValueError, match=contains(field) + ".*" + contains(f"got {value!r}" if field == "data_workers" else f"got {value}")):
+    with pytest.raises(
+        ValueError,
+        match=contains(field) + ".*" + contains(f"got {value!r}" if field == "data_workers" else f"got {value}"),
+    ):
         du.TrainConfig(**{field: value})
 
 
@@ -236,7 +239,9 @@ def test_sample_names_an_unknown_sampler(sampler):
 
 @given(eta=st.floats(allow_nan=False).filter(lambda e: e != 1.0))
 def test_sample_refuses_eta_for_ddpm(eta):
-    with pytest.raises(ValueError, match=contains(f"eta applies to the ddim sampler only (ddpm is ddim with eta=1), got eta={eta}")):
+    with pytest.raises(
+        ValueError, match=contains(f"eta applies to the ddim sampler only (ddpm is ddim with eta=1), got eta={eta}")
+    ):
         du.sample(ORACLE, SCHEDULE, 1, steps=2, sampler="ddpm", eta=eta, prediction="eps", progress=False)
 
 
@@ -251,7 +256,9 @@ def test_sample_names_save_at_steps_out_of_range(steps, data):
     bad = data.draw(st.lists(st.one_of(st.integers(-50, -1), st.integers(steps, steps + 50)), min_size=1, max_size=3))
     good = data.draw(st.lists(st.integers(0, steps - 1), max_size=2))
     with pytest.raises(ValueError, match=contains(f"save_at steps must be in [0, {steps - 1}], got {bad}")):
-        du.sample(ORACLE, SCHEDULE, 1, steps=steps, save_at=good + bad, sampler="ddim", prediction="eps", progress=False)
+        du.sample(
+            ORACLE, SCHEDULE, 1, steps=steps, save_at=good + bad, sampler="ddim", prediction="eps", progress=False
+        )
 
 
 def test_sample_names_other_bad_arguments():
