@@ -1455,6 +1455,7 @@ def sample(
     progress: bool = True,
     precision: str | None = None,
     initial_noise: torch.Tensor | None = None,
+    spacing: str | None = None,
 ) -> SampleResult:
     """Generate n images from pure noise with `steps` network evaluations (respaced from the T of training).
 
@@ -1462,7 +1463,8 @@ def sample(
     condition (a Condition of n requests) and guidance: section 11. save_at lists steps (0 = the first, from pure
     noise) whose x_t and x0_hat are kept for pictures. Images are made in chunks of batch_size, so memory stays
     bounded for any n, and each image's noise comes from its own generator: the same seed gives the same images
-    whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10).
+    whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
+    spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced).
     precision: this device's (choose_precision) unless given, as in Trainer.
     """
     method, eta, prediction = _check_sample_args(
@@ -1476,7 +1478,7 @@ def sample(
     device = next(model.parameters()).device
     precision = check_precision(device, precision)
     use_tf32_on_cuda(device)
-    spaced = schedule.respaced(steps, method.spacing)
+    spaced = schedule.respaced(steps, spacing or method.spacing)
     chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
     result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE))
     result.timesteps = [int(spaced.timesteps[steps - 1 - k]) for k in sorted(save_at)]
@@ -1871,6 +1873,7 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
         points = sorted((r["steps"], r["valid"]) for r in rows if r["sampler"] == name)
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=name)
     ax.set_xscale("log")
+    ax.set_ylim(0, 100)
     ax.set_xlabel("network evaluations per image")
     ax.set_ylabel("valid samples (%)")
     ax.set_title(title)
@@ -1955,44 +1958,71 @@ def _check_center(center: tuple[float, float], size: float) -> None:
             )
 
 
-def evaluate_requests(samples: torch.Tensor | np.ndarray, condition: Condition) -> dict[str, float]:
-    """How well samples obey their requests, read by the same reader as evaluate_samples.
+@dataclass
+class RequestScore:
+    """How one sample obeys its request; None or NaN where that field was not asked or the sample is not valid."""
 
-    valid           share of samples with one valid shape
-    class_accuracy  among valid samples that were asked for a class, the share that show it
-    matches         share of all samples that are valid and show the asked class (if one was asked)
-    center_error    mean distance (px) between a valid sample's centre and the asked one's, as drawn by draw_shape
-    size_error      mean absolute size error (px), likewise
-    Each request is drawn with draw_shape (with the sample's class when none was asked) and read back, so real data
-    scores 100 % and 0 px. NaN where nothing was asked or nothing is valid.
+    valid: bool
+    right_class: bool | None
+    center_error: float  # px between the sample's centre and the asked one's, as drawn by draw_shape
+    size_error: float  # px, likewise
+
+    @property
+    def matches(self) -> bool:
+        return self.valid and self.right_class is not False
+
+
+def score_requests(samples: torch.Tensor | np.ndarray, condition: Condition) -> list[RequestScore]:
+    """Each sample against its request, read by the same reader as evaluate_samples.
+
+    Each request is drawn with draw_shape (with the sample's class when none was asked) and read back, so a real
+    image scores 0 px against its own request.
     """
     images = _as_uint8_images(samples)
     if len(condition) != len(images):
         raise ValueError(f"the condition holds {len(condition)} requests for {len(images)} samples")
     given = {name: mask.cpu().numpy() for name, mask in condition.given().items()}
     labels, centers, sizes = (v.cpu().numpy() for v in condition.fields())
-    readings = [read_shape(image) for image in images]
-    right_class, center_errors, size_errors = [], [], []
-    for k, reading in enumerate(readings):
+    scores = []
+    for k, reading in enumerate(read_shape(image) for image in images):
         if not reading.valid:
+            scores.append(RequestScore(False, None, math.nan, math.nan))
             continue
-        if given["class"][k]:
-            right_class.append(reading.label == labels[k])
-        reference = _drawn_request(
-            int(labels[k]) if given["class"][k] else reading.label, centers[k], sizes[k], reading
+        label = int(labels[k]) if given["class"][k] else reading.label
+        reference = _drawn_request(label, centers[k], sizes[k], reading)
+        scores.append(
+            RequestScore(
+                True,
+                bool(reading.label == labels[k]) if given["class"][k] else None,
+                math.dist(reading.center, reference.center) if given["center"][k] else math.nan,
+                abs(reading.size - reference.size) if given["size"][k] else math.nan,
+            )
         )
-        if given["center"][k]:
-            center_errors.append(math.dist(reading.center, reference.center))
-        if given["size"][k]:
-            size_errors.append(abs(reading.size - reference.size))
-    matches = [r.valid and (not given["class"][k] or r.label == labels[k]) for k, r in enumerate(readings)]
+    return scores
+
+
+def evaluate_requests(samples: torch.Tensor | np.ndarray, condition: Condition) -> dict[str, float]:
+    """How well samples obey their requests (score_requests), over the batch.
+
+    valid           share of samples with one valid shape
+    class_accuracy  among valid samples that were asked for a class, the share that show it
+    matches         share of all samples that are valid and show the asked class (if one was asked)
+    center_error    mean distance (px) between a valid sample's centre and the asked one's
+    size_error      mean absolute size error (px) of the valid samples
+    Real data scores 100 % and 0 px; NaN where nothing was asked or nothing is valid.
+    """
+    scores = score_requests(samples, condition)
+
+    def mean(values: list) -> float:
+        return float(np.mean(values)) if values else math.nan
+
     return {
-        "n": len(images),
-        "valid": float(np.mean([r.valid for r in readings])),
-        "class_accuracy": float(np.mean(right_class)) if right_class else math.nan,
-        "matches": float(np.mean(matches)),
-        "center_error": float(np.mean(center_errors)) if center_errors else math.nan,
-        "size_error": float(np.mean(size_errors)) if size_errors else math.nan,
+        "n": len(scores),
+        "valid": mean([s.valid for s in scores]),
+        "class_accuracy": mean([s.right_class for s in scores if s.right_class is not None]),
+        "matches": mean([s.matches for s in scores]),
+        "center_error": mean([s.center_error for s in scores if not math.isnan(s.center_error)]),
+        "size_error": mean([s.size_error for s in scores if not math.isnan(s.size_error)]),
     }
 
 
@@ -2022,13 +2052,10 @@ def describe_request(condition: Condition, k: int = 0) -> str:
 def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: float = 3.0) -> list[bool]:
     """For plot_grid's outline: each sample is valid, of the asked class, and within tolerance_px of the asked
     centre and size (the fields that were asked)."""
-    outcome = []
-    for k in range(len(samples)):
-        one = condition.select(slice(k, k + 1))
-        scores = evaluate_requests(samples[k : k + 1], one)
-        close = all(not (scores[key] > tolerance_px) for key in ("center_error", "size_error"))
-        outcome.append(bool(scores["matches"] == 1.0 and close))
-    return outcome
+    return [
+        s.matches and not (s.center_error > tolerance_px) and not (s.size_error > tolerance_px)
+        for s in score_requests(samples, condition)
+    ]
 
 
 # ------------------------------------------------------------------------------------------

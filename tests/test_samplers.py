@@ -84,11 +84,12 @@ def test_with_a_perfect_predictor_every_deterministic_sampler_returns_x0(sampler
     assert (result.images - x0).abs().max() < 1e-5
 
 
-def test_dpm_solver_on_the_log_snr_grid_returns_x0_with_a_perfect_predictor(x0, monkeypatch):
+def test_dpm_solver_on_the_log_snr_grid_returns_x0_with_a_perfect_predictor(x0):
     schedule = SCHEDULES["cosine"]
-    monkeypatch.setitem(du.SAMPLERS, "dpm++", du.dataclasses.replace(du.SAMPLERS["dpm++"], spacing="logsnr"))
-    result = du.sample(Oracle(schedule, x0, "v"), schedule, 3, steps=8, sampler="dpm++", prediction="v", progress=False)
+    oracle = Oracle(schedule, x0, "v")
+    result = du.sample(oracle, schedule, 3, steps=8, sampler="dpm++", spacing="logsnr", prediction="v", progress=False)
     assert (result.images - x0).abs().max() < 1e-5
+    assert [int(t[0]) for t in oracle.seen] == du.SPACINGS["logsnr"](schedule, 8).flip(0).tolist()
 
 
 def test_the_first_dpm_solver_step_is_the_ddim_step():
