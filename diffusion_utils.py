@@ -56,6 +56,9 @@ MIN_SNR_FORMS = ("cap", "paper")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "diffusion_patterns/1"
+# Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
+# classifier-free guidance scale for requests (section 11)
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "ddpm", 100, 1.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,6 +83,24 @@ def pick_device(preferred: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def show_source(obj: object):
+    """The source code of a function or class of this module, highlighted in Jupyter: the lines that do the work."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(obj), language="python")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a Figure as a PNG (folders made as needed) and return its path; show that file, and what is shown is
+    exactly what was saved."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -1435,9 +1456,6 @@ class SampleResult:
     x0: list[torch.Tensor] = field(default_factory=list)  # the network's estimate of x_0 there
 
 
-DEFAULT_SAMPLER, DEFAULT_STEPS = "ddpm", 100
-
-
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -1449,13 +1467,14 @@ def sample(
     seed: int = 0,
     prediction: str | None = None,
     condition: Condition | None = None,
-    guidance: float = 1.0,
+    guidance: float = DEFAULT_GUIDANCE,
     save_at: Sequence[int] = (),
     batch_size: int = 256,
     progress: bool = True,
     precision: str | None = None,
     initial_noise: torch.Tensor | None = None,
     spacing: str | None = None,
+    clip_x0: bool = True,
 ) -> SampleResult:
     """Generate n images from pure noise with `steps` network evaluations (respaced from the T of training).
 
@@ -1464,34 +1483,25 @@ def sample(
     noise) whose x_t and x0_hat are kept for pictures. Images are made in chunks of batch_size, so memory stays
     bounded for any n, and each image's noise comes from its own generator: the same seed gives the same images
     whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
-    spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced).
-    precision: this device's (choose_precision) unless given, as in Trainer.
+    spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced); clip_x0=False leaves x0_hat
+    unclipped, to show why it is clipped. precision: this device's (choose_precision) unless given, as in Trainer.
     """
     method, eta, prediction = _check_sample_args(
         model, schedule, n, steps, sampler, eta, prediction, save_at, batch_size
     )
     _check_guidance(model, condition, n, guidance)
     if initial_noise is not None and tuple(initial_noise.shape) != (n, 1, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"initial_noise must have shape ({n}, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(initial_noise.shape)}"
-        )
+        shape = tuple(initial_noise.shape)
+        raise ValueError(f"initial_noise must have shape ({n}, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {shape}")
     device = next(model.parameters()).device
-    precision = check_precision(device, precision)
     use_tf32_on_cuda(device)
     spaced = schedule.respaced(steps, spacing or method.spacing)
-    chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE))
-    result.timesteps = [int(spaced.timesteps[steps - 1 - k]) for k in sorted(save_at)]
-    snapshots: dict[int, tuple[list, list]] = {k: ([], []) for k in sorted(save_at)}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=steps * len(chunks),
-        disable=not progress,
-        desc=f"sampling ({sampler}, {steps} steps)",
-        unit="step",
-        dynamic_ncols=True,
+    reverse = _ReverseProcess(
+        model, spaced, method, eta, prediction, guidance, check_precision(device, precision), clip_x0, save_at
     )
+    result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE), timesteps=reverse.saved_timesteps())
+    chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
+    bar = _sampling_bar(steps * len(chunks), f"sampling ({sampler}, {steps} steps)", progress)
     was_training = model.training
     model.eval()
     try:
@@ -1501,26 +1511,11 @@ def sample(
             if initial_noise is not None:
                 x = initial_noise[start:stop].to(device, torch.float32)
             chunk_condition = condition.select(slice(start, stop)).to(device) if condition is not None else None
-            x = _sample_chunk(
-                model,
-                spaced,
-                method,
-                eta,
-                prediction,
-                x,
-                generators,
-                chunk_condition,
-                guidance,
-                precision,
-                snapshots,
-                bar,
-            )
-            result.images[start:stop] = x.clamp(-1, 1).cpu()
+            result.images[start:stop] = reverse.run(x, generators, chunk_condition, bar).clamp(-1, 1).cpu()
     finally:
         bar.close()
         model.train(was_training)
-    result.x_t = [torch.cat(snapshots[k][0]) for k in sorted(save_at)]
-    result.x0 = [torch.cat(snapshots[k][1]) for k in sorted(save_at)]
+    result.x_t, result.x0 = reverse.snapshots()
     return result
 
 
@@ -1546,29 +1541,60 @@ def _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, save
     return method, eta, prediction
 
 
-def _sample_chunk(
-    model, spaced, method, eta, prediction, x, generators, condition, guidance, precision, snapshots, bar
-):
-    """The reverse process for one chunk of images: from x = x_T to the sample, keeping the asked snapshots."""
-    device, steps = x.device, len(spaced)
-    step_noise = _noise_per_image(generators, device, steps - 1 if method.draws_noise(eta) else 0)
-    state = StepState(eta=eta)
-    for k in range(steps):  # the k-th step from pure noise
-        i = steps - 1 - k  # its index in the respaced schedule, from the most to the least noisy
-        index = torch.full((len(x),), i, device=device, dtype=torch.long)
-        t = spaced.timesteps.to(device)[index]  # the training timestep the network sees
-        with autocast_for(device, precision):
-            output = guided_output(model, x, t, condition, guidance).float()
-        x0 = spaced.predict_x0(prediction, x, output, index).clamp(-1, 1)  # clip x0_hat to the data range
-        state.noise = next(step_noise) if method.draws_noise(eta) and i > 0 else None
-        x_next = method.step(spaced, i, x, x0, state)
-        state.x0_history = state.x0_history[-1:] + [x0]  # multistep solvers look one step back
-        if k in snapshots:
-            snapshots[k][0].append(x.cpu())
-            snapshots[k][1].append(x0.cpu())
-        x = x_next
-        bar.update(1)
-    return x
+@dataclass
+class _ReverseProcess:
+    """One sampling run's fixed settings, its loop over the steps of a chunk, and the snapshots it keeps."""
+
+    model: nn.Module
+    spaced: NoiseSchedule
+    method: Sampler
+    eta: float
+    prediction: str
+    guidance: float
+    precision: str
+    clip_x0: bool
+    save_at: Sequence[int]
+
+    def __post_init__(self) -> None:
+        self.kept: dict[int, tuple[list, list]] = {k: ([], []) for k in sorted(self.save_at)}
+
+    def saved_timesteps(self) -> list[int]:
+        return [int(self.spaced.timesteps[len(self.spaced) - 1 - k]) for k in self.kept]
+
+    def run(self, x: torch.Tensor, generators: list, condition: Condition | None, bar) -> torch.Tensor:
+        """From x = x_T to the sample, for one chunk of images."""
+        device, steps = x.device, len(self.spaced)
+        noisy = self.method.draws_noise(self.eta)
+        step_noise = _noise_per_image(generators, device, steps - 1 if noisy else 0)
+        timesteps = self.spaced.timesteps.to(device)
+        state = StepState(eta=self.eta)
+        for k in range(steps):  # the k-th step from pure noise
+            i = steps - 1 - k  # its index in the respaced schedule, from the most to the least noisy
+            index = torch.full((len(x),), i, device=device, dtype=torch.long)
+            with autocast_for(device, self.precision):
+                output = guided_output(self.model, x, timesteps[index], condition, self.guidance).float()
+            x0 = self.spaced.predict_x0(self.prediction, x, output, index)
+            if self.clip_x0:
+                x0 = x0.clamp(-1, 1)  # the data lie in [-1, 1]; an estimate outside it is surely wrong there
+            state.noise = next(step_noise) if noisy and i > 0 else None
+            x_next = self.method.step(self.spaced, i, x, x0, state)
+            state.x0_history = state.x0_history[-1:] + [x0]  # multistep solvers look one step back
+            if k in self.kept:
+                self.kept[k][0].append(x.cpu())
+                self.kept[k][1].append(x0.cpu())
+            x = x_next
+            bar.update(1)
+        return x
+
+    def snapshots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(x_t, x0_hat) at each saved step, all chunks joined."""
+        return [torch.cat(x_t) for x_t, _ in self.kept.values()], [torch.cat(x0) for _, x0 in self.kept.values()]
+
+
+def _sampling_bar(total: int, description: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not progress, desc=description, unit="step", dynamic_ncols=True)
 
 
 def _noise_per_image(
@@ -1895,9 +1921,6 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
 # Guiding the v output is the same as guiding eps or x0_hat: at a given x_t each is an affine function of the
 # network output with the same coefficients (eps = sigma x_t + alpha v, x0 = alpha x_t - sigma v), and an affine map
 # commutes with u + s (c - u).
-
-DEFAULT_GUIDANCE = 1.0
-
 
 def guided_output(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | None, guidance: float
