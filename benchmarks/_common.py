@@ -55,14 +55,17 @@ def parse_ints(text: str) -> list[int]:
 
 
 def parse_samplers(text: str) -> list[tuple[str, int]]:
-    """ "ddpm:1000,ddim:50" -> [("ddpm", 1000), ("ddim", 50)]."""
+    """ "ddpm:1000,ddim:50,dpm++:20" -> [("ddpm", 1000), ("ddim", 50), ("dpm++", 20)]; names from du.SAMPLERS."""
     result = []
     for item in text.split(","):
         if not item.strip():
             continue
         name, _, steps = item.strip().partition(":")
         if name not in du.SAMPLERS or not steps.isdigit() or int(steps) < 1:
-            raise argparse.ArgumentTypeError(f"sampler entries look like ddpm:100 or ddim:50 (samplers: {', '.join(du.SAMPLERS)}), got {item!r}")
+            names = ", ".join(du.SAMPLERS)
+            raise argparse.ArgumentTypeError(
+                f"sampler entries look like ddpm:100 or ddim:50 (samplers: {names}), got {item!r}"
+            )
         result.append((name, int(steps)))
     if not result:
         raise argparse.ArgumentTypeError("give at least one sampler:steps entry")
@@ -86,17 +89,25 @@ def make_parser(doc: str, out_default: str) -> argparse.ArgumentParser:
     """A script's parser: its docstring's first paragraph as description, the rest (examples) as
     epilog, plus the flags every script shares (add_common_args)."""
     summary, _, details = doc.partition("\n\n")
-    parser = argparse.ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details)
+    parser = argparse.ArgumentParser(
+        description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details
+    )
     add_common_args(parser, out_default)
     return parser
 
 
 def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
     """--out, --device and --seed, the same in every script."""
-    parser.add_argument("--out", default=out_default, help=f"folder for JSON, markdown and plots (default {out_default})")
+    parser.add_argument(
+        "--out", default=out_default, help=f"folder for JSON, markdown and plots (default {out_default})"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: du.pick_device(), the fastest available)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (sampling uses its own fixed seed)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 helps on a CPU shared with other work)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; 1 helps on a CPU shared with other work)",
+    )
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -110,17 +121,34 @@ def add_model_override_args(parser: argparse.ArgumentParser) -> None:
     """Flags that change every configuration a script builds: smaller models for smoke tests on
     a CPU, or one setting for an experiment. (vs_diffusers.py's "diffusers-best" keeps its own
     --best-lr.)"""
-    group = parser.add_argument_group("model and training overrides (applied to every configuration; for smoke tests and experiments)")
+    group = parser.add_argument_group(
+        "model and training overrides (applied to every configuration; for smoke tests and experiments)"
+    )
     group.add_argument("--base-channels", type=int, help="override ModelConfig.base_channels")
     group.add_argument("--channel-mults", type=parse_ints, help="override ModelConfig.channel_mults, e.g. 1,2")
     group.add_argument("--blocks-per-level", type=int, help="override ModelConfig.blocks_per_level")
     group.add_argument("--batch-size", type=int, help="override TrainConfig.batch_size")
     group.add_argument("--lr", type=float, help="override TrainConfig.lr")
-    group.add_argument("--min-snr-gamma", type=parse_gamma, help="override TrainConfig.min_snr_gamma: a number, or none for plain MSE")
-    group.add_argument("--min-snr-form", choices=du.MIN_SNR_FORMS, help="override TrainConfig.min_snr_form: cap or paper")
+    group.add_argument(
+        "--min-snr-gamma", type=parse_gamma, help="override TrainConfig.min_snr_gamma: a number, or none for plain MSE"
+    )
+    group.add_argument(
+        "--min-snr-form", choices=du.MIN_SNR_FORMS, help="override TrainConfig.min_snr_form: cap or paper"
+    )
+    group.add_argument(
+        "--lr-schedule", choices=du.LR_SCHEDULES, help="override TrainConfig.lr_schedule: constant, or cosine to 0"
+    )
+    group.add_argument(
+        "--conditional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override ModelConfig.conditional (--no-conditional: unconditional)",
+    )
 
 
-def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace) -> tuple[du.ModelConfig, du.TrainConfig]:
+def apply_overrides(
+    model: du.ModelConfig, train: du.TrainConfig, args: argparse.Namespace
+) -> tuple[du.ModelConfig, du.TrainConfig]:
     """The configurations with the command line's overrides (and seed) applied."""
     model_changes = {
         key: value
@@ -128,11 +156,12 @@ def apply_overrides(model: du.ModelConfig, train: du.TrainConfig, args: argparse
             ("base_channels", getattr(args, "base_channels", None)),
             ("channel_mults", tuple(args.channel_mults) if getattr(args, "channel_mults", None) else None),
             ("blocks_per_level", getattr(args, "blocks_per_level", None)),
+            ("conditional", getattr(args, "conditional", None)),
         )
         if value is not None
     }
     train_changes: dict[str, Any] = {"seed": getattr(args, "seed", train.seed)}
-    for key in ("batch_size", "lr", "min_snr_form"):
+    for key in ("batch_size", "lr", "min_snr_form", "lr_schedule"):
         if getattr(args, key, None) is not None:
             train_changes[key] = getattr(args, key)
     gamma = getattr(args, "min_snr_gamma", None)
@@ -184,14 +213,20 @@ class Deadline:
 
 
 def measure_throughput(
-    steps: dict[str, Callable[[torch.Tensor], Any]], batches: list[torch.Tensor], device: torch.device, seconds: float, rounds: int = 3, warmup: int = 2
+    steps: dict[str, Callable[[Any], Any]],
+    batches: list,
+    device: torch.device,
+    seconds: float,
+    rounds: int = 3,
+    warmup: int = 2,
 ) -> dict[str, dict]:
     """images/s of each step function (called with one batch), timed in alternating rounds.
 
-    Rounds interleave the candidates, so a busy machine slows them alike. On CUDA the device is
-    synced every 5 steps and at the end of each round, so queued work is counted.
+    A batch is an images tensor or an (images, condition) pair as du.training_batches yields. Rounds interleave
+    the candidates, so a busy machine slows them alike. On CUDA the device is synced every 5 steps and at the end
+    of each round, so queued work is counted.
     """
-    batch_size = len(batches[0])
+    batch_size = len(batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0])
     totals = {name: [0, 0.0] for name in steps}
     for step in steps.values():
         for k in range(warmup):
@@ -228,16 +263,39 @@ def sample_and_evaluate(
     seed: int = 1234,
     batch_size: int = 256,
     progress: bool = False,
+    condition: du.Condition | None = None,
+    guidance: float = du.DEFAULT_GUIDANCE,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Draw n images with du.sample, time it (device synced), and score them with du.evaluate_samples.
+    """Draw n images with du.sample, time it (`device` synced), and score them with du.evaluate_samples.
 
-    Returns (a flat dict of metrics plus sampler, steps, seconds and images/s, the images).
+    du.sample runs on the model's device; `device` only says what to synchronise. condition: n requests for a
+    conditional model (None: unconditional samples, the null condition). Returns (a flat dict of metrics plus
+    sampler, steps, seconds and images/s, the images).
     """
-    result, seconds = timed(
-        lambda: du.sample(model, schedule, n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, progress=progress, device=device), device
-    )
+
+    def draw() -> du.SampleResult:
+        return du.sample(
+            model,
+            schedule,
+            n,
+            steps=steps,
+            sampler=sampler,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            condition=condition,
+            guidance=guidance,
+        )
+
+    result, seconds = timed(draw, device)
     metrics = du.evaluate_samples(result.images)
-    return {"sampler": sampler, "steps": steps, "sample_seconds": seconds, "images_per_s": n / seconds, **metrics}, result.images
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "sample_seconds": seconds,
+        "images_per_s": n / seconds,
+        **metrics,
+    }, result.images
 
 
 # ------------------------------------------------------------------------------------------
@@ -321,7 +379,12 @@ class PeakMemory:
             self.peak_mb = max_rss_mb()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"memory_measure": self.kind, "start_mb": self.start_mb, "peak_mb": self.peak_mb, "increase_mb": self.increase_mb}
+        return {
+            "memory_measure": self.kind,
+            "start_mb": self.start_mb,
+            "peak_mb": self.peak_mb,
+            "increase_mb": self.increase_mb,
+        }
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,7 +392,9 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------------
 
 
-def matmul_flops_per_second(device: torch.device | str, dtype: torch.dtype = torch.float32, size: int | None = None, min_seconds: float = 1.0) -> float:
+def matmul_flops_per_second(
+    device: torch.device | str, dtype: torch.dtype = torch.float32, size: int | None = None, min_seconds: float = 1.0
+) -> float:
     """Measured rate of a large square torch.mm on this device (2 n^3 FLOPs per product)."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 2048)
@@ -484,7 +549,17 @@ def device_name(device: torch.device | str) -> str:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -519,7 +594,9 @@ def environment(device: torch.device | str) -> dict[str, Any]:
 def environment_line(env: dict[str, Any]) -> str:
     load = env.get("load_average")
     load_text = f"; load average at start {load[0]:.2f}" if load else ""
-    return f"{env['date']} · {env['device_name']} ({env['device']}, {env['precision']}) · torch {env['torch']} · {env['cpu_count']} CPUs, {env['torch_threads']} torch threads{load_text} · commit {env['git_commit']}"
+    where = f"{env['device_name']} ({env['device']}, {env['precision']})"
+    threads = f"{env['cpu_count']} CPUs, {env['torch_threads']} torch threads{load_text}"
+    return f"{env['date']} · {where} · torch {env['torch']} · {threads} · commit {env['git_commit']}"
 
 
 def mean_tail(values: Iterable[float], n: int = 50) -> float:

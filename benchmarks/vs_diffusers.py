@@ -40,6 +40,7 @@ Smoke test (about a minute):
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import itertools
@@ -106,7 +107,9 @@ def match_diffusers_config(target: int, attention: bool) -> tuple[tuple[int, ...
     """
     candidates = []
     for width, mults, layers in itertools.product(
-        (8, 16, 24, 32, 48, 64, 96, 128), ((1, 1, 2), (1, 2, 2), (1, 2, 4), (1, 1, 2, 2), (1, 2, 2, 2), (1, 2, 2, 4)), (1, 2)
+        (8, 16, 24, 32, 48, 64, 96, 128),
+        ((1, 1, 2), (1, 2, 2), (1, 2, 4), (1, 1, 2, 2), (1, 2, 2, 2), (1, 2, 2, 4)),
+        (1, 2),
     ):
         channels = tuple(width * m for m in mults)
         with torch.device("meta"):
@@ -132,7 +135,9 @@ class HarnessStep:
         self.channels_last = channels_last
         self.device, self.precision = device, precision
         self.schedule = du.NoiseSchedule.create("linear")
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, fused=du.fused_adamw(device))  # as du.Trainer
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=1e-4, fused=du.fused_adamw(device)
+        )  # as du.Trainer
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.generator = torch.Generator(device).manual_seed(seed)
 
@@ -143,8 +148,9 @@ class HarnessStep:
         with du.autocast_for(self.device, self.precision):
             return du.diffusion_loss(self.net, self.schedule, x0, "eps", None, self.generator)
 
-    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        loss = self.loss(x0)
+    def __call__(self, batch: tuple[torch.Tensor, du.Condition | None]) -> torch.Tensor:
+        """One step on an (images, condition) batch of du.training_batches; the condition is not used."""
+        loss = self.loss(batch[0])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -189,15 +195,36 @@ class DiffusersRun:
         seed: int,
         estimated_steps: int,
     ) -> None:
-        self.recipe, self.device, self.precision, self.batch_size, self.seed = recipe, device, precision, batch_size, seed
+        self.recipe, self.device, self.precision, self.batch_size, self.seed = (
+            recipe,
+            device,
+            precision,
+            batch_size,
+            seed,
+        )
         torch.manual_seed(seed)
         self.unet = diffusers_unet(channels, layers, attention).to(device).train()
-        self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=recipe.beta_schedule, prediction_type=recipe.prediction_type)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay, eps=recipe.adam_eps)
-        self.lr_scheduler = get_scheduler(
-            recipe.lr_schedule, optimizer=self.optimizer, num_warmup_steps=recipe.warmup_steps, num_training_steps=max(estimated_steps, recipe.warmup_steps + 1)
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule=recipe.beta_schedule, prediction_type=recipe.prediction_type
         )
-        self.ema = EMAModel(self.unet.parameters(), decay=recipe.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4) if recipe.ema_decay else None
+        self.optimizer = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=recipe.lr,
+            betas=recipe.adam_betas,
+            weight_decay=recipe.weight_decay,
+            eps=recipe.adam_eps,
+        )
+        self.lr_scheduler = get_scheduler(
+            recipe.lr_schedule,
+            optimizer=self.optimizer,
+            num_warmup_steps=recipe.warmup_steps,
+            num_training_steps=max(estimated_steps, recipe.warmup_steps + 1),
+        )
+        self.ema = (
+            EMAModel(self.unet.parameters(), decay=recipe.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+            if recipe.ema_decay
+            else None
+        )
         self.generator = torch.Generator(device).manual_seed(seed)
         self.step, self.images_seen, self.losses = 0, 0, []
 
@@ -206,9 +233,11 @@ class DiffusersRun:
         batches = du.training_batches(self.batch_size, self.seed, self.step)
         pending = []
         while time.monotonic() < deadline:
-            x0 = next(batches).to(self.device, non_blocking=True)
+            x0 = next(batches)[0].to(self.device, non_blocking=True)
             noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator, device=self.device)
+            t = torch.randint(
+                0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator, device=self.device
+            )
             noisy = self.scheduler.add_noise(x0, noise, t)
             with du.autocast_for(self.device, self.precision):
                 output = self.unet(noisy, t).sample
@@ -261,7 +290,7 @@ class DiffusersRun:
 
 
 # ------------------------------------------------------------------------------------------
-# Main
+# Reporting columns
 # ------------------------------------------------------------------------------------------
 
 THROUGHPUT_COLUMNS = [
@@ -303,53 +332,144 @@ FLOP_COLUMNS = [
     ("share_fp32", "share of fp32 mm", "%"),
     ("share_train_precision", "share of mm in training precision", "%"),
 ]
+STEP_LABELS = {
+    "ours": "ours (du.UNet), shared step",
+    "diffusers": "diffusers UNet2DModel, shared step",
+    "trainer": "ours, full du.Trainer.train_step",
+}
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------------------
+# Phases, in the order main() runs them
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What every phase shares: the settings, both networks' shapes, the batches, the payload and the report."""
+
+    args: argparse.Namespace
+    device: torch.device
+    out: Path
+    env: dict
+    precision: str
+    ours_model_config: du.ModelConfig
+    ours_train_config: du.TrainConfig
+    ours_params: int
+    channels: tuple[int, ...]  # the diffusers UNet2DModel's block_out_channels
+    layers: int
+    attention: bool
+    their_params: int
+    batches: list
+    payload: dict = dataclasses.field(default_factory=dict)
+    sections: list[str] = dataclasses.field(default_factory=list)
+    throughput: dict[str, dict] = dataclasses.field(default_factory=dict)
+    harness: dict[str, HarnessStep] = dataclasses.field(default_factory=dict)
+    runs: dict[str, dict] = dataclasses.field(default_factory=dict)  # (b)'s trained runs, for (c)
+
+    @property
+    def batch_size(self) -> int:
+        return self.ours_train_config.batch_size
+
+    def their_net(self) -> nn.Module:
+        return diffusers_unet(self.channels, self.layers, self.attention)
+
+    def diffusers_run(self, recipe: DiffusersRecipe, estimated_steps: int) -> DiffusersRun:
+        return DiffusersRun(
+            recipe,
+            self.channels,
+            self.layers,
+            self.attention,
+            self.device,
+            self.precision,
+            self.batch_size,
+            self.args.seed,
+            estimated_steps,
+        )
+
+    def add_section(self, text: str, blank_before: bool = False) -> None:
+        self.sections.append(text)
+        print(("\n" if blank_before else "") + text + "\n", flush=True)
+
+    def save(self) -> None:
+        bc.save_json(self.out / "vs_diffusers.json", self.payload)
+        bc.save_text(self.out / "vs_diffusers.md", "\n\n".join(self.sections))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bc.make_parser(__doc__, "runs/benchmarks/vs_diffusers")
-    parser.add_argument("--parts", default="a,b,c,d", help="which parts to run (default a,b,c,d)")
-    parser.add_argument("--minutes", type=float, default=10.0, help="(b) training budget per run in minutes (default 10)")
-    parser.add_argument("--samples", type=int, default=256, help="(b, c) images drawn per evaluation (default 256)")
-    parser.add_argument(
-        "--ours-samplers", type=bc.parse_samplers, default=bc.parse_samplers("ddpm:100,ddim:50"), help="(b) our sampler:steps list (default ddpm:100,ddim:50)"
+    add = parser.add_argument
+    add("--parts", default="a,b,c,d", help="which parts to run (default a,b,c,d)")
+    add("--minutes", type=float, default=10.0, help="(b) training budget per run in minutes (default 10)")
+    add("--samples", type=int, default=256, help="(b, c) images drawn per evaluation (default 256)")
+    add(
+        "--ours-samplers",
+        type=bc.parse_samplers,
+        default=bc.parse_samplers("ddpm:100,ddim:50"),
+        help="(b) our sampler:steps list (default ddpm:100,ddim:50)",
     )
-    parser.add_argument("--ddim-steps", type=int, default=50, help="(b, c) DDIM steps for both libraries (default 50)")
-    parser.add_argument(
+    add("--ddim-steps", type=int, default=50, help="(b, c) DDIM steps for both libraries (default 50)")
+    add(
         "--diffusers-ddpm-steps",
         type=int,
         default=0,
         help="(b) also sample diffusers runs with DDPMScheduler at this many steps (0: skip; 1000 is the example's)",
     )
-    parser.add_argument(
-        "--throughput-seconds", type=float, default=30.0, help="(a) seconds of timed training per configuration, split over 3 alternating rounds (default 30)"
+    add(
+        "--throughput-seconds",
+        type=float,
+        default=30.0,
+        help="(a) seconds of timed training per configuration, split over 3 alternating rounds (default 30)",
     )
-    parser.add_argument("--flop-batch", type=int, default=4, help="(d) images in the FLOP-counted step (FLOPs scale linearly; default 4)")
-    parser.add_argument(
-        "--diffusers-channels", type=bc.parse_ints, help="UNet2DModel block_out_channels, e.g. 32,32,64 (default: matched to our parameter count)"
+    add(
+        "--flop-batch",
+        type=int,
+        default=4,
+        help="(d) images in the FLOP-counted step (FLOPs scale linearly; default 4)",
     )
-    parser.add_argument("--diffusers-layers", type=int, default=None, help="UNet2DModel layers_per_block (with --diffusers-channels; default 1)")
-    parser.add_argument("--no-diffusers-attention", action="store_true", help="drop the mid-block attention that UNet2DModel has by default")
-    parser.add_argument("--defaults-ema", action="store_true", help="diffusers-defaults with EMA (the example's --use_ema: decay 0.9999, warm-up power 3/4)")
-    parser.add_argument("--best-lr", type=float, default=1e-3, help="diffusers-best learning rate (default 1e-3, our recipe's; --lr changes ours only)")
-    parser.add_argument("--best-warmup", type=int, default=200, help="diffusers-best warm-up steps (default 200)")
-    parser.add_argument("--best-ema", type=float, default=0.999, help="diffusers-best EMAModel max decay (default 0.999)")
+    add(
+        "--diffusers-channels",
+        type=bc.parse_ints,
+        help="UNet2DModel block_out_channels, e.g. 32,32,64 (default: matched to our parameter count)",
+    )
+    add(
+        "--diffusers-layers",
+        type=int,
+        default=None,
+        help="UNet2DModel layers_per_block (with --diffusers-channels; default 1)",
+    )
+    add(
+        "--no-diffusers-attention",
+        action="store_true",
+        help="drop the mid-block attention that UNet2DModel has by default",
+    )
+    add(
+        "--defaults-ema",
+        action="store_true",
+        help="diffusers-defaults with EMA (the example's --use_ema: decay 0.9999, warm-up power 3/4)",
+    )
+    add(
+        "--best-lr",
+        type=float,
+        default=1e-3,
+        help="diffusers-best learning rate (default 1e-3, our recipe's; --lr changes ours only)",
+    )
+    add("--best-warmup", type=int, default=200, help="diffusers-best warm-up steps (default 200)")
+    add("--best-ema", type=float, default=0.999, help="diffusers-best EMAModel max decay (default 0.999)")
     bc.add_model_override_args(parser)
     args = parser.parse_args(argv)
-    if diffusers is None:
-        print("vs_diffusers.py needs diffusers: pip install -r benchmarks/requirements-diffusers.txt (keep the installed torch)", file=sys.stderr)
-        return 2
-    diffusers.utils.logging.set_verbosity_error()
-    parts = set(args.parts.split(","))
-    if not parts <= set("abcd"):
+    args.part_set = set(args.parts.split(","))
+    if not args.part_set <= set("abcd"):
         parser.error(f"--parts takes letters from a,b,c,d; got {args.parts!r}")
+    return args
 
+
+def start_comparison(args: argparse.Namespace) -> Comparison:
+    """Our recipe for the device, a diffusers UNet2DModel of about its size, the shared batches and the header."""
     device = bc.setup(args)
-    out = bc.prepare_out(args.out)
     env = bc.environment(device)
     env["diffusers"] = diffusers.__version__
-    precision = du.choose_precision(device)
     ours_model_config, ours_train_config = bc.apply_overrides(*du.default_configs(device), args)
-    batch_size = ours_train_config.batch_size
     ours_params = du.count_parameters(du.UNet(ours_model_config))
     attention = not args.no_diffusers_attention
     if args.diffusers_channels:
@@ -358,237 +478,319 @@ def main(argv: list[str] | None = None) -> int:
             their_params = du.count_parameters(diffusers_unet(channels, layers, attention))
     else:
         channels, layers, their_params = match_diffusers_config(ours_params, attention)
-    print(f"# Ours vs diffusers {diffusers.__version__}\n{bc.environment_line(env)}", flush=True)
-    if not 0.85 <= their_params / ours_params <= 1.15:
-        print(f"warning: the diffusers network has {their_params / ours_params:.2f}x our parameters (outside 0.85-1.15)", flush=True)
-    print(
-        f"ours: {du.describe_model(du.UNet(ours_model_config))}\ndiffusers UNet2DModel: block_out_channels={channels}, layers_per_block={layers}, mid-block attention {attention}, {their_params:,} parameters ({their_params / ours_params:.2f}x ours); batch {batch_size}, precision {precision}\n",
-        flush=True,
+    batch_size = ours_train_config.batch_size
+    comparison = Comparison(
+        args=args,
+        device=device,
+        out=bc.prepare_out(args.out),
+        env=env,
+        precision=du.choose_precision(device),
+        ours_model_config=ours_model_config,
+        ours_train_config=ours_train_config,
+        ours_params=ours_params,
+        channels=channels,
+        layers=layers,
+        attention=attention,
+        their_params=their_params,
+        batches=list(itertools.islice(du.training_batches(batch_size, args.seed), 4)),
     )
-
-    payload: dict = {
+    print_header(comparison)
+    comparison.payload = {
         "benchmark": "vs_diffusers",
         "environment": env,
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "part_set"},
         "ours": {"model": ours_model_config, "train": ours_train_config, "parameters": ours_params},
-        "diffusers_unet": {"block_out_channels": channels, "layers_per_block": layers, "mid_attention": attention, "parameters": their_params},
+        "diffusers_unet": {
+            "block_out_channels": channels,
+            "layers_per_block": layers,
+            "mid_attention": attention,
+            "parameters": their_params,
+        },
         "batch_size": batch_size,
-        "precision": precision,
+        "precision": comparison.precision,
     }
-    sections: list[str] = [f"# Ours vs diffusers {diffusers.__version__}", bc.environment_line(env)]
+    comparison.sections = [f"# Ours vs diffusers {diffusers.__version__}", bc.environment_line(env)]
+    return comparison
 
-    def save() -> None:
-        bc.save_json(out / "vs_diffusers.json", payload)
-        bc.save_text(out / "vs_diffusers.md", "\n\n".join(sections))
 
-    batches = list(itertools.islice(du.training_batches(batch_size, args.seed), 4))
+def print_header(c: Comparison) -> None:
+    print(f"# Ours vs diffusers {diffusers.__version__}\n{bc.environment_line(c.env)}", flush=True)
+    ratio = c.their_params / c.ours_params
+    if not 0.85 <= ratio <= 1.15:
+        print(f"warning: the diffusers network has {ratio:.2f}x our parameters (outside 0.85-1.15)", flush=True)
+    theirs = (
+        f"diffusers UNet2DModel: block_out_channels={c.channels}, layers_per_block={c.layers}, "
+        f"mid-block attention {c.attention}, {c.their_params:,} parameters ({ratio:.2f}x ours)"
+    )
+    setting = f"batch {c.batch_size}, precision {c.precision}"
+    print(f"ours: {du.describe_model(du.UNet(c.ours_model_config))}\n{theirs}; {setting}\n", flush=True)
 
-    def build_throughput_steps() -> dict[str, Callable]:
-        torch.manual_seed(args.seed)
-        ours_net = du.UNet(ours_model_config)
-        torch.manual_seed(args.seed)
-        their_net = DiffusersNet(diffusers_unet(channels, layers, attention))
-        layouts = [False, True] if device.type == "cpu" else [False, ours_train_config.channels_last] if ours_train_config.channels_last else [False]
-        steps = {}
-        for channels_last in dict.fromkeys(layouts):
-            tag = "channels_last" if channels_last else "contiguous"
-            steps[f"ours|{tag}"] = HarnessStep(copy.deepcopy(ours_net), device, precision, channels_last, args.seed)
-            steps[f"diffusers|{tag}"] = HarnessStep(copy.deepcopy(their_net), device, precision, channels_last, args.seed)
-        trainer = du.Trainer(ours_model_config, ours_train_config, device=device)
-        steps["trainer|" + ("channels_last" if ours_train_config.channels_last else "contiguous")] = trainer.train_step
-        return steps
 
-    throughput: dict[str, dict] = {}
-    harness: dict[str, HarnessStep] = {}
-    if "a" in parts or "d" in parts:
-        seconds = args.throughput_seconds if "a" in parts else max(3.0, args.throughput_seconds / 3)
-        steps = build_throughput_steps()
-        harness = {k: v for k, v in steps.items() if isinstance(v, HarnessStep)}
-        print(f"(a) timing training steps: {len(steps)} configurations x {seconds:.0f} s ...", flush=True)
-        throughput = bc.measure_throughput(steps, batches, device, seconds)
-        rows = []
-        for key, result in throughput.items():
-            name, layout = key.split("|")
-            label = {"ours": "ours (du.UNet), shared step", "diffusers": "diffusers UNet2DModel, shared step", "trainer": "ours, full du.Trainer.train_step"}[
-                name
-            ]
-            row = {"key": key, "name": label, "layout": layout, "parameters": their_params if name == "diffusers" else ours_params, **result}
-            other = throughput.get(f"diffusers|{layout}")
-            row["vs_diffusers"] = result["images_per_s"] / other["images_per_s"] if other else math.nan
-            rows.append(row)
-        payload["throughput"] = rows
-        best_ours = max(r["images_per_s"] for r in rows if r["key"].startswith("ours|"))
-        best_theirs = max(r["images_per_s"] for r in rows if r["key"].startswith("diffusers|"))
-        payload["throughput_ratio_best_layouts"] = best_ours / best_theirs
-        table = bc.markdown_table(rows, THROUGHPUT_COLUMNS)
-        sections.append(
-            f"## (a) Training throughput (batch {batch_size}, {precision})\n\n{table}\n\nours / diffusers, each in its faster layout: **{best_ours / best_theirs:.2f}x**"
+def build_throughput_steps(c: Comparison) -> dict[str, Callable]:
+    """The shared step for both networks in each layout, and our full Trainer.train_step."""
+    torch.manual_seed(c.args.seed)
+    ours_net = du.UNet(c.ours_model_config)
+    torch.manual_seed(c.args.seed)
+    their_net = DiffusersNet(c.their_net())
+    channels_last = c.ours_train_config.channels_last
+    if c.device.type == "cpu":
+        layouts = [False, True]
+    else:
+        layouts = [False, channels_last] if channels_last else [False]
+    steps: dict[str, Callable] = {}
+    for layout in dict.fromkeys(layouts):
+        tag = "channels_last" if layout else "contiguous"
+        steps[f"ours|{tag}"] = HarnessStep(copy.deepcopy(ours_net), c.device, c.precision, layout, c.args.seed)
+        steps[f"diffusers|{tag}"] = HarnessStep(copy.deepcopy(their_net), c.device, c.precision, layout, c.args.seed)
+    trainer = du.Trainer(c.ours_model_config, c.ours_train_config, device=c.device)
+    steps["trainer|" + ("channels_last" if channels_last else "contiguous")] = lambda batch: trainer.train_step(*batch)
+    return steps
+
+
+def training_throughput(c: Comparison) -> None:
+    """(a) images/s of the same step for both networks, timed in alternating rounds (also what (d) needs)."""
+    parts, args = c.args.part_set, c.args
+    seconds = args.throughput_seconds if "a" in parts else max(3.0, args.throughput_seconds / 3)
+    steps = build_throughput_steps(c)
+    c.harness = {k: v for k, v in steps.items() if isinstance(v, HarnessStep)}
+    print(f"(a) timing training steps: {len(steps)} configurations x {seconds:.0f} s ...", flush=True)
+    c.throughput = bc.measure_throughput(steps, c.batches, c.device, seconds)
+    rows = [throughput_row(c, key, result) for key, result in c.throughput.items()]
+    c.payload["throughput"] = rows
+    best_ours = max(r["images_per_s"] for r in rows if r["key"].startswith("ours|"))
+    best_theirs = max(r["images_per_s"] for r in rows if r["key"].startswith("diffusers|"))
+    c.payload["throughput_ratio_best_layouts"] = best_ours / best_theirs
+    table = bc.markdown_table(rows, THROUGHPUT_COLUMNS)
+    c.add_section(
+        f"## (a) Training throughput (batch {c.batch_size}, {c.precision})\n\n{table}\n\n"
+        f"ours / diffusers, each in its faster layout: **{best_ours / best_theirs:.2f}x**"
+    )
+    c.save()
+
+
+def throughput_row(c: Comparison, key: str, result: dict) -> dict:
+    name, layout = key.split("|")
+    parameters = c.their_params if name == "diffusers" else c.ours_params
+    row = {"key": key, "name": STEP_LABELS[name], "layout": layout, "parameters": parameters, **result}
+    other = c.throughput.get(f"diffusers|{layout}")
+    row["vs_diffusers"] = result["images_per_s"] / other["images_per_s"] if other else math.nan
+    return row
+
+
+def quality_at_equal_time(c: Comparison) -> None:
+    """(b) Each run trains for --minutes, then draws --samples images scored by du.evaluate_samples."""
+    print(f"(b) training each run for {c.args.minutes} min ...", flush=True)
+    quality_rows: list[dict] = []
+    train_ours(c, quality_rows)
+    estimated_steps = estimate_diffusers_steps(c)
+    recipes = diffusers_recipes(c.args)
+    c.payload["diffusers_recipes"] = recipes
+    c.payload["estimated_diffusers_steps"] = estimated_steps
+    for recipe in recipes:
+        train_diffusers(c, recipe, estimated_steps, quality_rows)
+        c.payload["quality"] = quality_rows
+        c.save()
+    table = bc.markdown_table(quality_rows, QUALITY_COLUMNS)
+    heading = f"## (b) Quality after {c.args.minutes} min of training each (batch {c.batch_size}, {c.precision})"
+    c.add_section(f"{heading}\n\n{table}", blank_before=True)
+    c.payload["quality"] = quality_rows
+    c.save()
+
+
+def train_ours(c: Comparison, quality_rows: list[dict]) -> None:
+    """Our recipe via du.Trainer, sampled (unconditionally) with each of --ours-samplers and DDIM --ddim-steps."""
+    args = c.args
+    trainer = du.Trainer(c.ours_model_config, c.ours_train_config, device=c.device)
+    _, train_seconds = bc.timed(lambda: trainer.train(minutes=args.minutes, progress=False), c.device)
+    c.runs["ours"] = {"trainer": trainer}
+    for sampler, steps_count in dict.fromkeys(args.ours_samplers + [("ddim", args.ddim_steps)]):
+        metrics, images = bc.sample_and_evaluate(
+            trainer.sampling_model, trainer.schedule, args.samples, sampler, steps_count, c.device, batch_size=256
         )
-        print(sections[-1] + "\n", flush=True)
-        save()
+        row = {
+            "run": "ours",
+            "steps_trained": trainer.step,
+            "images_seen": trainer.images_seen,
+            "train_seconds": train_seconds,
+            "loss": bc.mean_tail(trainer.losses),
+            "implementation": "du.sample",
+            **metrics,
+        }
+        quality_rows.append(row)
+        if sampler == "ddim" and steps_count == args.ddim_steps:
+            c.runs["ours"]["ddim_row"] = row
+        title = f"ours, {sampler} {steps_count}: valid {100 * metrics['valid']:.0f}%"
+        bc.save_figure(du.plot_grid(images[:32], title=title), c.out / f"samples_ours_{sampler}{steps_count}.png")
+        print(bc.markdown_table([row], QUALITY_COLUMNS).splitlines()[-1], flush=True)
 
-    runs: dict[str, dict] = {}
-    if "b" in parts:
-        print(f"(b) training each run for {args.minutes} min ...", flush=True)
-        quality_rows = []
-        # ours
-        trainer = du.Trainer(ours_model_config, ours_train_config, device=device)
-        _, train_seconds = bc.timed(lambda: trainer.train(minutes=args.minutes, progress=False), device)
-        runs["ours"] = {"trainer": trainer}
-        for sampler, steps_count in dict.fromkeys(args.ours_samplers + [("ddim", args.ddim_steps)]):
-            metrics, images = bc.sample_and_evaluate(trainer.sampling_model, trainer.schedule, args.samples, sampler, steps_count, device, batch_size=256)
-            quality_rows.append(
-                {
-                    "run": "ours",
-                    "steps_trained": trainer.step,
-                    "images_seen": trainer.images_seen,
-                    "train_seconds": train_seconds,
-                    "loss": bc.mean_tail(trainer.losses),
-                    "implementation": "du.sample",
-                    **metrics,
-                }
-            )
-            if sampler == "ddim" and steps_count == args.ddim_steps:
-                runs["ours"]["ddim_row"] = quality_rows[-1]
-            bc.save_figure(
-                du.plot_grid(images[:32], title=f"ours, {sampler} {steps_count}: valid {100 * metrics['valid']:.0f}%"),
-                out / f"samples_ours_{sampler}{steps_count}.png",
-            )
-            print(bc.markdown_table([quality_rows[-1]], QUALITY_COLUMNS).splitlines()[-1], flush=True)
-        # diffusers, estimated steps for the cosine lr schedule's length
-        their_rate = throughput.get("diffusers|contiguous", {}).get("images_per_s")
-        if their_rate is None:
-            probe = bc.measure_throughput(
-                {"d": HarnessStep(DiffusersNet(diffusers_unet(channels, layers, attention)), device, precision, False, args.seed)},
-                batches,
-                device,
-                5.0,
-                rounds=1,
-            )
-            their_rate = probe["d"]["images_per_s"]
-        estimated_steps = max(1, round(their_rate * args.minutes * 60 / batch_size))
-        recipes = [
-            DiffusersRecipe("diffusers-defaults", "linear", "epsilon", 1e-4, 500, "cosine", 0.9999 if args.defaults_ema else None),
-            DiffusersRecipe("diffusers-best", "squaredcos_cap_v2", "v_prediction", args.best_lr, args.best_warmup, "constant_with_warmup", args.best_ema),
-        ]
-        payload["diffusers_recipes"] = recipes
-        payload["estimated_diffusers_steps"] = estimated_steps
-        for recipe in recipes:
-            run = DiffusersRun(recipe, channels, layers, attention, device, precision, batch_size, args.seed, estimated_steps)
-            _, train_seconds = bc.timed(lambda run=run: run.train(args.minutes), device)
-            runs[recipe.name] = {"run": run}
-            samplers = [("ddim", args.ddim_steps)] + ([("ddpm", args.diffusers_ddpm_steps)] if args.diffusers_ddpm_steps else [])
-            for sampler, steps_count in samplers:
-                images, seconds = bc.timed(lambda run=run, s=sampler, k=steps_count: run.sample(args.samples, s, k), device)
-                metrics = du.evaluate_samples(images)
-                row = {
-                    "run": recipe.name,
-                    "steps_trained": run.step,
-                    "images_seen": run.images_seen,
-                    "train_seconds": train_seconds,
-                    "loss": bc.mean_tail(run.losses),
-                    "implementation": f"diffusers {'DDIMScheduler' if sampler == 'ddim' else 'DDPMScheduler'}",
-                    "sampler": sampler,
-                    "steps": steps_count,
-                    "sample_seconds": seconds,
-                    "images_per_s": args.samples / seconds,
-                    **metrics,
-                }
-                quality_rows.append(row)
-                if sampler == "ddim":
-                    runs[recipe.name]["ddim_row"] = row
-                bc.save_figure(
-                    du.plot_grid(images[:32], title=f"{recipe.name}, {sampler} {steps_count}: valid {100 * metrics['valid']:.0f}%"),
-                    out / f"samples_{recipe.name}_{sampler}{steps_count}.png",
-                )
-                print(bc.markdown_table([row], QUALITY_COLUMNS).splitlines()[-1], flush=True)
-            payload["quality"] = quality_rows
-            save()
-        table = bc.markdown_table(quality_rows, QUALITY_COLUMNS)
-        sections.append(f"## (b) Quality after {args.minutes} min of training each (batch {batch_size}, {precision})\n\n{table}")
-        print("\n" + sections[-1] + "\n", flush=True)
-        payload["quality"] = quality_rows
-        save()
 
-    if "c" in parts:
-        sampling_rows = []
-        if runs:
-            for run in runs.values():
-                if "ddim_row" in run:
-                    sampling_rows.append({**run["ddim_row"], "trained": f"{args.minutes} min"})
-        else:
-            print(f"(c) sampling untrained networks ({args.samples} images, DDIM {args.ddim_steps}) ...", flush=True)
-            torch.manual_seed(args.seed)
-            ours_net = du.UNet(ours_model_config).to(device)
-            metrics, _ = bc.sample_and_evaluate(ours_net, du.NoiseSchedule.from_config(ours_model_config), args.samples, "ddim", args.ddim_steps, device)
-            sampling_rows.append({"run": "ours", "implementation": "du.sample", "trained": "no", **metrics})
-            run = DiffusersRun(
-                DiffusersRecipe("diffusers", "linear", "epsilon", 1e-4, 0, "constant", None),
-                channels,
-                layers,
-                attention,
-                device,
-                precision,
-                batch_size,
-                args.seed,
-                1,
-            )
-            images, seconds = bc.timed(lambda: run.sample(args.samples, "ddim", args.ddim_steps), device)
-            sampling_rows.append(
-                {
-                    "run": "diffusers",
-                    "implementation": "diffusers DDIMScheduler",
-                    "trained": "no",
-                    "steps": args.ddim_steps,
-                    "sample_seconds": seconds,
-                    "images_per_s": args.samples / seconds,
-                    **du.evaluate_samples(images),
-                }
-            )
-        payload["sampling"] = sampling_rows
-        table = bc.markdown_table(sampling_rows, SAMPLING_COLUMNS)
-        sections.append(f"## (c) Sampling {args.samples} images with {args.ddim_steps} DDIM steps\n\n{table}")
-        print(sections[-1] + "\n", flush=True)
-        save()
+def estimate_diffusers_steps(c: Comparison) -> int:
+    """How many steps diffusers' runs will take in --minutes (their cosine lr schedule needs its length)."""
+    their_rate = c.throughput.get("diffusers|contiguous", {}).get("images_per_s")
+    if their_rate is None:
+        probe_step = HarnessStep(DiffusersNet(c.their_net()), c.device, c.precision, False, c.args.seed)
+        probe = bc.measure_throughput({"d": probe_step}, c.batches, c.device, 5.0, rounds=1)
+        their_rate = probe["d"]["images_per_s"]
+    return max(1, round(their_rate * c.args.minutes * 60 / c.batch_size))
 
-    if "d" in parts:
-        print("(d) counting FLOPs and timing torch.mm ...", flush=True)
-        flop_rows = []
-        mm_fp32 = bc.matmul_flops_per_second(device, torch.float32)
-        mm_train = mm_fp32 if precision == "fp32" else bc.matmul_flops_per_second(device, torch.bfloat16 if precision == "bf16" else torch.float16)
-        for name in ("ours", "diffusers"):
-            keys = [k for k in harness if k.startswith(name + "|")]
-            best_key = max(keys, key=lambda k: throughput[k]["images_per_s"])
-            step = harness[best_key]
-            x0 = batches[0][: args.flop_batch]
-            flops = bc.training_flops_per_image(lambda step=step, x0=x0: step.loss(x0), len(x0))
-            step.optimizer.zero_grad(set_to_none=True)
-            rate = throughput[best_key]["images_per_s"]
-            achieved = flops * rate
-            flop_rows.append(
-                {
-                    "name": f"{'ours (du.UNet)' if name == 'ours' else 'diffusers UNet2DModel'}, {best_key.split('|')[1]}",
-                    "parameters": ours_params if name == "ours" else their_params,
-                    "gflops_per_image": flops / 1e9,
-                    "images_per_s": rate,
-                    "achieved_gflops": achieved / 1e9,
-                    "share_fp32": achieved / mm_fp32,
-                    "share_train_precision": achieved / mm_train,
-                }
-            )
-        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32  # du.Trainer turns TF32 on for CUDA
-        payload["flops"] = {"rows": flop_rows, "mm_fp32_gflops": mm_fp32 / 1e9, "mm_train_precision_gflops": mm_train / 1e9, "tf32": tf32}
-        table = bc.markdown_table(flop_rows, FLOP_COLUMNS)
-        sections.append(
-            f"## (d) Hardware efficiency\n\nmeasured square torch.mm: {mm_fp32 / 1e9:.1f} GFLOP/s fp32{' (TF32 on)' if tf32 else ''}"
-            + ("" if precision == "fp32" else f", {mm_train / 1e9:.1f} GFLOP/s {precision}")
-            + f" on {env['device_name']}; FLOPs = matmul/conv multiply-adds x 2 (FlopCounterMode), forward + backward\n\n{table}"
+
+def diffusers_recipes(args: argparse.Namespace) -> list[DiffusersRecipe]:
+    defaults_ema = 0.9999 if args.defaults_ema else None
+    return [
+        DiffusersRecipe("diffusers-defaults", "linear", "epsilon", 1e-4, 500, "cosine", defaults_ema),
+        DiffusersRecipe(
+            "diffusers-best",
+            "squaredcos_cap_v2",
+            "v_prediction",
+            args.best_lr,
+            args.best_warmup,
+            "constant_with_warmup",
+            args.best_ema,
+        ),
+    ]
+
+
+def train_diffusers(c: Comparison, recipe: DiffusersRecipe, estimated_steps: int, quality_rows: list[dict]) -> None:
+    """One diffusers recipe for --minutes, sampled with DDIMScheduler (and DDPMScheduler if asked)."""
+    args = c.args
+    run = c.diffusers_run(recipe, estimated_steps)
+    _, train_seconds = bc.timed(lambda: run.train(args.minutes), c.device)
+    c.runs[recipe.name] = {"run": run}
+    samplers = [("ddim", args.ddim_steps)] + (
+        [("ddpm", args.diffusers_ddpm_steps)] if args.diffusers_ddpm_steps else []
+    )
+    for sampler, steps_count in samplers:
+        images, seconds = bc.timed(lambda s=sampler, k=steps_count: run.sample(args.samples, s, k), c.device)
+        metrics = du.evaluate_samples(images)
+        row = {
+            "run": recipe.name,
+            "steps_trained": run.step,
+            "images_seen": run.images_seen,
+            "train_seconds": train_seconds,
+            "loss": bc.mean_tail(run.losses),
+            "implementation": f"diffusers {'DDIMScheduler' if sampler == 'ddim' else 'DDPMScheduler'}",
+            "sampler": sampler,
+            "steps": steps_count,
+            "sample_seconds": seconds,
+            "images_per_s": args.samples / seconds,
+            **metrics,
+        }
+        quality_rows.append(row)
+        if sampler == "ddim":
+            c.runs[recipe.name]["ddim_row"] = row
+        title = f"{recipe.name}, {sampler} {steps_count}: valid {100 * metrics['valid']:.0f}%"
+        path = c.out / f"samples_{recipe.name}_{sampler}{steps_count}.png"
+        bc.save_figure(du.plot_grid(images[:32], title=title), path)
+        print(bc.markdown_table([row], QUALITY_COLUMNS).splitlines()[-1], flush=True)
+
+
+def sampling_time(c: Comparison) -> None:
+    """(c) Seconds for --samples images at --ddim-steps DDIM steps: (b)'s models, or untrained ones without (b)."""
+    if c.runs:
+        rows = [{**run["ddim_row"], "trained": f"{c.args.minutes} min"} for run in c.runs.values() if "ddim_row" in run]
+    else:
+        rows = sample_untrained(c)
+    c.payload["sampling"] = rows
+    table = bc.markdown_table(rows, SAMPLING_COLUMNS)
+    c.add_section(f"## (c) Sampling {c.args.samples} images with {c.args.ddim_steps} DDIM steps\n\n{table}")
+    c.save()
+
+
+def sample_untrained(c: Comparison) -> list[dict]:
+    args = c.args
+    print(f"(c) sampling untrained networks ({args.samples} images, DDIM {args.ddim_steps}) ...", flush=True)
+    torch.manual_seed(args.seed)
+    ours_net = du.UNet(c.ours_model_config).to(c.device)
+    schedule = du.NoiseSchedule.from_config(c.ours_model_config)
+    metrics, _ = bc.sample_and_evaluate(ours_net, schedule, args.samples, "ddim", args.ddim_steps, c.device)
+    rows = [{"run": "ours", "implementation": "du.sample", "trained": "no", **metrics}]
+    run = c.diffusers_run(DiffusersRecipe("diffusers", "linear", "epsilon", 1e-4, 0, "constant", None), 1)
+    images, seconds = bc.timed(lambda: run.sample(args.samples, "ddim", args.ddim_steps), c.device)
+    rows.append(
+        {
+            "run": "diffusers",
+            "implementation": "diffusers DDIMScheduler",
+            "trained": "no",
+            "steps": args.ddim_steps,
+            "sample_seconds": seconds,
+            "images_per_s": args.samples / seconds,
+            **du.evaluate_samples(images),
+        }
+    )
+    return rows
+
+
+def hardware_efficiency(c: Comparison) -> None:
+    """(d) FLOPs per training image x images/s from (a), as a share of a measured torch.mm rate."""
+    print("(d) counting FLOPs and timing torch.mm ...", flush=True)
+    mm_fp32 = bc.matmul_flops_per_second(c.device, torch.float32)
+    if c.precision == "fp32":
+        mm_train = mm_fp32
+    else:
+        dtype = torch.bfloat16 if c.precision == "bf16" else torch.float16
+        mm_train = bc.matmul_flops_per_second(c.device, dtype)
+    flop_rows = [flop_row(c, name, mm_fp32, mm_train) for name in ("ours", "diffusers")]
+    tf32 = c.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32  # du.Trainer turns TF32 on for CUDA
+    c.payload["flops"] = {
+        "rows": flop_rows,
+        "mm_fp32_gflops": mm_fp32 / 1e9,
+        "mm_train_precision_gflops": mm_train / 1e9,
+        "tf32": tf32,
+    }
+    table = bc.markdown_table(flop_rows, FLOP_COLUMNS)
+    rates = f"{mm_fp32 / 1e9:.1f} GFLOP/s fp32{' (TF32 on)' if tf32 else ''}"
+    if c.precision != "fp32":
+        rates += f", {mm_train / 1e9:.1f} GFLOP/s {c.precision}"
+    c.add_section(
+        f"## (d) Hardware efficiency\n\nmeasured square torch.mm: {rates} on {c.env['device_name']}; "
+        f"FLOPs = matmul/conv multiply-adds x 2 (FlopCounterMode), forward + backward\n\n{table}"
+    )
+    c.save()
+
+
+def flop_row(c: Comparison, name: str, mm_fp32: float, mm_train: float) -> dict:
+    """One network's FLOPs per training image, counted on its faster layout's shared step."""
+    keys = [k for k in c.harness if k.startswith(name + "|")]
+    best_key = max(keys, key=lambda k: c.throughput[k]["images_per_s"])
+    step = c.harness[best_key]
+    x0 = c.batches[0][0][: c.args.flop_batch]
+    flops = bc.training_flops_per_image(lambda: step.loss(x0), len(x0))
+    step.optimizer.zero_grad(set_to_none=True)
+    rate = c.throughput[best_key]["images_per_s"]
+    achieved = flops * rate
+    network = "ours (du.UNet)" if name == "ours" else "diffusers UNet2DModel"
+    return {
+        "name": f"{network}, {best_key.split('|')[1]}",
+        "parameters": c.ours_params if name == "ours" else c.their_params,
+        "gflops_per_image": flops / 1e9,
+        "images_per_s": rate,
+        "achieved_gflops": achieved / 1e9,
+        "share_fp32": achieved / mm_fp32,
+        "share_train_precision": achieved / mm_train,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if diffusers is None:
+        print(
+            "vs_diffusers.py needs diffusers: pip install -r benchmarks/requirements-diffusers.txt "
+            "(keep the installed torch)",
+            file=sys.stderr,
         )
-        print(sections[-1] + "\n", flush=True)
-        save()
-
-    save()
-    print(f"saved {out / 'vs_diffusers.json'} and vs_diffusers.md")
+        return 2
+    diffusers.utils.logging.set_verbosity_error()
+    comparison = start_comparison(args)
+    if args.part_set & {"a", "d"}:
+        training_throughput(comparison)
+    if "b" in args.part_set:
+        quality_at_equal_time(comparison)
+    if "c" in args.part_set:
+        sampling_time(comparison)
+    if "d" in args.part_set:
+        hardware_efficiency(comparison)
+    comparison.save()
+    print(f"saved {comparison.out / 'vs_diffusers.json'} and vs_diffusers.md")
     return 0
 
 

@@ -1,43 +1,158 @@
-"""Record of a one-off experiment (2026-11-27), kept beside its output; not a maintained tool.
+"""Failure modes: why are the invalid samples invalid, and where do the mid-gray pixels lie?
 
-Why samples fail: 256 DDPM-100 samples (sampling seed 1) from a checkpoint, each invalid one
-sorted as blank, several blobs or a low IoU (with its best-matching shape), plus where the
-mid-gray pixels lie (within a pixel of a shape's boundary, inside it, or in the background)
-and the bounding boxes of the failures. Run from the repository root:
-python benchmarks/results/cpu_tries/failure_modes.py runs/exp/base16/recipe.pt
+The valid share and the mid-gray share are two numbers; this says what is behind them, for any trained model.
+Each invalid sample is sorted as a blank frame, several blobs, or one blob with too low an IoU (with the class
+it matches best); the one-blob failures get their bounding box (a square drawn as a rectangle shows as a
+width/height ratio away from 1). The mid-gray pixels (du.MID_GRAY) are split into those within a pixel of a
+shape's boundary (soft edges), inside a shape, and in the background (haze). A conditional model is sampled
+unconditionally (the null condition), as the benchmarks' main rows are.
+
+What it answered for the 15-minute CPU models (benchmarks/results/cpu_tries/failure_modes.log): most failures
+are squares drawn as rectangles (w/h 0.82-0.94 or 1.11-1.15) and blank frames, and 80-87 % of the mid-gray
+pixels lie within a pixel of a boundary: the edges are about a pixel soft, the shapes are not grainy.
+
+Command (the samples are those of DDPM-100 with sampling seed 1, as in that log):
+    python benchmarks/experiments/failure_modes.py --checkpoint runs/recipe.pt --samples 256 --out DIR
+Without --checkpoint it first trains the device's recipe for --train-minutes (or --train-steps). It writes
+failure_modes.json and failure_modes.md to --out and prints the same.
+Smoke test (seconds):
+    python benchmarks/experiments/failure_modes.py --train-steps 5 --samples 8 --base-channels 8 \\
+        --channel-mults 1,2 --batch-size 8 --threads 1 --out /tmp/failure_modes
 """
 
+from __future__ import annotations
+
+import argparse
 import collections
 import sys
+from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common (which adds the repo root)
 
-sys.path.insert(0, ".")
+import _common as bc  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 import diffusion_utils as du  # noqa: E402
 
-torch.set_num_threads(2)
-trainer = du.load_trainer(sys.argv[1], device="cpu")
-result = du.sample(trainer.sampling_model, trainer.schedule, 256, steps=100, seed=1, progress=False)
-images = du.model_to_uint8(result.images)
-print(du.evaluate_samples(result.images))
-readings = [du.read_shape(image) for image in images]
-reasons = collections.Counter()
-for r in readings:
-    if not r.valid:
-        shape = du.CLASS_NAMES[r.label] if r.label >= 0 else ""
-        reasons["blank" if r.blobs == 0 else f"several blobs ({shape})" if r.blobs > 1 else f"low IoU ({shape})"] += 1
-print(dict(reasons))
-mask = images > 127
-mid = (images > du.MID_GRAY[0]) & (images < du.MID_GRAY[1])
-kernel = np.ones((3, 3), np.uint8)
-edge = np.stack([cv2.dilate(m.astype(np.uint8), kernel) ^ cv2.erode(m.astype(np.uint8), kernel) for m in mask]).astype(bool)
-print(
-    f"mid-gray {mid.mean():.4f}: within a pixel of a boundary {(mid & edge).mean():.4f}, inside {(mid & mask & ~edge).mean():.4f}, background {(mid & ~mask & ~edge).mean():.4f}"
-)
-for k, r in enumerate(readings):
-    if not r.valid and r.blobs == 1:
-        ys, xs = np.nonzero(mask[k])
-        w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-        print(f"image {k}: {du.CLASS_NAMES[r.label]} IoU {r.iou:.3f}, bounding box {w}x{h} (w/h {w / h:.2f}), fills {mask[k].sum() / (w * h):.2f} of it")
+SAMPLING_SEED = 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = bc.make_parser(__doc__, "runs/experiments/failure_modes")
+    parser.add_argument("--checkpoint", help="a checkpoint to sample (default: train the device's recipe first)")
+    parser.add_argument("--train-minutes", type=float, default=15.0, help="without --checkpoint (default 15)")
+    parser.add_argument("--train-steps", type=int, help="without --checkpoint: a step budget instead of minutes")
+    parser.add_argument("--samples", type=int, default=256, help="images to draw (default 256)")
+    parser.add_argument(
+        "--sampler", type=bc.parse_samplers, default=bc.parse_samplers("ddpm:100"), help="default ddpm:100"
+    )
+    parser.add_argument("--boxes", type=int, default=25, help="one-blob failures listed with their box (default 25)")
+    bc.add_model_override_args(parser)
+    return parser.parse_args(argv)
+
+
+def sampling_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, du.NoiseSchedule, str]:
+    """(the sampling network, its schedule, where it came from): the checkpoint, or the recipe trained here."""
+    if args.checkpoint:
+        model, schedule = du.load_model(args.checkpoint, device=device)
+        return model, schedule, args.checkpoint
+    trainer = du.Trainer(*bc.apply_overrides(*du.default_configs(device), args), device=device)
+    minutes = None if args.train_steps else args.train_minutes
+    trainer.train(steps=args.train_steps, minutes=minutes, progress=False)
+    return trainer.sampling_model, trainer.schedule, f"the recipe trained here ({trainer.images_seen:,} images)"
+
+
+def failure_kind(reading: du.ShapeReading) -> str:
+    """Why one invalid reading is invalid."""
+    if reading.blobs == 0:
+        return "blank"
+    shape = du.CLASS_NAMES[reading.label]
+    return f"several blobs ({shape})" if reading.blobs > 1 else f"low IoU ({shape})"
+
+
+def mid_gray_split(images: np.ndarray) -> dict[str, float]:
+    """The share of all pixels that are mid-gray, and of those within a pixel of a boundary, inside, outside."""
+    mask = images > 127
+    mid = (images > du.MID_GRAY[0]) & (images < du.MID_GRAY[1])
+    kernel = np.ones((3, 3), np.uint8)
+    shapes = mask.astype(np.uint8)
+    edge = np.stack([cv2.dilate(m, kernel) ^ cv2.erode(m, kernel) for m in shapes]).astype(bool)
+    return {
+        "mid_gray": float(mid.mean()),
+        "at_boundary": float((mid & edge).mean()),
+        "inside": float((mid & mask & ~edge).mean()),
+        "background": float((mid & ~mask & ~edge).mean()),
+    }
+
+
+def one_blob_boxes(images: np.ndarray, readings: list[du.ShapeReading]) -> list[dict]:
+    """For each one-blob failure: its class, IoU, bounding box, aspect ratio and how much of the box it fills."""
+    boxes = []
+    for k, reading in enumerate(readings):
+        if reading.valid or reading.blobs != 1:
+            continue
+        ys, xs = np.nonzero(images[k] > 127)
+        width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+        fill = float((images[k] > 127).sum() / (width * height))
+        boxes.append(
+            {
+                "image": k,
+                "shape": du.CLASS_NAMES[reading.label],
+                "iou": reading.iou,
+                "box": f"{width}x{height}",
+                "aspect": width / height,
+                "fills": fill,
+            }
+        )
+    return boxes
+
+
+BOX_COLUMNS = [
+    ("image", "image", ""),
+    ("shape", "matches best", ""),
+    ("iou", "IoU", ".3f"),
+    ("box", "bounding box", ""),
+    ("aspect", "w / h", ".2f"),
+    ("fills", "fills of its box", ".2f"),
+]
+
+
+def report(source: str, scores: dict, kinds: collections.Counter, split: dict, boxes: list[dict], args) -> str:
+    sampler, steps = args.sampler[0]
+    lines = [
+        f"# Failure modes of {source}",
+        f"{args.samples} samples, {sampler} {steps} steps, sampling seed {SAMPLING_SEED}: valid {scores['valid']:.1%}, "
+        f"mid-gray {scores['mid_gray']:.2%}, circle share {bc.format_value(scores['circle_share'], '.2f')}",
+        "## Why the invalid ones are invalid\n\n"
+        + du.markdown_table(["kind", "images"], sorted(kinds.items(), key=lambda kv: -kv[1]) or [["none", 0]]),
+        "## Where the mid-gray pixels lie (shares of all pixels)\n\n"
+        + du.markdown_table(list(split), [[f"{100 * v:.2f} %" for v in split.values()]]),
+        f"## One-blob failures (first {args.boxes})\n\n" + bc.markdown_table(boxes[: args.boxes], BOX_COLUMNS),
+    ]
+    return "\n\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = bc.setup(args)
+    model, schedule, source = sampling_model(args, device)
+    sampler, steps = args.sampler[0]
+    result = du.sample(model, schedule, args.samples, steps=steps, sampler=sampler, seed=SAMPLING_SEED, progress=False)
+    images = du.model_to_uint8(result.images)
+    readings = [du.read_shape(image) for image in images]
+    scores = du.evaluate_samples(images)
+    kinds = collections.Counter(failure_kind(r) for r in readings if not r.valid)
+    split, boxes = mid_gray_split(images), one_blob_boxes(images, readings)
+    text = report(source, scores, kinds, split, boxes, args)
+    print(text)
+    out = bc.prepare_out(args.out)
+    payload = {"source": source, "args": vars(args), "scores": scores, "failures": kinds, "mid_gray": split}
+    bc.save_json(out / "failure_modes.json", {**payload, "one_blob_failures": boxes})
+    bc.save_text(out / "failure_modes.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
