@@ -1305,6 +1305,63 @@ def _progress_bar(steps: int | None, minutes: float | None, progress: bool):
     return tqdm(total=total, unit=unit, desc="training", disable=not progress, dynamic_ncols=True)
 
 
+class TrainingSnapshots:
+    """An on_log callback for Trainer.train that samples a few images at chosen shares of the budget.
+
+    They show the model learning: blobs first, then one shape, then crisp edges. Each snapshot draws the same
+    starting noise (seed 0) with a few deterministic DPM-Solver++ steps, so the pictures differ only by training.
+    """
+
+    def __init__(self, at: Sequence[float] = (0.1, 0.25, 0.5, 1.0), n: int = 8, steps: int = 10) -> None:
+        self.at, self.n, self.steps = sorted(at), n, steps
+        self.images: list[torch.Tensor] = []
+        self.labels: list[str] = []
+
+    def __call__(self, trainer: Trainer) -> None:
+        share = trainer.budget_progress
+        if len(self.images) < len(self.at) and share >= self.at[len(self.images)] - 1e-9:
+            self._take(trainer, f"{share:.0%} of the budget, step {trainer.step}")
+
+    def finish(self, trainer: Trainer) -> None:
+        """The last snapshot, after train() returns (its last step is never seen at 100 %)."""
+        if len(self.images) < len(self.at):
+            self._take(trainer, f"end, step {trainer.step}")
+
+    def _take(self, trainer: Trainer, label: str) -> None:
+        result = sample(
+            trainer.sampling_model, trainer.schedule, self.n, steps=self.steps, sampler="dpm++", progress=False
+        )
+        self.images.append(result.images)
+        self.labels.append(label)
+
+    def plot(self):
+        """Rows: the snapshots, in training order."""
+        images = torch.cat(self.images) if self.images else torch.empty(0, 1, IMAGE_SIZE, IMAGE_SIZE)
+        titles = [label if k == 0 else "" for label in self.labels for k in range(self.n)]
+        return plot_grid(images, titles=titles, columns=self.n, title="Samples during training (same noise)")
+
+
+def plot_loss_weights(schedule: NoiseSchedule, gamma: float = 5.0):
+    """The weight each choice puts on the x_0 error at every timestep: what "predict eps", "predict v" and min-SNR
+    mean as reweightings of one objective (section 6)."""
+    fig = _figure(6.5, 3.2)
+    ax = fig.subplots()
+    snr = schedule.snr.numpy()
+    curves = {
+        "eps, plain MSE: SNR": snr,
+        "v, plain MSE: SNR + 1": snr + 1,
+        f"v, capped min-SNR: min(SNR + 1, {gamma:g})": np.minimum(snr + 1, gamma),
+        f"v, paper's min-SNR: min(SNR, {gamma:g})": np.minimum(snr, gamma),
+    }
+    for label, weight in curves.items():
+        ax.plot(weight, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("weight on ||x̂_0 - x_0||²")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_losses(losses: Sequence[float], smooth: int = 50):
     """Loss per step (faint) and its running mean."""
     fig = _figure(6, 3)
@@ -1921,6 +1978,7 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
 # Guiding the v output is the same as guiding eps or x0_hat: at a given x_t each is an affine function of the
 # network output with the same coefficients (eps = sigma x_t + alpha v, x0 = alpha x_t - sigma v), and an affine map
 # commutes with u + s (c - u).
+
 
 def guided_output(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | None, guidance: float
