@@ -124,6 +124,7 @@ class ModelConfig:
     pixel_unshuffle: int = 4  # 1 = the full 64x64 input; 2 = a 32x32x4 stem; 4 = 16x16x16 (16x cheaper)
     time_injection: str = "every_block"  # where the time embedding enters; "bottleneck" = the original design
     bottleneck_attention: bool = True  # self-attention between the two bottleneck blocks (global context)
+    pixel_mlp: int = 0  # hidden units of the per-pixel output MLP that also sees x_t (0 = a linear head), see UNet
     conditional: bool = False  # also take a request (class, centre, size), see section 11
     dropout: float = 0.0
 
@@ -152,6 +153,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.pixel_mlp, bool) or not isinstance(self.pixel_mlp, int) or self.pixel_mlp < 0:
+            raise ValueError(f"pixel_mlp must be an integer >= 0, got {self.pixel_mlp!r}")
 
 
 @dataclass
@@ -839,6 +842,25 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
 
 
+PIXEL_FEATURES = 4  # features per output pixel that the head hands to the pixel MLP
+
+
+class PixelMLP(nn.Module):
+    """The last layer at full resolution: each pixel's output from its own features and its own noisy value x_t.
+
+    The U-Net runs at 16x16, so without this one linear conv reads 16 pixels out of each cell's features, and an edge
+    that falls inside a cell comes out soft. A small MLP per pixel (1x1 convs, weights shared by all pixels) that
+    also sees x_t at that pixel can make each edge pixel crisp.
+    """
+
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(features + 1, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, features: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([features, x_t], 1))
+
+
 class UNet(nn.Module):
     """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request.
 
@@ -848,7 +870,7 @@ class UNet(nn.Module):
     upsampling + conv. The timestep goes through a sinusoidal embedding and a small MLP, then is added in every
     residual block or only at the bottleneck (the original design). A conditional U-Net adds the request's embedding
     to it. A pixel-unshuffle stem folds 2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16),
-    4x (16x) cheaper, and a pixel-shuffle head undoes it.
+    4x (16x) cheaper, and a pixel-shuffle head undoes it, optionally followed by a per-pixel MLP (PixelMLP).
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -890,8 +912,10 @@ class UNet(nn.Module):
             self.upsamplers.append(nn.Identity() if level == 0 else upsample)
             channels = width if level == 0 else widths[level - 1]
 
-        head_conv = nn.Conv2d(channels, factor * factor, 3, padding=1)
+        features = PIXEL_FEATURES if config.pixel_mlp else 1
+        head_conv = nn.Conv2d(channels, features * factor * factor, 3, padding=1)
         self.head = nn.Sequential(_group_norm(channels), nn.SiLU(), head_conv, nn.PixelShuffle(factor))
+        self.pixel_mlp = PixelMLP(features, config.pixel_mlp) if config.pixel_mlp else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         """The prediction for x_t at training timesteps t; condition None = unconditional (all fields null)."""
@@ -917,7 +941,8 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, time)
             h = upsample(h)
-        return self.head(h)
+        out = self.head(h)
+        return self.pixel_mlp(out, x) if self.pixel_mlp is not None else out
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -950,6 +975,8 @@ def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
     watched += [("bottleneck", model.mid_blocks[-1])]
     watched += [(f"decoder level {levels - 1 - k}", blocks[-1]) for k, blocks in enumerate(model.up_blocks)]
     watched += [("head (conv + pixel-shuffle)", model.head)]
+    if model.pixel_mlp is not None:
+        watched += [("pixel MLP (with x_t)", model.pixel_mlp)]
 
     def recorder(name: str) -> Callable:
         return lambda module, inputs, output: shapes.append((name, tuple(output.shape[1:])))
@@ -1846,6 +1873,23 @@ def evaluate_samples(
     }
 
 
+def train_and_evaluate(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    minutes: float,
+    device: torch.device | str | None = None,
+    n: int = 256,
+    steps: int = DEFAULT_STEPS,
+    sampler: str = DEFAULT_SAMPLER,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train a fresh model for `minutes`, sample n images from it and score them: one experiment in one call."""
+    trainer = Trainer(model_config, train_config, device=device)
+    trainer.train(minutes=minutes)
+    result = sample(trainer.sampling_model, trainer.schedule, n, steps=steps, sampler=sampler, seed=seed)
+    return {"steps_trained": trainer.step, **evaluate_samples(result.images)}
+
+
 def outline_valid(images: torch.Tensor | np.ndarray) -> list[bool]:
     """For plot_grid's outline: True where the evaluation reads one valid shape."""
     return [read_shape(image).valid for image in _as_uint8_images(images)]
@@ -2130,6 +2174,56 @@ def describe_request(condition: Condition, k: int = 0) -> str:
     return ", ".join(words) or "anything"
 
 
+def spread(samples: torch.Tensor | np.ndarray, condition: Condition | None = None) -> dict[str, float]:
+    """Diversity: the standard deviation (px) of the sizes and of the centres (x and y averaged) of the valid
+    samples, pooled within each asked class (so the mix of circles and squares does not count as spread)."""
+    readings = [read_shape(image) for image in _as_uint8_images(samples)]
+    labels = condition.labels.cpu().numpy() if condition is not None else np.full(len(readings), -1)
+    groups = []
+    for label in np.unique(labels):
+        valid = [r for r, asked in zip(readings, labels) if asked == label and r.valid]
+        groups.append(np.array([[r.size, *r.center] for r in valid]).reshape(-1, 3))
+    center = (_pooled_sd([g[:, 1] for g in groups]) + _pooled_sd([g[:, 2] for g in groups])) / 2
+    return {"size_sd": _pooled_sd([g[:, 0] for g in groups]), "center_sd": center}
+
+
+def _pooled_sd(groups: list[np.ndarray]) -> float:
+    """The pooled standard deviation of groups of values (those with two or more); NaN if there are none."""
+    groups = [g for g in groups if len(g) >= 2]
+    if not groups:
+        return math.nan
+    squares = sum((len(g) - 1) * float(np.var(g, ddof=1)) for g in groups)
+    return math.sqrt(squares / sum(len(g) - 1 for g in groups))
+
+
+def plot_guidance_sweep(rows: Sequence[dict]):
+    """Accuracy, validity and diversity against the guidance scale, one line per request kind.
+
+    rows: dicts with "kind", "scale", and the keys of evaluate_requests and spread.
+    """
+    panels = [
+        ("share", [("class_accuracy", "-", "class accuracy"), ("matches", "--", "matches")]),
+        ("valid share", [("valid", "-", "")]),
+        ("spread of valid samples (px)", [("size_sd", "-", "size"), ("center_sd", "--", "centre")]),
+    ]
+    fig = _figure(13, 3.6)
+    for ax, (ylabel, metrics) in zip(fig.subplots(1, len(panels)), panels):
+        for k, kind in enumerate(dict.fromkeys(r["kind"] for r in rows)):
+            mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["scale"])
+            for key, style, name in metrics:
+                values = [math.nan if r.get(key) is None else r[key] for r in mine]
+                if not all(math.isnan(v) for v in values):
+                    label = f"{kind}, {name}" if name else kind
+                    ax.plot([r["scale"] for r in mine], values, style, marker="o", ms=3, color=f"C{k}", label=label)
+        ax.set_xlabel("guidance scale s")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("What the guidance scale does")
+    return fig
+
+
 def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: float = 3.0) -> list[bool]:
     """For plot_grid's outline: each sample is valid, of the asked class, and within tolerance_px of the asked
     centre and size (the fields that were asked)."""
@@ -2204,7 +2298,7 @@ def _first_line(error: Exception) -> str:
 
 
 # Fields that files written before they existed do not hold, with the value those files were trained with.
-_OLDER_MODEL_FIELDS = {"conditional": False}
+_OLDER_MODEL_FIELDS = {"conditional": False, "pixel_mlp": 0}
 _OLDER_TRAIN_FIELDS = {"min_snr_form": "paper", "lr_schedule": "constant", "condition_dropout": 0.0}
 _RENAMED_MODEL_FIELDS = {"timesteps": "num_timesteps"}
 

@@ -8,6 +8,7 @@ committed `backwards_process.png` and `runs/notebook/` are never touched.
 from __future__ import annotations
 
 import ast
+import base64
 import os
 import struct
 from pathlib import Path
@@ -144,14 +145,20 @@ def test_colab_setup_only_runs_on_colab():
 
 FIGURES = (
     "dataset.png",
-    "forward_process.png",
     "schedules.png",
+    "forward_process.png",
     "time_embedding.png",
+    "loss_weights.png",
+    "training_snapshots.png",
     "loss.png",
+    "loss_by_timestep.png",
     "samples.png",
     "samplers.png",
-    "backwards_process.png",
+    "few_steps.png",
+    "step_sweep.png",
+    "interpolation.png",
 )
+CONDITIONAL_FIGURES = ("guidance_grid.png", "guidance.png")
 
 
 def tiny_parameters(output_dir: Path, figure_path: Path, **overrides: object) -> str:
@@ -165,6 +172,10 @@ def tiny_parameters(output_dir: Path, figure_path: Path, **overrides: object) ->
         "N_EVAL": 8,
         "SAMPLE_STEPS": 6,
         "DDIM_STEPS": 3,
+        "FEW_STEPS": [2, 3],
+        "GUIDANCE_SCALES": [0.0, 2.0],
+        "N_GUIDANCE": 4,
+        "ORIGINAL_SAMPLE_STEPS": 6,
         "OUTPUT_DIR": str(output_dir),
         "FIGURE_PATH": str(figure_path),
         "COMPARE_ORIGINAL": False,
@@ -238,7 +249,8 @@ def test_notebook_runs_top_to_bottom_with_tiny_configuration(tmp_path, protected
         for output in cell.get("outputs", [])
         if "image/png" in output.get("data", {})
     ]
-    assert len(images) >= len(FIGURES), f"expected the figures inline, got {len(images)} PNG outputs"
+    figures = FIGURES + (CONDITIONAL_FIGURES if du_default_is_conditional() else ())
+    assert len(images) >= len(figures) + 1, f"expected the figures inline, got {len(images)} PNG outputs"
     text = printed(notebook)
     assert "| real data |" in text and "| DDIM 3 steps |" in text, "the evaluation table is missing"
     assert "trained 3 steps" in text
@@ -247,13 +259,30 @@ def test_notebook_runs_top_to_bottom_with_tiny_configuration(tmp_path, protected
     width, height = png_size(figure_path)
     assert 600 <= width <= 4000 and 300 <= height <= 4000, f"odd figure size {width}x{height}"
     assert 5_000 < figure_path.stat().st_size < 5_000_000
+    shown = [base64.b64decode(output["data"]["image/png"]) for output in images]
+    assert figure_path.read_bytes() in shown, "the figure shown is not the figure saved"
+    gif = figure_path.with_suffix(".gif")
+    assert gif.read_bytes()[:6] in (b"GIF87a", b"GIF89a"), "the animation was not saved as a GIF beside the figure"
+    assert any(
+        "image/gif" in output.get("data", {}) for cell in code_cells(notebook) for output in cell.get("outputs", [])
+    )
     assert (output_dir / "model.pt").is_file(), "the checkpoint was not written to OUTPUT_DIR"
-    for name in FIGURES:
+    for name in figures:
         assert (output_dir / name).is_file(), f"{name} missing from OUTPUT_DIR"
         png_size(output_dir / name)
-    assert set(p.name for p in tmp_path.rglob("*") if p.is_file()) == set(FIGURES) | {"model.pt"}, (
-        "unexpected files written"
-    )
+    written = set(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    expected = {f"out/{name}" for name in figures} | {
+        "out/model.pt",
+        "figure/backwards_process.png",
+        "figure/backwards_process.gif",
+    }
+    assert written == expected, "unexpected files written"
+
+
+def du_default_is_conditional() -> bool:
+    import diffusion_utils as du
+
+    return du.default_configs("cpu")[0].conditional
 
 
 def test_notebook_resumes_and_compares_with_the_original_design(tmp_path, protected_files):
