@@ -1,8 +1,9 @@
 """Shared plumbing for the benchmark scripts (not a benchmark itself).
 
 Importing this module puts the repository root on sys.path, so every script can then
-`import diffusion_utils as du`. It holds only measuring and reporting helpers: timing with a
-device sync, markdown tables, JSON that stays valid with NaNs, line plots, memory peaks, a
+`import diffusion_utils as du`. It holds only measuring and reporting helpers: argument parsers,
+a checkpoint or a tiny smoke-test model to measure, timing with a device sync, markdown tables,
+JSON that stays valid with NaNs, a script's report and outputs, line plots, memory peaks, a
 matrix-multiply rate and FLOP counts. All diffusion logic stays in diffusion_utils.py.
 """
 
@@ -16,6 +17,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import threading
@@ -36,6 +38,21 @@ import diffusion_utils as du  # noqa: E402
 # ------------------------------------------------------------------------------------------
 # Command-line helpers
 # ------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """ "10,5,10" -> [5, 10]: integers >= 1, sorted, without repeats."""
+    values = parse_ints(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers >= 1, got {text!r}")
+    return sorted(set(values))
 
 
 def parse_floats(text: str) -> list[float]:
@@ -174,6 +191,79 @@ def prepare_out(path: str | os.PathLike) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Scripts that measure one trained model (samplers.py, guidance.py): its source and their outputs
+# ------------------------------------------------------------------------------------------
+
+
+def add_model_source_args(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """--checkpoint or (smoke tests) --train-steps, one of them required: what load_or_train reads."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help=checkpoint_help)
+    source.add_argument("--train-steps", type=positive_int, help="smoke tests: train a tiny model this many steps")
+
+
+def load_or_train(args: argparse.Namespace, device) -> tuple[du.UNet, du.NoiseSchedule, str]:
+    """The checkpoint's sampling model, or (smoke tests) a tiny conditional model trained here."""
+    if args.checkpoint:
+        model, schedule = du.load_model(args.checkpoint, device=device)
+        return model, schedule, f"checkpoint {args.checkpoint}"
+    model_config = du.ModelConfig(base_channels=8, channel_mults=(1, 2), conditional=True)
+    train_config = du.TrainConfig(batch_size=8, channels_last=False, seed=args.seed)
+    trainer = du.Trainer(model_config, train_config, device=device)
+    trainer.train(steps=args.train_steps, progress=False)
+    return trainer.sampling_model.eval(), trainer.schedule, f"tiny model trained here for {trainer.step} steps (smoke)"
+
+
+def command_line(script: str | os.PathLike, argv: list[str] | None) -> str:
+    """The command that runs `script` (a benchmark's __file__) from the repository root with argv (None: this
+    process's arguments)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", Path(script).resolve().relative_to(ROOT).as_posix(), *arguments])
+
+
+@dataclasses.dataclass
+class RunOutputs:
+    """A benchmark's outputs, <out>/<name>.json, <out>/<name>.md and its pictures, and what each starts with.
+
+    run: the environment (its date first), the command and the arguments; the script adds its model and source.
+    """
+
+    name: str
+    title: str
+    out: Path
+    run: dict[str, Any]
+
+    @classmethod
+    def start(
+        cls, name: str, title: str, args: argparse.Namespace, device, script: str, argv: list[str] | None
+    ) -> RunOutputs:
+        """The --out folder made, and the run described; prints the title and the environment line."""
+        run = {"environment": environment(device), "command": command_line(script, argv), "args": vars(args)}
+        outputs = cls(name, title, prepare_out(args.out), run)
+        print(f"# {title}\n{environment_line(run['environment'])}", flush=True)
+        return outputs
+
+    def save_json(self, **results: Any) -> Path:
+        """<out>/<name>.json: the benchmark's name, the run, then the results (rewritten as they grow)."""
+        return save_json(self.out / f"{self.name}.json", {"benchmark": self.name, **self.run, **results})
+
+    def report(self, table: str, notes: list[str]) -> str:
+        """The markdown report: title, environment line (with the date), command, model, table, notes."""
+        run = self.run
+        lines = [f"# {self.title}", environment_line(run["environment"]), f"command: `{run['command']}`"]
+        return "\n\n".join([*lines, f"model: {run['source']}", table, *notes]) + "\n"
+
+    def write(self, table: str, notes: list[str], figures: dict[str, Any], **results: Any) -> None:
+        """Print the report; write it, the JSON (the run and the results) and the figures ({file name: figure})."""
+        text = self.report(table, notes)
+        print("\n" + text)
+        save_text(self.out / f"{self.name}.md", text)
+        self.save_json(**results)
+        saved = [save_figure(figure, self.out / file).name for file, figure in figures.items()]
+        print(f"saved {self.out / f'{self.name}.json'}, " + ", ".join([f"{self.name}.md", *saved]))
 
 
 # ------------------------------------------------------------------------------------------

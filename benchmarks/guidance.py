@@ -13,22 +13,22 @@ same noise, and --sampler / --steps (default: du.DEFAULT_SAMPLER, du.DEFAULT_STE
 Why: guidance buys faithfulness to the request with diversity, and costs a second network pass per step (at
 s other than 0 and 1). Each cell is scored by du.evaluate_requests (valid, class_accuracy, matches, center_error,
 size_error), by du.request_matches's share (valid, right class, centre and size within 3 px of what was asked:
-"matches <= 3 px") and by du.evaluate_samples (mid_gray, circle_share), and its diversity is measured: the
-standard deviation in pixels of the sizes, and of the centres (x and y, averaged), read by du.read_shape from the
-valid samples, pooled within each asked class for "class" requests. Diversity falls as guidance rises: that is
-the trade-off. (Where size or centre are asked, their spread mostly follows the requests, i.e. real data's
-spread: read diversity on the "class" and "none" rows.) Shares stay raw, in [0, 1].
+"matches <= 3 px") and by du.evaluate_samples (mid_gray, circle_share), and its diversity is measured by
+du.spread: the standard deviation in pixels of the sizes, and of the centres (x and y, averaged), read by
+du.read_shape from the valid samples, pooled within each asked class for "class" requests. Diversity falls as
+guidance rises: that is the trade-off. (Where size or centre are asked, their spread mostly follows the requests,
+i.e. real data's spread: read diversity on the "class" and "none" rows.) Shares stay raw, in [0, 1].
 
 A "best guidance" line follows the table: the smallest scale that maximises class accuracy x validity for
 "class" requests, and the one that maximises "matches <= 3 px" for "class+size+centre" (with its matches, centre
 and size errors).
 
 Writes <out>/guidance.json (environment, arguments, every row, the best scales), <out>/guidance.md (the table,
-under the environment line, the command and the date), <out>/guidance.png (accuracy, validity and diversity
-against the scale, one line per kind) and <out>/guidance_grid.png (rows: a few requests, columns: the scales, one
-sample each from the same starting noise per row, outlined green where du.request_matches accepts it). The JSON
-is rewritten after every cell, so an interrupted run keeps what it measured. An unconditional checkpoint is
-refused (exit 2).
+under the environment line, the command and the date), <out>/guidance.png (du.plot_guidance_sweep: accuracy,
+validity and diversity against the scale, one line per kind, with gray lines for "none") and
+<out>/guidance_grid.png (rows: a few requests, columns: the scales, one sample each from the same starting noise
+per row, outlined green where du.request_matches accepts it). The JSON is rewritten after every cell, so an
+interrupted run keeps what it measured. An unconditional checkpoint is refused (exit 2).
 
 Full run (a conditional checkpoint, e.g. from `python diffusion_utils.py train --conditional --minutes 25
 --out runs/conditional.pt`; 19 cells of 256 images at 100 DDPM steps; twice the passes at s other than 0 and 1):
@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
@@ -93,50 +91,24 @@ def parse_scales(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a conditional checkpoint (du.load_model: EMA weights when saved)")
-    source.add_argument("--train-steps", type=positive_int, help="smoke tests: train a tiny model this many steps")
+    bc.add_model_source_args(parser, "a conditional checkpoint (du.load_model: EMA weights when saved)")
     parser.add_argument(
         "--scales",
         type=parse_scales,
         default=parse_scales(DEFAULT_SCALES),
         help=f"guidance scales (default {DEFAULT_SCALES})",
     )
-    parser.add_argument("--samples", type=positive_int, default=256, help="images per cell (default 256)")
+    parser.add_argument("--samples", type=bc.positive_int, default=256, help="images per cell (default 256)")
     parser.add_argument("--sampler", choices=list(du.SAMPLERS), default=du.DEFAULT_SAMPLER, help="default %(default)s")
     parser.add_argument(
-        "--steps", type=positive_int, default=du.DEFAULT_STEPS, help="sampling steps (default %(default)s)"
+        "--steps", type=bc.positive_int, default=du.DEFAULT_STEPS, help="sampling steps (default %(default)s)"
     )
     parser.add_argument("--sample-seed", type=int, default=1234, help="sampling seed, the same for every cell")
     parser.add_argument("--data-seed", type=int, default=4321, help="seed of the real data the requests copy")
-    parser.add_argument("--chunk", type=positive_int, default=256, help="images per du.sample chunk (default 256)")
+    parser.add_argument("--chunk", type=bc.positive_int, default=256, help="images per du.sample chunk (default 256)")
     return parser.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------
-
-
-def load_or_train(args: argparse.Namespace, device) -> tuple[du.UNet, du.NoiseSchedule, str]:
-    """The checkpoint's sampling model, or (smoke tests) a tiny conditional model trained here."""
-    if args.checkpoint:
-        model, schedule = du.load_model(args.checkpoint, device=device)
-        return model, schedule, f"checkpoint {args.checkpoint}"
-    model_config = du.ModelConfig(base_channels=8, channel_mults=(1, 2), conditional=True)
-    train_config = du.TrainConfig(batch_size=8, channels_last=False, seed=args.seed)
-    trainer = du.Trainer(model_config, train_config, device=device)
-    trainer.train(steps=args.train_steps, progress=False)
-    return trainer.sampling_model.eval(), trainer.schedule, f"tiny model trained here for {trainer.step} steps (smoke)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,47 +150,11 @@ def grid_requests() -> du.Condition:
 
 
 def draw(model, schedule, args: argparse.Namespace, condition: du.Condition | None, scale: float, device):
-    """(the images, wall seconds) for n = len(condition) requests, or args.samples unconditional images."""
+    """(du.evaluate_samples's scores and the sampling seconds, the images) for n = len(condition) requests, or
+    args.samples unconditional images."""
     n = len(condition) if condition is not None else args.samples
-    result, seconds = bc.timed(
-        lambda: du.sample(
-            model,
-            schedule,
-            n,
-            steps=args.steps,
-            sampler=args.sampler,
-            seed=args.sample_seed,
-            condition=condition,
-            guidance=scale,
-            batch_size=args.chunk,
-            progress=False,
-        ),
-        device,
-    )
-    return result.images, seconds
-
-
-def pooled_sd(groups: list[np.ndarray]) -> float:
-    """The pooled standard deviation of groups of values (those with two or more); NaN if there are none."""
-    groups = [g for g in groups if len(g) >= 2]
-    if not groups:
-        return math.nan
-    squares = sum((len(g) - 1) * float(np.var(g, ddof=1)) for g in groups)
-    return math.sqrt(squares / sum(len(g) - 1 for g in groups))
-
-
-def diversity(images: torch.Tensor, condition: du.Condition, by_class: bool) -> dict[str, float]:
-    """Size SD and centre SD (x and y averaged) in pixels of the valid samples' readings, pooled within each asked
-    class when by_class (so the circle/square mix is not counted as spread)."""
-    readings = [du.read_shape(image) for image in du.model_to_uint8(images)]
-    labels = condition.labels.cpu().numpy() if by_class else np.zeros(len(readings), dtype=int)
-    groups = []
-    for label in np.unique(labels):
-        valid = [r for r, asked in zip(readings, labels) if asked == label and r.valid]
-        groups.append(np.array([[r.size, *r.center] for r in valid]).reshape(-1, 3))
-    size_sd = pooled_sd([g[:, 0] for g in groups])
-    center_sd = (pooled_sd([g[:, 1] for g in groups]) + pooled_sd([g[:, 2] for g in groups])) / 2
-    return {"size_sd": size_sd, "center_sd": center_sd}
+    options = {"seed": args.sample_seed, "batch_size": args.chunk, "condition": condition, "guidance": scale}
+    return bc.sample_and_evaluate(model, schedule, n, args.sampler, args.steps, device, **options)
 
 
 def evaluations_per_image(steps: int, condition: du.Condition | None, scale: float) -> int:
@@ -228,24 +164,23 @@ def evaluations_per_image(steps: int, condition: du.Condition | None, scale: flo
 
 def run_cell(model, schedule, args, kind: str, condition: du.Condition | None, scale: float | None, device) -> dict:
     """The cell's row: the request scores, the sample scores, the spread and the timing."""
-    images, seconds = draw(model, schedule, args, condition, du.DEFAULT_GUIDANCE if scale is None else scale, device)
+    scores, images = draw(model, schedule, args, condition, du.DEFAULT_GUIDANCE if scale is None else scale, device)
     asked = condition if condition is not None else du.Condition.null(len(images))
     request_scores = du.evaluate_requests(images, asked)
-    sample_scores = du.evaluate_samples(images)
     return {
         "kind": kind,
         "scale": scale,
         "evaluations": evaluations_per_image(args.steps, condition, scale or 0.0),
-        "seconds": seconds,
+        "seconds": scores["sample_seconds"],
         **request_scores,
         "matches_3px": float(np.mean(du.request_matches(images, asked))),
-        "mid_gray": sample_scores["mid_gray"],
-        "circle_share": sample_scores["circle_share"],
-        **diversity(images, asked, by_class=kind == "class"),
+        "mid_gray": scores["mid_gray"],
+        "circle_share": scores["circle_share"],
+        **du.spread(images, asked if kind == "class" else None),  # pooled within each asked class for "class"
     }
 
 
-def sweep(model, schedule, args: argparse.Namespace, device, out: Path, run: dict[str, Any]) -> list[dict]:
+def sweep(model, schedule, args: argparse.Namespace, device, outputs: bc.RunOutputs) -> list[dict]:
     """Every kind at every scale, then the unconditional baseline once; the JSON is rewritten after every cell."""
     requests = sweep_requests(args.samples, args.data_seed)
     cells = [(kind, requests[kind], scale) for kind in KINDS for scale in args.scales] + [(BASELINE, None, None)]
@@ -255,7 +190,7 @@ def sweep(model, schedule, args: argparse.Namespace, device, out: Path, run: dic
         row = rows[-1]
         at = "" if scale is None else f" at s = {scale:g}"
         print(f"{kind}{at}: {row['seconds']:.2f} s, valid {row['valid']:.3f}, matches {row['matches']:.3f}", flush=True)
-        save_json(out, {**run, "rows": rows, "partial": True})
+        outputs.save_json(rows=rows, partial=True)
     return rows
 
 
@@ -314,47 +249,31 @@ def best_guidance_line(best: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-PANELS = [  # (y label, is a share in [0, 1], [(row key, line style, series name)])
-    ("accuracy (share)", True, [("class_accuracy", "-", "class accuracy"), ("matches", "--", "matches")]),
-    ("valid (share)", True, [("valid", "-", "")]),
-    ("spread of valid samples (px)", False, [("size_sd", "-", "size SD"), ("center_sd", "--", "centre SD")]),
+BASELINE_LINES = [  # per panel of du.plot_guidance_sweep, the baseline's [(row key, line style, series name)]
+    [("class_accuracy", "-", "class accuracy"), ("matches", "--", "matches")],
+    [("valid", "-", "")],
+    [("size_sd", "-", "size"), ("center_sd", "--", "centre")],
 ]
 
 
 def plot_sweep(rows: list[dict]):
-    """Accuracy, validity and diversity against the scale: a colour per request kind, gray lines for none."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(16, 4.2), layout="constrained")
+    """du.plot_guidance_sweep of the swept kinds, with the unconditional baseline ("none") as gray lines on top."""
+    fig = du.plot_guidance_sweep([r for r in rows if r["kind"] != BASELINE])
     baseline = next((r for r in rows if r["kind"] == BASELINE), None)
-    for ax, (ylabel, share, metrics) in zip(fig.subplots(1, len(PANELS)), PANELS):
-        for k, kind in enumerate(KINDS):
-            kind_rows = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["scale"])
-            for key, style, name in metrics:
-                values = [math.nan if r[key] is None else r[key] for r in kind_rows]
-                if all(math.isnan(v) for v in values):
-                    continue
-                label = f"{kind}, {name}" if name else kind
-                ax.plot([r["scale"] for r in kind_rows], values, style, marker="o", ms=3, color=f"C{k}", label=label)
-        for key, style, name in metrics:
-            if baseline is not None and not math.isnan(baseline[key]):
+    for ax, lines in zip(fig.axes, BASELINE_LINES if baseline is not None else []):
+        for key, style, name in lines:
+            if baseline[key] is not None and not math.isnan(baseline[key]):
                 label = f"{BASELINE} (baseline), {name}" if name else f"{BASELINE} (baseline)"
                 ax.axhline(baseline[key], color="gray", linestyle=style, linewidth=1, label=label)
-        ax.set_xlabel("guidance scale")
-        ax.set_ylabel(ylabel)
-        if share:
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # nothing to label where every value is NaN (no valid sample)
             ax.legend(fontsize=7)
-    fig.suptitle("What the guidance scale does")
     return fig
 
 
 def plot_request_grid(model, schedule, args: argparse.Namespace, device):
     """Rows: GRID_REQUESTS; columns: the scales; one sample per cell, the same starting noise along a row."""
     condition = grid_requests()
-    per_scale = [draw(model, schedule, args, condition, scale, device)[0] for scale in args.scales]
+    per_scale = [draw(model, schedule, args, condition, scale, device)[1] for scale in args.scales]
     outlines = [du.request_matches(images, condition) for images in per_scale]
     rows, columns = len(condition), len(args.scales)
     images = torch.stack(per_scale, dim=1).reshape(rows * columns, *per_scale[0].shape[1:])  # row-major
@@ -372,37 +291,14 @@ def plot_request_grid(model, schedule, args: argparse.Namespace, device):
 # ------------------------------------------------------------------------------------------
 
 
-def command_line(argv: list[str] | None) -> str:
-    arguments = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", f"benchmarks/{Path(__file__).name}", *arguments])
-
-
-def describe_run(args: argparse.Namespace, device, argv: list[str] | None) -> dict[str, Any]:
-    """What every output starts with: the environment (its date first), the command and the arguments."""
-    return {"environment": bc.environment(device), "command": command_line(argv), "args": vars(args)}
-
-
-def report(run: dict[str, Any], table: str, notes: list[str]) -> str:
-    """The markdown report: title, environment line (with the date), command, model, table, notes."""
-    environment, command, model = bc.environment_line(run["environment"]), run["command"], run["source"]
-    return "\n\n".join([f"# {TITLE}", environment, f"command: `{command}`", f"model: {model}", table, *notes]) + "\n"
-
-
-def save_json(out: Path, payload: dict[str, Any]) -> None:
-    bc.save_json(out / f"{NAME}.json", {"benchmark": NAME, **payload})
-
-
-def write_outputs(out: Path, run: dict[str, Any], rows: list[dict], grid_figure) -> None:
+def write_outputs(outputs: bc.RunOutputs, rows: list[dict], grid_figure) -> None:
     """Print the table and the best-guidance line; write the markdown, the JSON and the pictures."""
     best = best_guidance(rows)
-    setting = f"{run['args']['sampler']}, {run['args']['steps']} steps, {run['args']['samples']} images per cell"
-    text = report(run, bc.markdown_table(rows, COLUMNS), [f"sampling: {setting}", best_guidance_line(best)])
-    print("\n" + text)
-    bc.save_text(out / f"{NAME}.md", text)
-    save_json(out, {**run, "rows": rows, "best_guidance": best})
-    bc.save_figure(plot_sweep(rows), out / f"{NAME}.png")
-    bc.save_figure(grid_figure, out / f"{NAME}_grid.png")
-    print(f"saved {out / f'{NAME}.json'}, {NAME}.md, {NAME}.png, {NAME}_grid.png")
+    args = outputs.run["args"]
+    setting = f"{args['sampler']}, {args['steps']} steps, {args['samples']} images per cell"
+    notes = [f"sampling: {setting}", best_guidance_line(best)]
+    figures = {f"{NAME}.png": plot_sweep(rows), f"{NAME}_grid.png": grid_figure}
+    outputs.write(bc.markdown_table(rows, COLUMNS), notes, figures, rows=rows, best_guidance=best)
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,20 +309,18 @@ def write_outputs(out: Path, run: dict[str, Any], rows: list[dict], grid_figure)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
-    model, schedule, source = load_or_train(args, device)
+    model, schedule, source = bc.load_or_train(args, device)
     if not model.config.conditional:
         print(f"{args.checkpoint}: {UNCONDITIONAL}", file=sys.stderr)
         return 2
 
-    out = bc.prepare_out(args.out)
-    run = describe_run(args, device, argv)
-    print(f"# {TITLE}\n{bc.environment_line(run['environment'])}", flush=True)
-    run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
-    print(f"model: {run['source']}", flush=True)
+    outputs = bc.RunOutputs.start(NAME, TITLE, args, device, __file__, argv)
+    outputs.run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
+    print(f"model: {outputs.run['source']}", flush=True)
 
-    rows = sweep(model, schedule, args, device, out, run)
+    rows = sweep(model, schedule, args, device, outputs)
     grid_figure = plot_request_grid(model, schedule, args, device)
-    write_outputs(out, run, rows, grid_figure)
+    write_outputs(outputs, rows, grid_figure)
     return 0
 
 

@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import shlex
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
@@ -92,29 +90,13 @@ def parse_spacings(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def positive_ints(text: str) -> list[int]:
-    values = bc.parse_ints(text)
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers >= 1, got {text!r}")
-    return sorted(set(values))
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint from diffusion_utils.py train (du.load_model: EMA weights)")
-    source.add_argument("--train-steps", type=positive_int, help="smoke tests: train a tiny model this many steps")
+    bc.add_model_source_args(parser, "a checkpoint from diffusion_utils.py train (du.load_model: EMA weights)")
     parser.add_argument(
         "--steps",
-        type=positive_ints,
-        default=positive_ints(DEFAULT_STEPS),
+        type=bc.positive_ints,
+        default=bc.positive_ints(DEFAULT_STEPS),
         help=f"step counts, i.e. network evaluations (default {DEFAULT_STEPS})",
     )
     parser.add_argument(
@@ -129,27 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["time"],
         help=f"timestep grids for {', '.join(GRID_SAMPLERS)} ({', '.join(du.SPACINGS)}; default time)",
     )
-    parser.add_argument("--samples", type=positive_int, default=512, help="images per cell (default 512)")
+    parser.add_argument("--samples", type=bc.positive_int, default=512, help="images per cell (default 512)")
     parser.add_argument("--sample-seed", type=int, default=1234, help="sampling seed, the same for every cell")
-    parser.add_argument("--chunk", type=positive_int, default=256, help="images per du.sample chunk (default 256)")
+    parser.add_argument("--chunk", type=bc.positive_int, default=256, help="images per du.sample chunk (default 256)")
     return parser.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------
-
-
-def load_or_train(args: argparse.Namespace, device) -> tuple[du.UNet, du.NoiseSchedule, str]:
-    """The checkpoint's sampling model, or (smoke tests) a tiny conditional model trained here."""
-    if args.checkpoint:
-        model, schedule = du.load_model(args.checkpoint, device=device)
-        return model, schedule, f"checkpoint {args.checkpoint}"
-    model_config = du.ModelConfig(base_channels=8, channel_mults=(1, 2), conditional=True)
-    train_config = du.TrainConfig(batch_size=8, channels_last=False, seed=args.seed)
-    trainer = du.Trainer(model_config, train_config, device=device)
-    trainer.train(steps=args.train_steps, progress=False)
-    return trainer.sampling_model.eval(), trainer.schedule, f"tiny model trained here for {trainer.step} steps (smoke)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,22 +172,18 @@ def sampler_on_grid(name: str, grid: str) -> Iterator[None]:
 def run_cell(model, schedule, cell: Cell, args: argparse.Namespace, device) -> tuple[dict[str, Any], Any]:
     """(the cell's row: timing and du.evaluate_samples's scores, the images)."""
     with sampler_on_grid(cell.sampler, cell.grid):
-        result, seconds = bc.timed(
-            lambda: du.sample(
-                model,
-                schedule,
-                args.samples,
-                steps=cell.steps,
-                sampler=cell.sampler,
-                seed=args.sample_seed,
-                batch_size=args.chunk,
-                progress=False,
-            ),
+        scores, images = bc.sample_and_evaluate(
+            model,
+            schedule,
+            args.samples,
+            cell.sampler,
+            cell.steps,
             device,
+            seed=args.sample_seed,
+            batch_size=args.chunk,
         )
-    scores = du.evaluate_samples(result.images)
-    row = {**dataclasses.asdict(cell), "seconds": seconds, "images_per_s": args.samples / seconds, **scores}
-    return row, result.images
+    seconds = scores.pop("sample_seconds")
+    return {**dataclasses.asdict(cell), "seconds": seconds, **scores}, images
 
 
 def warm_up(model, schedule, args: argparse.Namespace) -> None:
@@ -284,7 +245,7 @@ def targets_line(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device, out: Path, run: dict[str, Any]):
+def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device, outputs: bc.RunOutputs):
     """(a row per cell, {label: the 10-step images}); the JSON is rewritten after every cell."""
     warm_up(model, schedule, args)
     rows, pictures = [], {}
@@ -294,7 +255,7 @@ def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device
         if cell.steps == GRID_PICTURE_STEPS:
             pictures[cell.label] = images
         print(f"{cell.label} {cell.steps} steps: {row['seconds']:.2f} s, {100 * row['valid']:.1f}% valid", flush=True)
-        save_json(out, {**run, "rows": rows, "partial": True})
+        outputs.save_json(rows=rows, partial=True)
     return rows, pictures
 
 
@@ -303,31 +264,11 @@ def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device
 # ------------------------------------------------------------------------------------------
 
 
-def command_line(argv: list[str] | None) -> str:
-    arguments = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", f"benchmarks/{Path(__file__).name}", *arguments])
-
-
-def describe_run(args: argparse.Namespace, device, argv: list[str] | None) -> dict[str, Any]:
-    """What every output starts with: the environment (its date first), the command and the arguments."""
-    return {"environment": bc.environment(device), "command": command_line(argv), "args": vars(args)}
-
-
-def report(run: dict[str, Any], table: str, notes: list[str]) -> str:
-    """The markdown report: title, environment line (with the date), command, model, table, notes."""
-    environment, command, model = bc.environment_line(run["environment"]), run["command"], run["source"]
-    return "\n\n".join([f"# {TITLE}", environment, f"command: `{command}`", f"model: {model}", table, *notes]) + "\n"
-
-
-def save_json(out: Path, payload: dict[str, Any]) -> None:
-    bc.save_json(out / f"{NAME}.json", {"benchmark": NAME, **payload})
-
-
-def save_pictures(out: Path, rows: list[dict[str, Any]], pictures: dict[str, Any]) -> list[Path]:
-    """The validity plot, and the 10-step samples, one row per sampler (when 10 steps was run)."""
+def figures(rows: list[dict[str, Any]], pictures: dict[str, Any]) -> dict[str, Any]:
+    """{file name: figure}: the validity plot, and the 10-step samples, one row per sampler (when 10 steps was run)."""
     points = [{"sampler": r["label"], "steps": r["steps"], "valid": r["valid"]} for r in rows]
     figure = du.plot_validity_against_evaluations(points, title="Validity against network evaluations (log)")
-    saved = [bc.save_figure(figure, out / f"{NAME}.png")]
+    found = {f"{NAME}.png": figure}
     if pictures:
         images = torch.cat([batch[:GRID_PICTURE_SAMPLES] for batch in pictures.values()])
         titles = [
@@ -338,22 +279,18 @@ def save_pictures(out: Path, rows: list[dict[str, Any]], pictures: dict[str, Any
         columns = min(GRID_PICTURE_SAMPLES, max(len(batch) for batch in pictures.values()))
         title = f"First {GRID_PICTURE_SAMPLES} samples at {GRID_PICTURE_STEPS} steps (green: valid)"
         grid = du.plot_grid(images, titles, columns=columns, title=title, outline=du.outline_valid(images))
-        saved.append(bc.save_figure(grid, out / f"{NAME}_{GRID_PICTURE_STEPS}_steps.png"))
-    return saved
+        found[f"{NAME}_{GRID_PICTURE_STEPS}_steps.png"] = grid
+    return found
 
 
-def write_outputs(out: Path, run: dict[str, Any], rows, skipped, pictures) -> None:
+def write_outputs(outputs: bc.RunOutputs, rows, skipped, pictures) -> None:
     """Print the table and the targets line; write the markdown, the JSON and the pictures."""
     found = targets(rows)
     notes = [targets_line(found)]
     if not pictures:
         notes.append(f"no {GRID_PICTURE_STEPS}-step cells: no sample grid")
-    text = report(run, bc.markdown_table(rows, COLUMNS), notes)
-    print("\n" + text)
-    bc.save_text(out / f"{NAME}.md", text)
-    save_json(out, {**run, "rows": rows, "skipped": skipped, "targets": found})
-    saved = save_pictures(out, rows, pictures)
-    print(f"saved {out / f'{NAME}.json'}, {NAME}.md, " + ", ".join(path.name for path in saved))
+    table = bc.markdown_table(rows, COLUMNS)
+    outputs.write(table, notes, figures(rows, pictures), rows=rows, skipped=skipped, targets=found)
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,20 +301,18 @@ def write_outputs(out: Path, run: dict[str, Any], rows, skipped, pictures) -> No
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
-    out = bc.prepare_out(args.out)
-    run = describe_run(args, device, argv)
-    print(f"# {TITLE}\n{bc.environment_line(run['environment'])}", flush=True)
+    outputs = bc.RunOutputs.start(NAME, TITLE, args, device, __file__, argv)
 
-    model, schedule, source = load_or_train(args, device)
-    run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
-    print(f"model: {run['source']}", flush=True)
+    model, schedule, source = bc.load_or_train(args, device)
+    outputs.run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
+    print(f"model: {outputs.run['source']}", flush=True)
 
     cells, skipped = plan_cells(args, schedule)
     for cell in skipped:
         print(f"skipped {cell['sampler']} ({cell['grid']}) at {cell['steps']} steps: {cell['reason']}", flush=True)
 
-    rows, pictures = measure(model, schedule, cells, args, device, out, run)
-    write_outputs(out, run, rows, skipped, pictures)
+    rows, pictures = measure(model, schedule, cells, args, device, outputs)
+    write_outputs(outputs, rows, skipped, pictures)
     return 0
 
 

@@ -328,7 +328,7 @@ class Report:
     def __init__(self, args: argparse.Namespace, plan: Plan, presets: dict[str, Preset], env: dict) -> None:
         self.plan, self.env, self.rows = plan, env, []
         self.asked = args.request_samples != 0 and any(presets[n].model.conditional for n in plan.names)
-        self.columns = row_columns(plan, self.asked)
+        self.columns = table_columns(plan, ROW_COLUMNS, REQUEST_KEYS, self.asked)
         self.payload = {
             "benchmark": "time_to_quality",
             "environment": env,
@@ -508,12 +508,15 @@ def point_header(plan: Plan) -> str:
     return "budget (min)" if plan.mode == "budgets" else "eval at (min)"
 
 
-def row_columns(plan: Plan, asked: bool) -> list[tuple[str, str, str]]:
-    """The row table's columns; the request columns only when conditional presets are asked for shapes."""
+def table_columns(
+    plan: Plan, columns: list[tuple[str, str, str]], request_keys: tuple[str, ...], asked: bool
+) -> list[tuple[str, str, str]]:
+    """A table's columns with the point's header filled in; request_keys only when conditional presets are asked
+    for shapes."""
     return [
         (key, header.format(point=point_header(plan)), spec)
-        for key, header, spec in ROW_COLUMNS
-        if asked or key not in REQUEST_KEYS
+        for key, header, spec in columns
+        if asked or key not in request_keys
     ]
 
 
@@ -565,12 +568,7 @@ def summary_table(plan: Plan, summary: list[dict], asked: bool) -> str:
         {**entry, **{f"{key}_spread": spread(entry, key, "%") for key in ("valid", "mid_gray", "matches")}}
         for entry in summary
     ]
-    columns = [
-        (key, header.format(point=point_header(plan)), spec)
-        for key, header, spec in SUMMARY_COLUMNS
-        if asked or key not in SUMMARY_REQUEST_KEYS
-    ]
-    return bc.markdown_table(shown, columns)
+    return bc.markdown_table(shown, table_columns(plan, SUMMARY_COLUMNS, SUMMARY_REQUEST_KEYS, asked))
 
 
 def plot_quality(plan: Plan, rows: list[dict], summary: list[dict], device_name: str):
