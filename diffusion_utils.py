@@ -753,6 +753,10 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
+def _upsampler(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+
+
 def _mlp(features: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -906,10 +910,7 @@ class UNet(nn.Module):
                 blocks.append(ResidualBlock(channels + skip, width, block_time, config.dropout))
                 channels = width
             self.up_blocks.append(nn.ModuleList(blocks))
-            upsample = nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, widths[level - 1], 3, padding=1)
-            )
-            self.upsamplers.append(nn.Identity() if level == 0 else upsample)
+            self.upsamplers.append(nn.Identity() if level == 0 else _upsampler(width, widths[level - 1]))
             channels = width if level == 0 else widths[level - 1]
 
         features = PIXEL_FEATURES if config.pixel_mlp else 1
