@@ -124,7 +124,6 @@ class ModelConfig:
     pixel_unshuffle: int = 4  # 1 = the full 64x64 input; 2 = a 32x32x4 stem; 4 = 16x16x16 (16x cheaper)
     time_injection: str = "every_block"  # where the time embedding enters; "bottleneck" = the original design
     bottleneck_attention: bool = True  # self-attention between the two bottleneck blocks (global context)
-    pixel_mlp: int = 0  # hidden units of the per-pixel output MLP that also sees x_t (0 = a linear head), see UNet
     conditional: bool = False  # also take a request (class, centre, size), see section 11
     dropout: float = 0.0
 
@@ -153,8 +152,6 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.pixel_mlp, bool) or not isinstance(self.pixel_mlp, int) or self.pixel_mlp < 0:
-            raise ValueError(f"pixel_mlp must be an integer >= 0, got {self.pixel_mlp!r}")
 
 
 @dataclass
@@ -174,6 +171,7 @@ class TrainConfig:
     min_snr_form: str = "cap"  # how gamma enters the weight, see NoiseSchedule.loss_weights
     ema_decay: float | None = 0.998  # None = no EMA (the original design)
     condition_dropout: float = 0.5  # conditional models: chance that each field of a request is hidden in training
+    condition_dropout_all: float = 0.0  # ... and that the whole request is hidden (images trained unconditionally)
     seed: int = 0
     log_every: int = 10  # read the loss back from the device every N steps (no host-device sync in between)
     channels_last: bool = True  # activations in NHWC memory layout: faster convolutions on a CPU (section B)
@@ -195,8 +193,9 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        if not 0.0 <= self.condition_dropout <= 1.0:
-            raise ValueError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
+        for name in ("condition_dropout", "condition_dropout_all"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -324,14 +323,17 @@ class Condition:
     def cat(self, other: Condition) -> Condition:
         return Condition(*(torch.cat([a, b]) for a, b in zip(self.fields(), other.fields())))
 
-    def dropped(self, p: float, generator: torch.Generator | None = None) -> Condition:
-        """Each field of each request hidden with probability p, independently (condition dropout).
+    def dropped(self, p: float, generator: torch.Generator | None = None, p_all: float = 0.0) -> Condition:
+        """Each field of each request hidden with probability p, independently, and the whole request with
+        probability p_all (condition dropout).
 
-        With p = 0.5, every combination of given and hidden fields, the all-null one included, is trained on in
-        1/8 of the images, so one network serves "anything", "a circle", "size 20", "a circle of 20 at (30, 30)".
+        With p = 0.5, every combination of given and hidden fields is trained on, so one network serves
+        "anything", "a circle", "size 20", "a circle of 20 at (30, 30)"; p_all adds images with nothing asked, the
+        unconditional model that guidance starts from and that draws when nothing is asked.
         """
         device = self.labels.device
-        hide = torch.rand((3, len(self)), generator=generator, device=device) < p
+        draws = torch.rand((4, len(self)), generator=generator, device=device)
+        hide = (draws[:3] < p) | (draws[3] < p_all)
         return Condition(
             torch.where(hide[0], torch.full_like(self.labels, -1), self.labels),
             torch.where(hide[1][:, None], torch.full_like(self.centers, math.nan), self.centers),
@@ -846,25 +848,6 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
 
 
-PIXEL_FEATURES = 4  # features per output pixel that the head hands to the pixel MLP
-
-
-class PixelMLP(nn.Module):
-    """The last layer at full resolution: each pixel's output from its own features and its own noisy value x_t.
-
-    The U-Net runs at 16x16, so without this one linear conv reads 16 pixels out of each cell's features, and an edge
-    that falls inside a cell comes out soft. A small MLP per pixel (1x1 convs, weights shared by all pixels) that
-    also sees x_t at that pixel can make each edge pixel crisp.
-    """
-
-    def __init__(self, features: int, hidden: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Conv2d(features + 1, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
-
-    def forward(self, features: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([features, x_t], 1))
-
-
 class UNet(nn.Module):
     """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request.
 
@@ -874,7 +857,7 @@ class UNet(nn.Module):
     upsampling + conv. The timestep goes through a sinusoidal embedding and a small MLP, then is added in every
     residual block or only at the bottleneck (the original design). A conditional U-Net adds the request's embedding
     to it. A pixel-unshuffle stem folds 2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16),
-    4x (16x) cheaper, and a pixel-shuffle head undoes it, optionally followed by a per-pixel MLP (PixelMLP).
+    4x (16x) cheaper, and a pixel-shuffle head undoes it.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -913,10 +896,8 @@ class UNet(nn.Module):
             self.upsamplers.append(nn.Identity() if level == 0 else _upsampler(width, widths[level - 1]))
             channels = width if level == 0 else widths[level - 1]
 
-        features = PIXEL_FEATURES if config.pixel_mlp else 1
-        head_conv = nn.Conv2d(channels, features * factor * factor, 3, padding=1)
+        head_conv = nn.Conv2d(channels, factor * factor, 3, padding=1)
         self.head = nn.Sequential(_group_norm(channels), nn.SiLU(), head_conv, nn.PixelShuffle(factor))
-        self.pixel_mlp = PixelMLP(features, config.pixel_mlp) if config.pixel_mlp else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
         """The prediction for x_t at training timesteps t; condition None = unconditional (all fields null)."""
@@ -942,8 +923,7 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, time)
             h = upsample(h)
-        out = self.head(h)
-        return self.pixel_mlp(out, x) if self.pixel_mlp is not None else out
+        return self.head(h)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -976,8 +956,6 @@ def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
     watched += [("bottleneck", model.mid_blocks[-1])]
     watched += [(f"decoder level {levels - 1 - k}", blocks[-1]) for k, blocks in enumerate(model.up_blocks)]
     watched += [("head (conv + pixel-shuffle)", model.head)]
-    if model.pixel_mlp is not None:
-        watched += [("pixel MLP (with x_t)", model.pixel_mlp)]
 
     def recorder(name: str) -> Callable:
         return lambda module, inputs, output: shapes.append((name, tuple(output.shape[1:])))
@@ -1165,7 +1143,8 @@ class Trainer:
         if self.model_config.conditional:
             if condition is None:
                 raise ValueError("a conditional model needs the condition of every training image")
-            condition = condition.to(self.device, non_blocking=True).dropped(cfg.condition_dropout, self.generator)
+            condition = condition.to(self.device, non_blocking=True)
+            condition = condition.dropped(cfg.condition_dropout, self.generator, cfg.condition_dropout_all)
         else:
             condition = None
         self.model.train()
@@ -2299,8 +2278,13 @@ def _first_line(error: Exception) -> str:
 
 
 # Fields that files written before they existed do not hold, with the value those files were trained with.
-_OLDER_MODEL_FIELDS = {"conditional": False, "pixel_mlp": 0}
-_OLDER_TRAIN_FIELDS = {"min_snr_form": "paper", "lr_schedule": "constant", "condition_dropout": 0.0}
+_OLDER_MODEL_FIELDS = {"conditional": False}
+_OLDER_TRAIN_FIELDS = {
+    "min_snr_form": "paper",
+    "lr_schedule": "constant",
+    "condition_dropout": 0.0,
+    "condition_dropout_all": 0.0,
+}
 _RENAMED_MODEL_FIELDS = {"timesteps": "num_timesteps"}
 
 

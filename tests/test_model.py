@@ -136,32 +136,6 @@ def test_parameter_counts_match_a_hand_count():
     )  # 1-channel stem and head
 
 
-def test_the_pixel_mlp_adds_its_hand_counted_parameters():
-    """The head conv then makes 4 features per pixel, 4 x 4 = 16 per 2x2 cell: Conv(8, 16) = 8*16*9 + 16 = 1168
-    instead of Conv(8, 4) = 292; the MLP Conv(4 + 1, h) + Conv(h, 1) = 5h + h + h + 1 = 7h + 1."""
-    for hidden in (3, 8):
-        with_mlp = du.UNet(tiny_model_config(pixel_mlp=hidden))
-        assert du.count_parameters(with_mlp) == 30116 - 292 + 1168 + 7 * hidden + 1
-
-
-def test_the_pixel_mlp_is_one_function_of_each_pixel_and_its_noisy_value():
-    """1x1 convs: each output pixel depends on that pixel's features and x_t alone, with the same weights everywhere."""
-    torch.manual_seed(0)
-    mlp = du.PixelMLP(4, 8)
-    features, x_t = torch.randn(1, 4, 6, 6), torch.randn(1, 1, 6, 6)
-    with torch.no_grad():
-        out = mlp(features, x_t)
-        moved = x_t.clone()
-        moved[0, 0, 2, 3] += 1.0
-        changed = (mlp(features, moved) - out).abs() > 0
-        assert changed.sum() == 1 and changed[0, 0, 2, 3]
-        rolled = mlp(features.roll(1, dims=3), x_t.roll(1, dims=3))
-        assert torch.allclose(rolled, out.roll(1, dims=3), atol=1e-6)
-    model = du.UNet(tiny_model_config(pixel_mlp=8)).eval()
-    shapes = dict(du.feature_shapes(model))
-    assert shapes["head (conv + pixel-shuffle)"] == (4, 64, 64) and shapes["pixel MLP (with x_t)"] == (1, 64, 64)
-
-
 def test_residual_block_starts_as_its_skip_connection():
     block = du.ResidualBlock(4, 8, time_dim=16)
     x, time = torch.randn(2, 4, 6, 6), torch.randn(2, 16)
@@ -209,8 +183,6 @@ def test_describe_model_reports_count_and_levels():
         ("pixel_unshuffle", 3),
         ("dropout", 1.0),
         ("dropout", -0.1),
-        ("pixel_mlp", -1),
-        ("pixel_mlp", 2.5),
     ],
 )
 def test_invalid_model_config_names_the_field(field, value):

@@ -6,15 +6,14 @@ on a quiet machine (--minutes, at the variant's measured images/s: --steps-per-s
 measures it first with --measure). At the end the sampling model draws --samples images with DDPM (100 steps,
 one fixed sampling seed) and du.evaluate_samples scores them; a conditional variant is also asked for shapes.
 
-Why: a 5-minute CPU run has few steps to spare, and each lever (learning-rate decay, the pixel MLP, conditioning,
+Why: a 5-minute CPU run has few steps to spare, and each lever (learning-rate decay, conditioning,
 the loss weight, batch size) costs or saves time per step. Comparing at equal wall-clock time, with the speed of
 each variant measured apart from its quality, answers "does this buy quality per minute?" even on a shared machine.
 
 Variants (each is the "previous" recipe, the CPU recipe before this round, plus the named changes):
     previous       du.ModelConfig(conditional=False), du.TrainConfig(lr_schedule="constant")
     cosine         + lr 2e-3 with a cosine decay to 0 at the end of the budget
-    pixel-mlp      + cosine + the per-pixel output MLP (ModelConfig.pixel_mlp = 8)
-    conditional    + cosine + pixel-mlp + requests with condition dropout (the recipe); scored unconditionally
+    conditional    + cosine + requests with condition dropout; scored unconditionally
     gamma-20       + cosine + min-SNR gamma 20 instead of 5
     batch-64       + cosine + batch 64 (half the steps, 100 warm-up steps)
 
@@ -43,8 +42,7 @@ COSINE = {"train": {"lr": 2e-3, "lr_schedule": "cosine"}}
 VARIANTS: dict[str, list[dict]] = {
     "previous": [],
     "cosine": [COSINE],
-    "pixel-mlp": [COSINE, {"model": {"pixel_mlp": 8}}],
-    "conditional": [COSINE, {"model": {"pixel_mlp": 8, "conditional": True}, "train": {"condition_dropout": 0.5}}],
+    "conditional": [COSINE, {"model": {"conditional": True}, "train": {"condition_dropout": 0.5}}],
     "gamma-20": [COSINE, {"train": {"min_snr_gamma": 20.0}}],
     "batch-64": [COSINE, {"train": {"batch_size": 64, "warmup_steps": 100}}],
 }
