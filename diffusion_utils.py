@@ -124,7 +124,7 @@ class ModelConfig:
     pixel_unshuffle: int = 4  # 1 = the full 64x64 input; 2 = a 32x32x4 stem; 4 = 16x16x16 (16x cheaper)
     time_injection: str = "every_block"  # where the time embedding enters; "bottleneck" = the original design
     bottleneck_attention: bool = True  # self-attention between the two bottleneck blocks (global context)
-    conditional: bool = False  # also take a request (class, centre, size), see section 11
+    conditional: bool = True  # also take a request (class, centre, size), see section 11
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -162,9 +162,9 @@ class TrainConfig:
     """
 
     batch_size: int = 32
-    lr: float = 1e-3  # the peak learning rate, reached after the warm-up
+    lr: float = 2e-3  # the peak learning rate, reached after the warm-up
     warmup_steps: int = 200
-    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the end of the budget
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0 at the end of the budget, or "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_snr_gamma: float | None = 5.0  # None = plain MSE (the original design)
@@ -218,7 +218,8 @@ def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfi
     if device.type == "cuda":
         model = ModelConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-        return model, TrainConfig(batch_size=256, ema_decay=0.999, channels_last=False, data_workers=workers)
+        train = TrainConfig(batch_size=256, lr=1e-3, ema_decay=0.999, channels_last=False, data_workers=workers)
+        return model, train
     return ModelConfig(), TrainConfig(channels_last=device.type == "cpu")
 
 

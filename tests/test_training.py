@@ -1,5 +1,6 @@
 """Section 5 (and 1): the loss, EMA, the Trainer, resuming, NaN handling, device and precision."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -97,11 +98,18 @@ def test_default_and_original_configs():
     cpu_model, cpu_train = du.default_configs("cpu")
     assert cpu_train.channels_last and cpu_model.pixel_unshuffle == 4 and cpu_model.bottleneck_attention
     assert cpu_model.base_channels == 24 and du.ModelConfig() == cpu_model  # the dataclass defaults are the CPU recipe
+    assert cpu_model.conditional and (cpu_train.lr, cpu_train.lr_schedule, cpu_train.condition_dropout) == (
+        2e-3,
+        "cosine",
+        0.5,
+    )
+    assert dataclasses.replace(du.TrainConfig(), channels_last=True) == cpu_train
     gpu_model, gpu_train = du.default_configs("cuda")  # no GPU needed to read the recipe
     assert gpu_model.base_channels == 64 and gpu_train.batch_size == 256 and not gpu_train.channels_last
     model, train = du.original_design_configs()
     assert (model.schedule, model.prediction, model.time_injection) == ("linear", "eps", "bottleneck")
     assert train.min_snr_gamma is None and train.ema_decay is None
+    assert not model.conditional and train.lr_schedule == "constant"
     assert model.base_channels == cpu_model.base_channels and model.channel_mults == cpu_model.channel_mults
     like_model, like_train = du.original_design_configs(like=(gpu_model, gpu_train))
     assert (like_model.base_channels, like_model.pixel_unshuffle, like_train.batch_size) == (64, 2, 256)
