@@ -1,0 +1,133 @@
+"""Where do the mid-gray pixels of the samples come from? An analysis of one trained checkpoint.
+
+1. The network as a one-step denoiser: real shapes noised to t, then its clipped x0_hat. If these were gray, the
+   network could not draw a sharp edge at all; if they are clean while its samples are not, the gray builds up
+   along the sampling path instead.
+2. Its own samples with several samplers and step counts (validity, mid-gray, circle share).
+3. Where the samples' mid-gray pixels lie: the distance to the band of edge pixels, and their share per class.
+
+Why: mid-gray pixels (between 32 and 223 of 255) are the quality bar the short CPU budgets miss; choosing a fix
+(the loss weight at low noise, the sampler, the last step, the network's last layer) needs to know where they are.
+
+Full run (about 3 minutes):
+    python benchmarks/experiments/mid_gray.py --checkpoint runs/recipe.pt --out benchmarks/results/mid_gray
+Smoke test (seconds):
+    python benchmarks/experiments/mid_gray.py --train-steps 3 --samples 8 --threads 1 --out /tmp/mid_gray_smoke
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common as bc  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import diffusion_utils as du  # noqa: E402
+
+TIMESTEPS = (0, 10, 20, 50, 100, 200, 300, 500)
+SAMPLERS = (("ddpm", 100), ("ddpm", 50), ("ddpm", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20))
+
+
+def parse_args(argv):
+    parser = bc.make_parser(__doc__, "runs/benchmarks/mid_gray")
+    bc.add_model_source_args(parser, "a trained checkpoint to analyse")
+    parser.add_argument("--samples", type=int, default=256, help="images per measurement (default 256)")
+    return parser.parse_args(argv)
+
+
+def mid_gray(images: np.ndarray) -> float:
+    return float(((images > du.MID_GRAY[0]) & (images < du.MID_GRAY[1])).mean())
+
+
+@torch.no_grad()
+def one_step_denoising(model, schedule, n: int) -> list[dict]:
+    """Real shapes noised to each t in one go, then the network's clipped x0_hat."""
+    device = next(model.parameters()).device
+    x0 = du.make_shapes(n, seed=(7, 7)).images
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for t_value in TIMESTEPS:
+        t = torch.full((n,), t_value)
+        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
+        output = model(x_t.to(device), t.to(device)).float().cpu()
+        x0_hat = schedule.predict_x0(model.config.prediction, x_t, output, t).clamp(-1, 1)
+        rows.append(
+            {
+                "t": t_value,
+                "x0_hat mid-gray": mid_gray(du.model_to_uint8(x0_hat)),
+                "error": float((x0_hat - x0).abs().mean()),
+            }
+        )
+    return rows
+
+
+def samplers(model, schedule, n: int) -> tuple[list[dict], np.ndarray]:
+    rows, first = [], None
+    for name, steps in SAMPLERS:
+        images = du.sample(model, schedule, n, steps=steps, sampler=name, seed=5, progress=False).images
+        rows.append({"sampler": f"{name}-{steps}", **du.evaluate_samples(images)})
+        first = du.model_to_uint8(images) if first is None else first
+    return rows, first
+
+
+def where(images: np.ndarray) -> dict:
+    """Shares of mid-gray pixels by distance (px) to the band of edge pixels, and mid-gray per class read."""
+    distances, by_class = np.zeros(4), {"circle": [], "square": [], "invalid": []}
+    for image in images:
+        mask = (image > 127).astype(np.uint8)
+        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+        distance = cv2.distanceTransform(1 - edge, cv2.DIST_L2, 3)
+        gray = (image > du.MID_GRAY[0]) & (image < du.MID_GRAY[1])
+        distances += np.histogram(np.minimum(distance[gray], 3), bins=4, range=(0, 4))[0]
+        reading = du.read_shape(image)
+        by_class[du.CLASS_NAMES[reading.label] if reading.valid else "invalid"].append(mid_gray(image))
+    shares = distances / max(distances.sum(), 1)
+    return {
+        "by_distance": dict(zip(["0", "1", "2", "3+"], shares.tolist())),
+        "by_class": {k: float(np.mean(v)) if v else None for k, v in by_class.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = bc.setup(args)
+    model, schedule, source = bc.load_or_train(args, device)
+    denoising = one_step_denoising(model, schedule, args.samples)
+    sampled, images = samplers(model, schedule, args.samples)
+    located = where(images)
+    columns = [
+        ("sampler", "sampler", ""),
+        ("valid", "valid", "%"),
+        ("mid_gray", "mid-gray", "%"),
+        ("circle_share", "circle share", ".2f"),
+    ]
+    text = "\n\n".join(
+        [
+            f"# Where the mid-gray pixels come from\n\n{bc.environment_line(bc.environment(device))}; {source}",
+            bc.markdown_table(
+                denoising,
+                [
+                    ("t", "t", ""),
+                    ("x0_hat mid-gray", "one-step x0_hat mid-gray", "%"),
+                    ("error", "mean |x0_hat - x0|", ".4f"),
+                ],
+            ),
+            bc.markdown_table(sampled, columns),
+            f"mid-gray pixels by distance to the edge band (px): {located['by_distance']}",
+            f"mean mid-gray share by the class read: {located['by_class']}",
+        ]
+    )
+    print(text)
+    out = bc.prepare_out(args.out)
+    bc.save_text(out / "mid_gray.md", text + "\n")
+    bc.save_json(out / "mid_gray.json", {"denoising": denoising, "samplers": sampled, "where": located})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
