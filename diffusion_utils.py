@@ -227,10 +227,12 @@ def default_training_minutes(device: torch.device | str, capability: tuple[int, 
     """The notebook's training budget when none is given: long enough for clean shapes, short enough for a learner.
 
     Ampere and newer GPUs: 3 minutes. Older GPUs such as Colab's T4: 7 minutes (an estimate from their bandwidth and
-    fp16 rate, not a measurement). CPU and MPS: 15 minutes. Pass `capability` to test the rule without a GPU.
+    fp16 rate, not a measurement). CPU and MPS: 7.5 minutes, between the time-to-quality points of 5 minutes (about
+    94 % valid on a 2-core CPU) and 15 (about 98 %), so that the whole notebook runs within 10 minutes there. Pass
+    `capability` to test the rule without a GPU.
     """
     if torch.device(device).type != "cuda":
-        return 15
+        return 7.5
     return 3 if is_ampere_or_newer(device, capability) else 7
 
 
@@ -694,8 +696,11 @@ def _log_snr_spacing(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
     kept[-1] = len(schedule) - 1
     for k in range(num_steps - 2, -1, -1):  # distinct indices: push collisions towards less noise
         kept[k] = min(int(kept[k]), int(kept[k + 1]) - 1)
-    if int(kept[0]) < 0:
-        raise ValueError(f"the log-SNR grid cannot hold {num_steps} distinct timesteps of {len(schedule)}")
+    if int(kept[0]) < 0:  # more steps than the fast-changing lambda near t = 0 has timesteps: push them up instead
+        kept[0] = 0
+        for k in range(1, num_steps):
+            kept[k] = max(int(kept[k]), int(kept[k - 1]) + 1)
+        kept = torch.minimum(kept, torch.arange(len(schedule) - num_steps, len(schedule)))
     return kept
 
 
@@ -1924,7 +1929,9 @@ def _as_uint8_images(samples: torch.Tensor | np.ndarray) -> np.ndarray:
 # one network evaluation per step.
 
 
-@register_sampler("dpm++", "DPM-Solver++(2M) (Lu et al. 2022), deterministic, second order")
+# On the log-SNR grid, where its steps are equal in lambda: at 10 and 20 steps it beats the time grid by far
+# (benchmarks/RESULTS.md, "Samplers").
+@register_sampler("dpm++", "DPM-Solver++(2M) (Lu et al. 2022), deterministic, second order", spacing="logsnr")
 def dpm_solver_step(
     schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState
 ) -> torch.Tensor:

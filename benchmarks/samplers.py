@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--spacings",
         type=parse_spacings,
-        default=["time"],
-        help=f"timestep grids for {', '.join(GRID_SAMPLERS)} ({', '.join(du.SPACINGS)}; default time)",
+        default=None,
+        help=f"timestep grids for {', '.join(GRID_SAMPLERS)} ({', '.join(du.SPACINGS)}; default: the registered one)",
     )
     parser.add_argument("--samples", type=bc.positive_int, default=512, help="images per cell (default 512)")
     parser.add_argument("--sample-seed", type=int, default=1234, help="sampling seed, the same for every cell")
@@ -134,7 +134,7 @@ def plan_cells(args: argparse.Namespace, schedule: du.NoiseSchedule) -> tuple[li
     """(the cells to run, the skipped ones with the reason), sampler by sampler, grid by grid, steps ascending."""
     cells, skipped = [], []
     for name, sampler in du.SAMPLERS.items():
-        grids = args.spacings if name in GRID_SAMPLERS else [sampler.spacing]
+        grids = args.spacings if name in GRID_SAMPLERS and args.spacings else [sampler.spacing]
         for grid in grids:
             label = f"{name} ({grid})" if len(grids) > 1 else name
             for steps in args.steps:

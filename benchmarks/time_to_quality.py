@@ -42,7 +42,7 @@ a fixed seed) with guidance --guidance and reports du.evaluate_requests, on as m
 1000-step sampling is slow on a CPU (about 10x the 100-step cost), so configurations sampled with it draw
 --original-samples images (default 64: valid % then has a standard error of about 6 points at 50%);
 --original-steps can lower the step count for quick looks. 100-step sampling keeps validity within a few
-points of 1000 steps (benchmarks/results/sampling_speed.md), which is why the ablation switches the sampler
+points of 1000 steps (the samplers table of benchmarks/RESULTS.md), which is why the ablation switches the sampler
 first and scores every later step on --samples images. Runs are sequential, never in parallel.
 
 Examples (on the 2-core CPU: about 40 min; about 90 min for the ablation; the third about 90 min):

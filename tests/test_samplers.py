@@ -198,7 +198,7 @@ def test_initial_noise_replaces_the_seeded_start(x0):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps", [2, 5, 10, 20, 50])
+@pytest.mark.parametrize("steps", [2, 5, 10, 20, 50, 100, 999, 1000])
 def test_the_log_snr_grid_is_distinct_starts_at_pure_noise_and_ends_at_the_cleanest_step(steps):
     schedule = SCHEDULES["cosine"]
     kept = du.SPACINGS["logsnr"](schedule, steps)

@@ -58,8 +58,8 @@ def test_check_precision_allows_only_what_the_device_runs():
 
 
 def test_default_training_minutes_per_device_and_capability():
-    assert du.default_training_minutes("cpu") == 15
-    assert du.default_training_minutes("mps") == 15
+    assert du.default_training_minutes("cpu") == 7.5
+    assert du.default_training_minutes("mps") == 7.5
     assert du.default_training_minutes("cuda", capability=(9, 0)) == 3  # H100: 98 % valid after 90 s
     assert du.default_training_minutes("cuda", capability=(8, 0)) == 3
     assert du.default_training_minutes("cuda:0", capability=(7, 5)) == 7  # T4

@@ -7,11 +7,10 @@ width/height ratio away from 1). The mid-gray pixels (du.MID_GRAY) are split int
 shape's boundary (soft edges), inside a shape, and in the background (haze). A conditional model is sampled
 unconditionally (the null condition), as the benchmarks' main rows are.
 
-What it answered for the 15-minute CPU models (benchmarks/results/cpu_tries/failure_modes.log): most failures
-are squares drawn as rectangles (w/h 0.82-0.94 or 1.11-1.15) and blank frames, and 80-87 % of the mid-gray
-pixels lie within a pixel of a boundary: the edges are about a pixel soft, the shapes are not grainy.
+Why: choosing a fix for the failures (the loss weight, the sampler, the last layer) needs to know what they are;
+benchmarks/RESULTS.md gives the answer for the recipe's 15-minute checkpoint.
 
-Command (the samples are those of DDPM-100 with sampling seed 1, as in that log):
+Command (the samples are those of DDPM-100 with sampling seed 1):
     python benchmarks/experiments/failure_modes.py --checkpoint runs/recipe.pt --samples 256 --out DIR
 Without --checkpoint it first trains the device's recipe for --train-minutes (or --train-steps). It writes
 failure_modes.json and failure_modes.md to --out and prints the same.

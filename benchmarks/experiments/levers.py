@@ -17,8 +17,18 @@ Variants (each is the "previous" recipe, the CPU recipe before this round, plus 
     gamma-20       + cosine + min-SNR gamma 20 instead of 5
     batch-64       + cosine + batch 64 (half the steps, 100 warm-up steps)
 
+The notebook's exercises, each one change to the current recipe (--base recipe):
+    recipe         the recipe itself, du.default_configs("cpu")
+    linear         the linear schedule of Ho et al.
+    eps            the eps target
+    no-ema         sample from the raw weights
+    constant-lr    no decay of the learning rate
+
 Full run (the 5-minute equivalents, seeds 0 and 1, about 70 minutes on a 2-core CPU):
     python benchmarks/experiments/levers.py --measure --minutes 5 --seeds 0,1 --out benchmarks/results/levers
+The exercises (3-minute equivalents, about 20 minutes):
+    python benchmarks/experiments/levers.py --base recipe --variants recipe,linear,eps,no-ema,constant-lr \\
+        --minutes 3 --measure --samples 256 --out benchmarks/results/exercises
 Smoke test (seconds):
     python benchmarks/experiments/levers.py --steps 3 --samples 8 --variants previous,conditional --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/levers_smoke
@@ -45,12 +55,20 @@ VARIANTS: dict[str, list[dict]] = {
     "conditional": [COSINE, {"model": {"conditional": True}, "train": {"condition_dropout": 0.5}}],
     "gamma-20": [COSINE, {"train": {"min_snr_gamma": 20.0}}],
     "batch-64": [COSINE, {"train": {"batch_size": 64, "warmup_steps": 100}}],
+    # The notebook's exercises (section 12), each one change to the recipe: run them with --base recipe.
+    "recipe": [],
+    "linear": [{"model": {"schedule": "linear"}}],
+    "eps": [{"model": {"prediction": "eps"}}],
+    "no-ema": [{"train": {"ema_decay": None}}],
+    "constant-lr": [{"train": {"lr_schedule": "constant"}}],
 }
+BASES = {"previous": PREVIOUS, "recipe": du.default_configs("cpu")}
 
 
 def parse_args(argv):
     parser = bc.make_parser(__doc__, "runs/benchmarks/levers")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants (default all)")
+    parser.add_argument("--variants", default="previous,cosine,conditional,gamma-20,batch-64", help="comma list")
+    parser.add_argument("--base", choices=BASES, default="previous", help="what the variants change (default previous)")
     parser.add_argument("--seeds", type=bc.parse_ints, default=[0], help="training seeds (default 0)")
     parser.add_argument("--minutes", type=float, default=5.0, help="the wall-clock budget the steps stand for")
     parser.add_argument("--steps", type=int, help="a fixed step count for every variant instead (smoke tests)")
@@ -65,7 +83,7 @@ def parse_args(argv):
 
 
 def configs(name: str, args, seed: int) -> tuple[du.ModelConfig, du.TrainConfig]:
-    model, train = PREVIOUS
+    model, train = BASES[args.base]
     for change in VARIANTS[name]:
         model = dataclasses.replace(model, **change.get("model", {}))
         train = dataclasses.replace(train, **change.get("train", {}))
