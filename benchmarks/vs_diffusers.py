@@ -30,8 +30,8 @@ the recipe out of the comparison, one at a time.
       (flip_sin_to_cos, freq_shift 0) and a Linear-SiLU-Linear to 4 x base_channels) -> PixelShuffle(4)
       What it cannot copy (each up level of UNet2DModel has layers_per_block + 1 resnets and also
       takes skips after conv_in and each downsampler; its resnets add a projection of SiLU(time);
-      its own initialisation; no per-pixel head, so ours' pixel_mlp is left out; no request
-      embedding, so it is unconditional) is printed with the row.
+      its own initialisation; no request embedding, so it is
+      unconditional) is printed with the row.
     Whole training steps, each in our recipe's layout: ours (du.Trainer.train_step: min-SNR,
     EMA, lr schedule), diffusers-same-network in that very step, and diffusers-same-recipe's step.
 (b) Quality after --minutes of training each (evaluation not counted), each scored by
@@ -47,7 +47,7 @@ the recipe out of the comparison, one at a time.
                              scheduler.get_velocity, EMA via diffusers.training_utils.EMAModel
                              (decay 0.999 with warm-up), lr 1e-3 with 200 warm-up steps then constant
                              (our recipe's lr), the same AdamW betas/weight decay as the example
-      diffusers-same-network du.Trainer around that network (unconditional, no pixel MLP: our
+      diffusers-same-network du.Trainer around that network (unconditional; our
                              schedule, loss, min-SNR table, AdamW, warm-up, lr schedule, EMA, grad
                              clip, layout), sampled like ours
       diffusers-same-recipe  the same network; DDPMScheduler(T, our schedule as "squaredcos_cap_v2",
@@ -214,8 +214,8 @@ class SameNetwork(nn.Module):
 
 
 def same_network_config(config: du.ModelConfig) -> du.ModelConfig:
-    """Our model config without what UNet2DModel has no place for: the per-pixel MLP head and the request input."""
-    return dataclasses.replace(config, pixel_mlp=0, conditional=False)
+    """Our model config without what UNet2DModel has no place for: the request input."""
+    return dataclasses.replace(config, conditional=False)
 
 
 def same_network_notes(ours: du.ModelConfig) -> list[str]:
@@ -226,10 +226,6 @@ def same_network_notes(ours: du.ModelConfig) -> list[str]:
         "its resnets add a projection of SiLU(time embedding) (ours: of the embedding itself)",
         "diffusers' own initialisation (ours zero-inits the last conv of every block and of the attention output)",
     ]
-    if ours.pixel_mlp:
-        notes.append(f"no per-pixel head: our pixel_mlp={ours.pixel_mlp} (a per-pixel MLP that sees x_t) is left out")
-    else:
-        notes.append("no per-pixel head (our recipe has none either: pixel_mlp=0)")
     if ours.conditional:
         notes.append("unconditional: our request embedding is left out (ours is sampled unconditionally here)")
     if ours.time_injection != "every_block":
