@@ -243,6 +243,11 @@ def test_train_on_a_missing_device(tiny_defaults, tmp_path, capsys):
     ],
 )
 def test_sample_with_bad_options(checkpoint, tmp_path, capsys, args, fragment):
+    assert_sample_refuses(checkpoint, tmp_path, capsys, args, fragment)
+
+
+def assert_sample_refuses(checkpoint, tmp_path, capsys, args, fragment):
+    """`sample` with these arguments fails with one line holding `fragment`, and writes no samples."""
     out = tmp_path / "s.npy"
     status, _, err = run_main(
         capsys, "sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args
@@ -441,12 +446,7 @@ def test_sample_a_request_and_score_it(conditional_checkpoint, tmp_path, capsys)
     ],
 )
 def test_sample_with_a_bad_request(conditional_checkpoint, tmp_path, capsys, args, fragment):
-    out = tmp_path / "s.npy"
-    status, _, err = run_main(
-        capsys, "sample", "--checkpoint", str(conditional_checkpoint), "--out", str(out), "--no-progress", *args
-    )
-    assert_one_line_error(status, err, fragment)
-    assert not out.exists()
+    assert_sample_refuses(conditional_checkpoint, tmp_path, capsys, args, fragment)
 
 
 def test_an_unconditional_checkpoint_refuses_a_request(checkpoint, tmp_path, capsys):
