@@ -355,6 +355,7 @@ def sample_and_evaluate(
     progress: bool = False,
     condition: du.Condition | None = None,
     guidance: float = du.DEFAULT_GUIDANCE,
+    spacing: str | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Draw n images with du.sample, time it (`device` synced), and score them with du.evaluate_samples.
 
@@ -375,6 +376,7 @@ def sample_and_evaluate(
             progress=progress,
             condition=condition,
             guidance=guidance,
+            spacing=spacing,
         )
 
     result, seconds = timed(draw, device)

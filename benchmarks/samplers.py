@@ -12,8 +12,8 @@ probability-flow ODE and DPM-Solver++(2M) its second-order one (module section 1
 
 Where it applies: --max-steps-per-sampler skips pointless cells (default dpm++:100: a second-order solver is
 expected to have converged far below 1000 steps). --spacings also runs dpm++ on other timestep grids (du.SPACINGS: time,
-logsnr) by swapping du.SAMPLERS["dpm++"] for a copy with that spacing for the cell (restored afterwards), so the
-grid can be chosen by measurement; the "grid" column says which one each row used.
+logsnr; du.sample's `spacing`), so the grid can be chosen by measurement; the "grid" column says which one each row
+used.
 
 After the table, a "targets" line gives, for each sampler (and grid), the fewest steps within 1 and within 3
 points of DDPM-1000's validity (when 1000 is not in --steps, of the longest DDPM run, named as such). A share
@@ -35,10 +35,8 @@ Smoke test (seconds; trains a tiny model on the spot):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
@@ -158,30 +156,19 @@ def skip_reason(name: str, grid: str, steps: int, caps: dict[str, int], schedule
     return None
 
 
-@contextlib.contextmanager
-def sampler_on_grid(name: str, grid: str) -> Iterator[None]:
-    """du.SAMPLERS[name] samples on `grid` inside the block (du.sample reads the spacing from the registry)."""
-    registered = du.SAMPLERS[name]
-    du.SAMPLERS[name] = dataclasses.replace(registered, spacing=grid)
-    try:
-        yield
-    finally:
-        du.SAMPLERS[name] = registered
-
-
 def run_cell(model, schedule, cell: Cell, args: argparse.Namespace, device) -> tuple[dict[str, Any], Any]:
     """(the cell's row: timing and du.evaluate_samples's scores, the images)."""
-    with sampler_on_grid(cell.sampler, cell.grid):
-        scores, images = bc.sample_and_evaluate(
-            model,
-            schedule,
-            args.samples,
-            cell.sampler,
-            cell.steps,
-            device,
-            seed=args.sample_seed,
-            batch_size=args.chunk,
-        )
+    scores, images = bc.sample_and_evaluate(
+        model,
+        schedule,
+        args.samples,
+        cell.sampler,
+        cell.steps,
+        device,
+        seed=args.sample_seed,
+        batch_size=args.chunk,
+        spacing=cell.grid,
+    )
     seconds = scores.pop("sample_seconds")
     return {**dataclasses.asdict(cell), "seconds": seconds, **scores}, images
 
