@@ -1811,6 +1811,11 @@ def read_shape(image: np.ndarray) -> ShapeReading:
     return ShapeReading(len(big), label, iou, (float(_GRID_X[blob].mean()), float(_GRID_Y[blob].mean())), size)
 
 
+def mid_gray_mask(images: np.ndarray) -> np.ndarray:
+    """True at each uint8 pixel strictly between MID_GRAY's bounds: neither background nor shape (blur, gray)."""
+    return (images > MID_GRAY[0]) & (images < MID_GRAY[1])
+
+
 def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
     """Earth mover's distance between two 1-D samples (mean gap between matching quantiles); NaN if one is empty."""
     if len(a) == 0 or len(b) == 0:
@@ -1853,7 +1858,7 @@ def evaluate_samples(
         "n": len(images),
         "valid": len(valid) / len(images),
         "circle_share": float(np.mean([r.label == CIRCLE for r in valid])) if valid else math.nan,
-        "mid_gray": float(((images > MID_GRAY[0]) & (images < MID_GRAY[1])).mean()),
+        "mid_gray": float(mid_gray_mask(images).mean()),
         "size_w1": w1(lambda r: r.size),
         "position_w1": float(np.mean([w1(lambda r: r.center[0]), w1(lambda r: r.center[1])])),
     }
@@ -2588,7 +2593,7 @@ def _command_sample(args: argparse.Namespace) -> None:
     np.save(args.out, images)
     print(f"saved {len(images)} samples to {args.out}")
     if condition is not None:
-        print(json.dumps(_strict_json(evaluate_requests(images, condition))))
+        print(json.dumps(to_json(evaluate_requests(images, condition))))
     if args.png:
         title = f"{args.sampler}, {args.steps} steps" + (
             f", {describe_request(condition)}" if condition is not None else ""
@@ -2612,15 +2617,26 @@ def _command_evaluate(args: argparse.Namespace) -> None:
     condition = _request_from(args, len(images))
     if condition is not None:
         metrics["request"] = evaluate_requests(images, condition)
-    print(json.dumps(_strict_json(metrics), indent=2))
+    print(json.dumps(to_json(metrics), indent=2))
 
 
-def _strict_json(value: object) -> object:
-    """NaN (a metric with nothing to measure) as None: JSON has no NaN, and strict parsers reject the token."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
+def to_json(value: object) -> object:
+    """Plain JSON values: NaN and inf (a metric with nothing to measure) as None, since JSON has no NaN and strict
+    parsers reject the token; tuples, arrays and tensors as lists, numpy scalars as numbers, dataclasses as dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_json(dataclasses.asdict(value))
     if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return to_json(value.tolist())
+    if isinstance(value, np.generic):
+        return to_json(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (torch.device, torch.dtype, Path)):
+        return str(value)
     return value
 
 
