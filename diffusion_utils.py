@@ -55,7 +55,7 @@ TIME_INJECTIONS = ("every_block", "bottleneck")
 MIN_SNR_FORMS = ("cap", "paper")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
-CHECKPOINT_FORMAT = "diffusion_patterns/1"
+CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
 # Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
 # classifier-free guidance scale for requests (section 11)
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "ddpm", 100, 1.0
@@ -66,23 +66,47 @@ DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "ddpm", 100, 1.0
 # ------------------------------------------------------------------------------------------
 
 
-def pick_device(preferred: str | None = None) -> torch.device:
+def pick_device(preferred: torch.device | str | None = None) -> torch.device:
     """The given device, else the fastest available one: CUDA, then Apple MPS, then CPU."""
-    if preferred:
+    if preferred is not None:
         device = torch.device(preferred)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {preferred!r} was asked for but CUDA is not available")
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
-            raise ValueError(f"device {preferred!r} was asked for but there are only {count} CUDA device(s)")
+            raise ValueError(f"device {str(device)!r} was asked for but there are only {count} CUDA device(s)")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {preferred!r} was asked for but MPS is not available")
+            raise ValueError(f"device {str(device)!r} was asked for but MPS is not available")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the maths runs, decided once by `setup` for a Trainer or a `sample` call (section B says why
+    each choice is made). It changes no process-wide setting outside its `compute()` context."""
+
+    device: torch.device
+    precision: str  # "fp32", "bf16" or "fp16"
+    fused_adamw: bool | None  # AdamW's fused kernel, or None for PyTorch's own choice
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context for a training or sampling loop: TF32 maths for fp32 on a CUDA card, restored on exit."""
+        return tf32_maths(self.device.type == "cuda" and self.precision == "fp32")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context for a forward pass: mixed precision in bf16 or fp16, nothing in fp32."""
+        return autocast_for(self.device, self.precision)
+
+
+def setup(device: torch.device | str | None = None, precision: str | None = None) -> Runtime:
+    """The device (pick_device), its precision (check_precision: the device's best unless given) and kernels."""
+    device = pick_device(device)
+    return Runtime(device, check_precision(device, precision), fused_adamw(device))
 
 
 def show_source(obj: object):
@@ -171,12 +195,11 @@ class TrainConfig:
     min_snr_form: str = "cap"  # how gamma enters the weight, see NoiseSchedule.loss_weights
     ema_decay: float | None = 0.998  # None = no EMA (the original design)
     condition_dropout: float = 0.5  # conditional models: chance that each field of a request is hidden in training
-    condition_dropout_all: float = 0.0  # ... and that the whole request is hidden (images trained unconditionally)
     seed: int = 0
     log_every: int = 10  # read the loss back from the device every N steps (no host-device sync in between)
     channels_last: bool = True  # activations in NHWC memory layout: faster convolutions on a CPU (section B)
     data_workers: int = 0  # background processes drawing shapes (a GPU outpaces one CPU core)
-    compile: bool = False  # torch.compile the training forward pass (long GPU runs)
+    compile_model: bool = False  # torch.compile the training forward pass (long GPU runs)
 
     def __post_init__(self) -> None:
         _check_positive_int("batch_size", self.batch_size)
@@ -193,9 +216,8 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        for name in ("condition_dropout", "condition_dropout_all"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -1063,8 +1085,63 @@ class EMA:
         self.updates += 1
 
 
+@dataclass
+class TrainingPlan:
+    """A run's budget, fixed when the run starts and saved in its checkpoints: `steps` optimiser steps from
+    `first_step`, and/or `seconds` of training (both: it ends at whichever comes first).
+
+    The learning rate decays over the plan, so the plan must outlive an interruption. For a step budget the share
+    done, and so the learning rate, follows from the step alone: a run killed and resumed retraces the uninterrupted
+    one bit for bit. A minutes budget is a budget of training seconds: `seconds_spent` counts those done up to the
+    last checkpoint, and a resumed run trains for the seconds left, its clock starting where that count stopped
+    (the steps between the last checkpoint and an interruption are redone, and their time is not counted twice).
+    """
+
+    first_step: int
+    steps: int | None = None
+    seconds: float | None = None
+    seconds_spent: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.seconds is None:
+            raise ValueError("give a training budget: steps or minutes")
+        if self.steps is not None:
+            _check_positive_int("steps", self.steps)
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds must be > 0, got {self.seconds}")
+
+    @classmethod
+    def of(cls, first_step: int, steps: int | None = None, minutes: float | None = None) -> TrainingPlan:
+        """The plan of a budget in steps and/or minutes, from first_step on."""
+        if minutes is not None and not minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        return cls(first_step, steps, minutes * 60 if minutes is not None else None)
+
+    def progress(self, step: int, seconds: float = 0.0) -> float:
+        """The share of the plan done at `step`, `seconds` into the current train() call: the larger share."""
+        shares = [0.0]
+        if self.steps is not None:
+            shares.append((step - self.first_step) / self.steps)
+        if self.seconds is not None:
+            shares.append((self.seconds_spent + seconds) / self.seconds)
+        return max(shares)
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """The learning rate of optimiser step `step` (0, 1, ...) with `progress` of the plan done before it.
+
+        lr = peak * min(1, (step + 1) / (warmup + 1)) * 0.5 (1 + cos(pi * progress))   ("cosine"; "constant": no cos)
+    The cosine decays to 0 at the end of the plan (Loshchilov & Hutter 2016, arXiv 1608.03983, without restarts):
+    the budget is known in advance, so the last steps take small, careful ones.
+    """
+    warmup = min(1.0, (step + 1) / (config.warmup_steps + 1))
+    if config.lr_schedule == "constant":
+        return config.lr * warmup
+    return config.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 class Trainer:
-    """Owns the model, its EMA, the optimiser and the RNG; `train` runs for a step or time budget."""
+    """Owns the model, its EMA, the optimiser, the RNG and the plan; `train` runs a step or time budget."""
 
     def __init__(
         self,
@@ -1074,9 +1151,8 @@ class Trainer:
         data: torch.Tensor | ShapeBatch | None = None,
         precision: str | None = None,
     ) -> None:
-        self.device = pick_device(str(device) if device is not None else None)
-        self.precision = check_precision(self.device, precision)
-        default_model, default_train = default_configs(self.device)
+        self.runtime = setup(device, precision)
+        default_model, default_train = default_configs(self.runtime.device)
         self.model_config = model_config or default_model
         self.train_config = cfg = train_config or default_train
         if self.model_config.conditional and data is not None and not isinstance(data, ShapeBatch):
@@ -1090,40 +1166,39 @@ class Trainer:
         weights = self.schedule.loss_weights(self.model_config.prediction, cfg.min_snr_gamma, cfg.min_snr_form)
         self.loss_weights = weights.to(self.device, torch.float32)  # on the device once, like a registered buffer
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
-        use_tf32_on_cuda(self.device)
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
-        fused = fused_adamw(self.device)
+        self.train_model = torch.compile(self.model) if cfg.compile_model else self.model
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.runtime.fused_adamw
         )
-        self.budget_progress = 0.0  # the share of the current train() budget done, for the lr decay
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.data = data
+        self.plan: TrainingPlan | None = None
         self.step = 0
         self.images_seen = 0
         self.losses: list[float] = []
         self._batch_iterator: Iterator | None = None  # kept between train() calls
         self._batch_iterator_step = -1  # the step whose batch the iterator yields next
+        self._call_started: float | None = None  # time.monotonic() when the running train() call began
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
 
     @property
     def sampling_model(self) -> nn.Module:
         """The EMA weights when there are any (they give cleaner samples), else the raw model."""
         return self.ema.model if self.ema is not None else self.model
 
-    def lr_factor(self, step: int) -> float:
-        """The learning rate at `step` as a share of the peak: a linear warm-up, then the configured decay.
-
-        "cosine" decays to 0 at the end of each train() call's budget (Loshchilov & Hutter 2016, arXiv 1608.03983,
-        without restarts): the budget is known in advance, so the last steps take small, careful ones. A resumed run
-        starts a new decay over its own budget.
-        """
-        cfg = self.train_config
-        warmup = min(1.0, (step + 1) / (cfg.warmup_steps + 1))
-        if cfg.lr_schedule == "constant":
-            return warmup
-        return warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, self.budget_progress)))
+    def progress(self) -> float:
+        """The share of the plan done now (0 before any plan)."""
+        if self.plan is None:
+            return 0.0
+        return self.plan.progress(self.step, self._seconds_in_call())
 
     def batches(self) -> Iterator[tuple[torch.Tensor, Condition | None]]:
         """Training batches from the current step on (the same ones whenever they are asked for)."""
@@ -1133,28 +1208,12 @@ class Trainer:
             return training_batches(cfg.batch_size, cfg.seed, self.step, cfg.data_workers, pin_memory=pin)
         return fixed_batches(self.data, cfg.batch_size, cfg.seed, self.step)
 
-    def _batches_from_here(self) -> Iterator[tuple[torch.Tensor, Condition | None]]:
-        """The iterator of the last train() call when it is still at this step, else a new one: training in chunks
-        then starts DataLoader workers once, not once per chunk."""
-        if self._batch_iterator is None or self._batch_iterator_step != self.step:
-            self._batch_iterator = self.batches()
-        return self._batch_iterator
-
     def train_step(self, x0: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
-        """One optimiser step; returns the loss as a tensor (no host-device sync here)."""
-        cfg = self.train_config
-        x0 = x0.to(self.device, non_blocking=True)
-        if cfg.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        if self.model_config.conditional:
-            if condition is None:
-                raise ValueError("a conditional model needs the condition of every training image")
-            condition = condition.to(self.device, non_blocking=True)
-            condition = condition.dropped(cfg.condition_dropout, self.generator, cfg.condition_dropout_all)
-        else:
-            condition = None
+        """One step of DDPM's training loop (Ho et al. 2020, Algorithm 1): a gradient step on the weighted loss of
+        a batch of clean images x0 (diffusion_loss draws t and eps). Returns the loss, still on the device."""
+        x0, condition = self._to_device(x0, condition)
         self.model.train()
-        with autocast_for(self.device, self.precision):
+        with self.runtime.autocast():
             loss = diffusion_loss(
                 self.train_model,
                 self.schedule,
@@ -1165,17 +1224,29 @@ class Trainer:
                 condition,
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # the scaler only scales in fp16 (section B)
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
         self.images_seen += len(x0)
         return loss.detach()
+
+    def _to_device(self, x0: torch.Tensor, condition: Condition | None) -> tuple[torch.Tensor, Condition | None]:
+        """The batch on the device, in the memory layout of the model, with the request's fields hidden at random
+        (condition dropout, section 11); None for an unconditional model."""
+        x0 = x0.to(self.device, non_blocking=True)
+        if self.train_config.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        if not self.model_config.conditional:
+            return x0, None
+        if condition is None:
+            raise ValueError("a conditional model needs the condition of every training image")
+        condition = condition.to(self.device, non_blocking=True)
+        return x0, condition.dropped(self.train_config.condition_dropout, self.generator)
 
     def train(
         self,
@@ -1186,46 +1257,80 @@ class Trainer:
         checkpoint_every: int = 500,
         on_log: Callable[[Trainer], None] | None = None,
     ) -> list[float]:
-        """Train for `steps` more steps or `minutes` of wall time (whichever is given; both: the first reached).
+        """Train for `steps` more steps or `minutes` of wall time (both: the first reached), a new plan; with
+        neither, go on with the current plan (e.g. a resumed checkpoint's) to its end.
 
         The loss is read back every `log_every` steps; a NaN/inf loss stops training with NonFiniteLossError naming
         the step, before anything is saved. With checkpoint_path, a checkpoint is written atomically every
         `checkpoint_every` steps and at the end. Returns the loss history (one value per step, all steps so far).
         """
-        _check_budget(steps, minutes)
         _check_positive_int("checkpoint_every", checkpoint_every)
-        budget = _Budget(self.step, steps, minutes)
-        bar = _progress_bar(steps, minutes, progress)
+        self.plan = self._next_plan(steps, minutes)
+        bar = self._progress_bar(progress)
         pending: list[torch.Tensor] = []
         saved_at = None
         batches = self._batches_from_here()
+        self._call_started = time.monotonic()
         try:
-            while not budget.spent(self.step):
-                self.budget_progress = budget.progress(self.step)
-                self._batch_iterator_step = -1  # out of step until this batch is trained on
-                pending.append(self.train_step(*next(batches)))
-                self._batch_iterator_step = self.step
-                finished = budget.spent(self.step)
-                save_now = checkpoint_path is not None and self.step % checkpoint_every == 0
-                if len(pending) >= self.train_config.log_every or finished or save_now:
-                    self._record_losses(pending)  # raises on NaN/inf before anything is saved
-                    bar.update(len(pending) if steps is not None else budget.elapsed_seconds() - bar.n)
-                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", images=self.images_seen)
-                    pending = []
-                    if on_log is not None:
-                        on_log(self)
-                if save_now:
-                    save_checkpoint(checkpoint_path, self)
-                    saved_at = self.step
+            with self.runtime.compute():
+                while self.progress() < 1.0:
+                    self._set_learning_rate()
+                    self._batch_iterator_step = -1  # out of step until this batch is trained on
+                    pending.append(self.train_step(*next(batches)))
+                    self._batch_iterator_step = self.step
+                    save_now = checkpoint_path is not None and self.step % checkpoint_every == 0
+                    if len(pending) >= self.train_config.log_every or save_now or self.progress() >= 1.0:
+                        self._log(pending, bar, on_log)
+                        pending = []
+                    if save_now:
+                        save_checkpoint(checkpoint_path, self)
+                        saved_at = self.step
         finally:
             bar.close()
-            self.budget_progress = 0.0
+            self.plan.seconds_spent += self._seconds_in_call()
+            self._call_started = None
         if checkpoint_path is not None and saved_at != self.step:
             save_checkpoint(checkpoint_path, self)
         return self.losses
 
-    def _record_losses(self, pending: list[torch.Tensor]) -> None:
-        values = torch.stack(pending).float().cpu().tolist()  # one sync for log_every steps
+    def _next_plan(self, steps: int | None, minutes: float | None) -> TrainingPlan:
+        """A new plan from here for a budget; without one, the current plan if it has steps or time left."""
+        if steps is not None or minutes is not None:
+            return TrainingPlan.of(self.step, steps, minutes)
+        if self.plan is None:
+            raise ValueError("give a training budget: steps or minutes (this run has no plan to continue)")
+        if self.plan.progress(self.step) >= 1.0:
+            raise ValueError(
+                f"this run's plan is complete at step {self.step}: give a budget (steps or minutes) to train further"
+            )
+        return self.plan
+
+    def _seconds_in_call(self) -> float:
+        return time.monotonic() - self._call_started if self._call_started is not None else 0.0
+
+    def _set_learning_rate(self) -> None:
+        lr = learning_rate(self.train_config, self.step, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _progress_bar(self, enabled: bool):
+        """Steps left in a step plan, else seconds left in a time plan."""
+        plan = self.plan
+        if plan.steps is not None:
+            done = self.step - plan.first_step
+            return progress_bar(plan.steps, "training", "step", enabled, initial=done)
+        return progress_bar(round(plan.seconds), "training", "s", enabled, initial=round(plan.seconds_spent))
+
+    def _batches_from_here(self) -> Iterator[tuple[torch.Tensor, Condition | None]]:
+        """The iterator of the last train() call when it is still at this step, else a new one: training in chunks
+        then starts DataLoader workers once, not once per chunk."""
+        if self._batch_iterator is None or self._batch_iterator_step != self.step:
+            self._batch_iterator = self.batches()
+        return self._batch_iterator
+
+    def _log(self, pending: list[torch.Tensor], bar, on_log: Callable[[Trainer], None] | None) -> None:
+        """Read the pending losses back (one host-device sync), stop on NaN/inf, move the bar, call on_log."""
+        values = torch.stack(pending).float().cpu().tolist()
         first_step = self.step - len(values) + 1
         for offset, value in enumerate(values):
             if not math.isfinite(value):
@@ -1234,21 +1339,30 @@ class Trainer:
                     "the last saved checkpoint is unchanged (try a lower lr)"
                 )
         self.losses.extend(values)
+        plan = self.plan
+        done = self.step - plan.first_step if plan.steps is not None else plan.seconds_spent + self._seconds_in_call()
+        bar.update(round(done) - bar.n)
+        bar.set_postfix(loss=f"{values[-1]:.4f}", images=self.images_seen)
+        if on_log is not None:
+            on_log(self)
 
     def state_dict(self) -> dict:
-        """Everything needed to continue training exactly where it stopped."""
+        """Everything needed to continue training exactly where it stopped, its plan included."""
+        plan = None
+        if self.plan is not None:
+            plan = dataclasses.replace(self.plan, seconds_spent=self.plan.seconds_spent + self._seconds_in_call())
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict() if self.ema is not None else None,
             "ema_updates": self.ema.updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "generator_device": self.device.type,
             "step": self.step,
             "images_seen": self.images_seen,
             "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "plan": dataclasses.asdict(plan) if plan is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1257,7 +1371,6 @@ class Trainer:
             self.ema.model.load_state_dict(state["ema"])
             self.ema.updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(self._optimizer_state_for_this_device(state["optimizer"]))
-        self.lr_scheduler.load_state_dict(state["lr_schedule"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -1267,6 +1380,7 @@ class Trainer:
             self.generator.manual_seed(self.train_config.seed * 1_000_003 + self.step)
         self.images_seen = int(state["images_seen"])
         self.losses = [float(v) for v in state["losses"]]
+        self.plan = TrainingPlan(**state["plan"]) if state.get("plan") is not None else None
         self._batch_iterator = None
 
     def _optimizer_state_for_this_device(self, saved: dict) -> dict:
@@ -1276,82 +1390,11 @@ class Trainer:
         return {**saved, "param_groups": [{**group, "fused": fused} for group in saved["param_groups"]]}
 
 
-def _check_budget(steps: int | None, minutes: float | None) -> None:
-    """The checks of a training budget, shared by Trainer.train and the command line (which checks first)."""
-    if steps is None and minutes is None:
-        raise ValueError("give a training budget: steps or minutes")
-    if steps is not None:
-        _check_positive_int("steps", steps)
-    if minutes is not None and not minutes > 0:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
-
-
-class _Budget:
-    """A budget of steps and/or wall-clock minutes, started now: spent when either runs out."""
-
-    def __init__(self, first_step: int, steps: int | None, minutes: float | None) -> None:
-        self.first_step, self.steps = first_step, steps
-        self.seconds = minutes * 60 if minutes is not None else None
-        self.started = time.monotonic()
-
-    def elapsed_seconds(self) -> int:
-        return round(time.monotonic() - self.started)
-
-    def progress(self, step: int) -> float:
-        """The share of the budget done: the larger of the step and the time shares."""
-        shares = [0.0]
-        if self.steps is not None:
-            shares.append((step - self.first_step) / self.steps)
-        if self.seconds is not None:
-            shares.append((time.monotonic() - self.started) / self.seconds)
-        return max(shares)
-
-    def spent(self, step: int) -> bool:
-        return self.progress(step) >= 1.0
-
-
-def _progress_bar(steps: int | None, minutes: float | None, progress: bool):
-    """A tqdm bar counting steps, or seconds of a time budget."""
+def progress_bar(total: int, description: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar (notebook or terminal, whichever runs) for the long loops: training and sampling."""
     from tqdm.auto import tqdm
 
-    total, unit = (steps, "step") if steps is not None else (round(minutes * 60), "s")
-    return tqdm(total=total, unit=unit, desc="training", disable=not progress, dynamic_ncols=True)
-
-
-class TrainingSnapshots:
-    """An on_log callback for Trainer.train that samples a few images at chosen shares of the budget.
-
-    They show the model learning: blobs first, then one shape, then crisp edges. Each snapshot draws the same
-    starting noise (seed 0) with a few deterministic DPM-Solver++ steps, so the pictures differ only by training.
-    """
-
-    def __init__(self, at: Sequence[float] = (0.1, 0.25, 0.5, 1.0), n: int = 8, steps: int = 10) -> None:
-        self.at, self.n, self.steps = sorted(at), n, steps
-        self.images: list[torch.Tensor] = []
-        self.labels: list[str] = []
-
-    def __call__(self, trainer: Trainer) -> None:
-        share = trainer.budget_progress
-        if len(self.images) < len(self.at) and share >= self.at[len(self.images)] - 1e-9:
-            self._take(trainer, f"{share:.0%} of the budget, step {trainer.step}")
-
-    def finish(self, trainer: Trainer) -> None:
-        """The last snapshot, after train() returns (its last step is never seen at 100 %)."""
-        if len(self.images) < len(self.at):
-            self._take(trainer, f"end, step {trainer.step}")
-
-    def _take(self, trainer: Trainer, label: str) -> None:
-        result = sample(
-            trainer.sampling_model, trainer.schedule, self.n, steps=self.steps, sampler="dpm++", progress=False
-        )
-        self.images.append(result.images)
-        self.labels.append(label)
-
-    def plot(self):
-        """Rows: the snapshots, in training order."""
-        images = torch.cat(self.images) if self.images else torch.empty(0, 1, IMAGE_SIZE, IMAGE_SIZE)
-        titles = [label if k == 0 else "" for label in self.labels for k in range(self.n)]
-        return plot_grid(images, titles=titles, columns=self.n, title="Samples during training (same noise)")
+    return tqdm(total=total, initial=initial, desc=description, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def plot_loss_weights(schedule: NoiseSchedule, gamma: float = 5.0):
@@ -1441,20 +1484,25 @@ def plot_loss_by_timestep(ts: np.ndarray, raw: np.ndarray, weighted: np.ndarray)
 # 7. Sampling: from pure noise x_T ~ N(0, I) back to an image, one denoising step at a time
 # ------------------------------------------------------------------------------------------
 #
-# A sampler is one step function, step(schedule, i, x_t, x0_hat, state) -> the sample one index less noisy,
-# registered by name in SAMPLERS. `schedule` is the respaced schedule, i the index of the current step in it
-# (from len-1, pure noise, down to 0), x0_hat the network's clipped estimate of the clean image, and `state` what a
-# step may need beyond that: fresh noise, eta, and the earlier estimates (for multistep solvers such as DPM-Solver++,
-# section 10). `sample` runs the loop: the network, the clipping, the step, the snapshots.
+# The backward process (Ho et al. 2020, Algorithm 2) is a loop over the steps of a schedule, from pure noise to a
+# clean image. At each step a denoiser gives x0_hat, the network's estimate of the clean image, and a sampler moves
+# x_t towards it. A sampler is one step function, registered by name in SAMPLERS:
+#     step(schedule, i, x_t, denoise, state) -> the sample one index less noisy (the finished one after i = 0)
+# `schedule` is the respaced schedule, i the index of the current step in it (from len-1, pure noise, down to 0),
+# `denoise(x, i)` the clipped x0_hat of any x at any index (most samplers call it once per step, Heun twice), and
+# `state` what a step may use besides: fresh noise, eta, the budget of network evaluations, and its own memory.
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]  # (x at index i of the schedule, i) -> x0_hat
 
 
 @dataclass
-class StepState:
-    """What a sampler step may use besides x_t and x0_hat."""
+class SamplerState:
+    """What a step may use besides x_t and the denoiser; one per chunk of images, for the whole loop."""
 
-    noise: torch.Tensor | None = None  # a fresh N(0, I) draw for this step (stochastic samplers), else None
+    noise: Callable[[], torch.Tensor]  # the next fresh N(0, I) draw, one per image (stochastic samplers)
     eta: float = 0.0  # DDIM's noise scale
-    x0_history: list[torch.Tensor] = field(default_factory=list)  # x0_hat of the earlier steps, most recent last
+    evaluations: int = 0  # network evaluations per image this run may spend (Heun spends two on most steps)
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)  # what a multistep solver keeps between steps
 
 
 @dataclass(frozen=True)
@@ -1462,60 +1510,131 @@ class Sampler:
     """A registered sampler: its step function and what it takes."""
 
     name: str
-    step: Callable[[NoiseSchedule, int, torch.Tensor, torch.Tensor, StepState], torch.Tensor]
-    stochastic: bool  # draws fresh noise at every step (DDIM: only when eta > 0)
+    step: Callable[[NoiseSchedule, int, torch.Tensor, Denoiser, SamplerState], torch.Tensor]
     takes_eta: bool
     spacing: str  # the timestep grid it samples on (NoiseSchedule.respaced)
-    about: str
+    evaluations_per_step: int  # network evaluations of a full step: 1, or 2 for Heun
 
-    def draws_noise(self, eta: float) -> bool:
-        return self.stochastic or (self.takes_eta and eta > 0)
+    def grid_steps(self, evaluations: int) -> int:
+        """How many steps `evaluations` network evaluations per image pay for; every step ends with one evaluation
+        to spare for the last (first-order) step, so a two-evaluation solver gets evaluations // 2 + 1."""
+        return evaluations if self.evaluations_per_step == 1 else evaluations // self.evaluations_per_step + 1
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, about: str, *, stochastic: bool = False, takes_eta: bool = False, spacing="time"):
+def register_sampler(name: str, *, takes_eta: bool = False, spacing: str = "time", evaluations_per_step: int = 1):
     """Adds a step function to SAMPLERS under `name`: the command line and `sample` then offer it."""
 
     def register(step: Callable) -> Callable:
-        SAMPLERS[name] = Sampler(name, step, stochastic, takes_eta, spacing, about)
+        SAMPLERS[name] = Sampler(name, step, takes_eta, spacing, evaluations_per_step)
         return step
 
     return register
 
 
-@register_sampler("ddpm", "ancestral sampling (Ho et al. 2020), stochastic", stochastic=True)
-def ddpm_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState) -> torch.Tensor:
+@register_sampler("ddpm")
+def ddpm_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
     """One step of ancestral sampling (Ho et al. 2020, arXiv 2006.11239, eq. (6)-(7) with x0_hat for x_0).
 
     x_{t-1} ~ q(x_{t-1} | x_t, x0_hat) = N(coef1 x0_hat + coef2 x_t, beta_tilde_t I); no noise at the last step.
     """
+    x0_hat = denoise(x_t, i)
     # 1. The posterior mean: coef1 x0_hat + coef2 x_t
-    mean = float(schedule.posterior_mean_coef1[i]) * x0 + float(schedule.posterior_mean_coef2[i]) * x_t
-    if i == 0 or state.noise is None:
+    mean = float(schedule.posterior_mean_coef1[i]) * x0_hat + float(schedule.posterior_mean_coef2[i]) * x_t
+    if i == 0:
         return mean
     # 2. Plus the posterior's standard deviation times fresh noise
-    return mean + math.sqrt(float(schedule.posterior_variance[i])) * state.noise
+    return mean + math.sqrt(float(schedule.posterior_variance[i])) * state.noise()
 
 
-@register_sampler("ddim", "DDIM (Song et al. 2021), deterministic at eta = 0", takes_eta=True)
-def ddim_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState) -> torch.Tensor:
+@register_sampler("ddim", takes_eta=True)
+def ddim_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
     """One DDIM step (Song et al. 2021, arXiv 2010.02502, eq. (12)); eta = 0 is deterministic, eta = 1 is DDPM.
 
     x_{t-1} = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)   (eq. (16)).
     """
     ab, ab_prev = float(schedule.alpha_bars[i]), float(schedule.alpha_bars_prev[i])
+    x0_hat = denoise(x_t, i)
     # 1. The noise that x_t and the clipped x0_hat imply
-    eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
-    # 2. The noise scale of this step
+    eps_hat = (x_t - math.sqrt(ab) * x0_hat) / math.sqrt(1 - ab)
+    # 2. The noise scale of this step (0 at the last step, where ab_prev = 1)
     sigma = state.eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     # 3. Point to x0_hat, keep the rest of the noise direction, add fresh noise
-    x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
-    if sigma > 0 and state.noise is not None:
-        x_prev = x_prev + sigma * state.noise
+    x_prev = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps_hat
+    if sigma > 0:
+        x_prev = x_prev + sigma * state.noise()
     return x_prev
+
+
+def make_denoiser(
+    model_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: NoiseSchedule,
+    prediction: str,
+    clip_x0: bool = True,
+) -> Denoiser:
+    """The denoiser every sampler calls: x0_hat for x at index i, from the network's output at i's timestep.
+
+    model_output(x, t) is the network at training timesteps t (with guidance, section 11). x0_hat is clipped to
+    [-1, 1]: the data lie there, so an estimate outside it is surely wrong (clip_x0=False shows why).
+    """
+    timesteps: dict[torch.device, torch.Tensor] = {}
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        if x.device not in timesteps:  # the training timestep of each index, on the device once
+            timesteps[x.device] = schedule.timesteps.to(x.device)
+        index = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+        output = model_output(x, timesteps[x.device][index])
+        # x0_hat = (x_t - sigma eps_hat) / alpha for eps, alpha x_t - sigma v_hat for v (section 4)
+        x0_hat = schedule.predict_x0(prediction, x, output, index)
+        return x0_hat.clamp(-1, 1) if clip_x0 else x0_hat
+
+    return denoise
+
+
+def backward_process(
+    x_T: torch.Tensor, schedule: NoiseSchedule, sampler: Sampler, denoise: Denoiser, state: SamplerState
+) -> torch.Tensor:
+    """DDPM's sampling loop (Ho et al. 2020, Algorithm 2), for any registered sampler.
+
+        x_T ~ N(0, I);  for i = len-1, ..., 0:  x_{i-1} = step(x_i, i)  (a step calls denoise for x0_hat);  return x
+    `schedule` is the (respaced) schedule to walk; `sample` draws x_T, splits the images into chunks and keeps
+    snapshots, so this is all that happens between pure noise and an image.
+    """
+    x = x_T
+    for i in reversed(range(len(schedule))):  # from the noisiest index down to the cleanest
+        x = sampler.step(schedule, i, x, denoise, state)
+    return x
+
+
+# Classifier-free guidance enters sampling here, through the network output the denoiser reads; section 11
+# explains it.
+
+
+def guided_output(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | None, guidance: float
+) -> torch.Tensor:
+    """The network output for x at t: unconditional, conditional, or guided (both passes in one batched forward)."""
+    if condition is None or guidance == 0:
+        return model(x, t)
+    if guidance == 1:
+        return model(x, t, condition)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), condition.cat(Condition.null(len(x), x.device)))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _check_guidance(model: nn.Module, condition: Condition | None, n: int, guidance: float) -> None:
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance must be a number >= 0, got {guidance}")
+    if condition is None:
+        return
+    if not getattr(getattr(model, "config", None), "conditional", False):
+        raise ValueError("this model is unconditional (trained without requests): it cannot be asked for a shape")
+    if len(condition) != n:
+        raise ValueError(f"the condition holds {len(condition)} requests for {n} images")
 
 
 @dataclass
@@ -1523,7 +1642,7 @@ class SampleResult:
     images: torch.Tensor  # (N, 1, 64, 64) in [-1, 1], on the CPU
     timesteps: list[int] = field(default_factory=list)  # the training timesteps of the snapshots
     x_t: list[torch.Tensor] = field(default_factory=list)  # the noisy sample at each snapshot
-    x0: list[torch.Tensor] = field(default_factory=list)  # the network's estimate of x_0 there
+    x0_hat: list[torch.Tensor] = field(default_factory=list)  # the network's estimate of x_0 there
 
 
 @torch.no_grad()
@@ -1546,9 +1665,9 @@ def sample(
     spacing: str | None = None,
     clip_x0: bool = True,
 ) -> SampleResult:
-    """Generate n images from pure noise with `steps` network evaluations (respaced from the T of training).
+    """Generate n images from pure noise with `steps` network evaluations per image, for every sampler (Heun makes
+    two per step, so it takes steps // 2 + 1 steps), on a grid respaced from the T timesteps of training.
 
-    Each step: the network's output gives x0_hat, clipped to the data range [-1, 1], then the sampler's step.
     condition (a Condition of n requests) and guidance: section 11. save_at lists steps (0 = the first, from pure
     noise) whose x_t and x0_hat are kept for pictures. Images are made in chunks of batch_size, so memory stays
     bounded for any n, and each image's noise comes from its own generator: the same seed gives the same images
@@ -1556,46 +1675,55 @@ def sample(
     spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced); clip_x0=False leaves x0_hat
     unclipped, to show why it is clipped. precision: this device's (choose_precision) unless given, as in Trainer.
     """
-    method, eta, prediction = _check_sample_args(
-        model, schedule, n, steps, sampler, eta, prediction, save_at, batch_size
-    )
+    method, eta, prediction = _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, batch_size)
     _check_guidance(model, condition, n, guidance)
     if initial_noise is not None and tuple(initial_noise.shape) != (n, 1, IMAGE_SIZE, IMAGE_SIZE):
         shape = tuple(initial_noise.shape)
         raise ValueError(f"initial_noise must have shape ({n}, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {shape}")
-    device = next(model.parameters()).device
-    use_tf32_on_cuda(device)
-    spaced = schedule.respaced(steps, spacing or method.spacing)
-    reverse = _ReverseProcess(
-        model, spaced, method, eta, prediction, guidance, check_precision(device, precision), clip_x0, save_at
-    )
-    result = SampleResult(images=torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE), timesteps=reverse.saved_timesteps())
+    runtime = setup(next(model.parameters()).device, precision)
+    spaced = schedule.respaced(method.grid_steps(steps), spacing or method.spacing)
+    snapshots = _Snapshots(spaced, save_at)
+    result = SampleResult(torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE), timesteps=snapshots.timesteps())
     chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    bar = _sampling_bar(steps * len(chunks), f"sampling ({sampler}, {steps} steps)", progress)
+    bar = progress_bar(steps * len(chunks), f"sampling ({sampler}, {steps} evaluations)", "eval", progress)
     was_training = model.training
     model.eval()
     try:
-        for start, stop in chunks:
-            generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + k) for k in range(start, stop)]
-            x = next(_noise_per_image(generators, device, 1))  # x_T ~ N(0, I)
-            if initial_noise is not None:
-                x = initial_noise[start:stop].to(device, torch.float32)
-            chunk_condition = condition.select(slice(start, stop)).to(device) if condition is not None else None
-            result.images[start:stop] = reverse.run(x, generators, chunk_condition, bar).clamp(-1, 1).cpu()
+        with runtime.compute():
+            for start, stop in chunks:
+                generators = [
+                    torch.Generator(runtime.device).manual_seed(seed * 1_000_003 + k) for k in range(start, stop)
+                ]
+                x_T = next(_noise_per_image(generators, runtime.device, 1))  # x_T ~ N(0, I), one per image
+                if initial_noise is not None:
+                    x_T = initial_noise[start:stop].to(runtime.device, torch.float32)
+                noise = _noise_per_image(generators, runtime.device, len(spaced) - 1)  # drawn as steps ask
+                chunk_condition = condition.select(slice(start, stop)).to(runtime.device) if condition else None
+
+                def model_output(x: torch.Tensor, t: torch.Tensor, chunk_condition=chunk_condition) -> torch.Tensor:
+                    with runtime.autocast():
+                        return guided_output(model, x, t, chunk_condition, guidance).float()
+
+                denoise = snapshots.watch(make_denoiser(model_output, spaced, prediction, clip_x0), bar)
+                state = SamplerState(noise=lambda noise=noise: next(noise), eta=eta, evaluations=steps)
+                result.images[start:stop] = backward_process(x_T, spaced, method, denoise, state).clamp(-1, 1).cpu()
     finally:
         bar.close()
         model.train(was_training)
-    result.x_t, result.x0 = reverse.snapshots()
+    result.x_t, result.x0_hat = snapshots.joined()
     return result
 
 
-def _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, save_at, batch_size):
+def _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, batch_size):
     """(the Sampler, eta, the prediction type), or a ValueError naming the bad argument."""
     _check_positive_int("n", n)
     _check_positive_int("steps", steps)
     _check_positive_int("batch_size", batch_size)
     _check_choice("sampler", sampler, SAMPLERS)
     method = SAMPLERS[sampler]
+    if method.grid_steps(steps) > len(schedule):
+        grid, most = method.grid_steps(steps), len(schedule)
+        raise ValueError(f"steps={steps} needs {grid} timesteps of {sampler}, more than the {most} of training")
     prediction = prediction or getattr(getattr(model, "config", None), "prediction", None)
     if prediction is None:
         raise ValueError("prediction ('eps' or 'v') must be given for a model without a config")
@@ -1605,66 +1733,46 @@ def _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, save
     eta = 0.0 if eta is None else float(eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    bad = [k for k in save_at if not 0 <= k < steps]
-    if bad:
-        raise ValueError(f"save_at steps must be in [0, {steps - 1}], got {bad}")
     return method, eta, prediction
 
 
-@dataclass
-class _ReverseProcess:
-    """One sampling run's fixed settings, its loop over the steps of a chunk, and the snapshots it keeps."""
+class _Snapshots:
+    """x_t and x0_hat at chosen steps of a sampling run (0 = the first, from pure noise), for pictures, taken from
+    the denoiser's calls; it also moves the progress bar, one tick per network evaluation."""
 
-    model: nn.Module
-    spaced: NoiseSchedule
-    method: Sampler
-    eta: float
-    prediction: str
-    guidance: float
-    precision: str
-    clip_x0: bool
-    save_at: Sequence[int]
+    def __init__(self, spaced: NoiseSchedule, save_at: Sequence[int]) -> None:
+        bad = [k for k in save_at if not 0 <= k < len(spaced)]
+        if bad:
+            raise ValueError(f"save_at steps must be in [0, {len(spaced) - 1}], got {bad}")
+        self.spaced = spaced
+        self.steps = sorted(set(save_at))
+        self.chunks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
 
-    def __post_init__(self) -> None:
-        self.kept: dict[int, tuple[list, list]] = {k: ([], []) for k in sorted(self.save_at)}
+    def timesteps(self) -> list[int]:
+        return [int(self.spaced.timesteps[len(self.spaced) - 1 - k]) for k in self.steps]
 
-    def saved_timesteps(self) -> list[int]:
-        return [int(self.spaced.timesteps[len(self.spaced) - 1 - k]) for k in self.kept]
+    def watch(self, denoise: Denoiser, bar) -> Denoiser:
+        """denoise, recording (x, x0_hat) at the saved indices of one chunk. The last call at an index wins: Heun
+        also evaluates the index ahead, at a trial point, before the step that starts there."""
+        indices, kept = {len(self.spaced) - 1 - k for k in self.steps}, {}
+        self.chunks.append(kept)
 
-    def run(self, x: torch.Tensor, generators: list, condition: Condition | None, bar) -> torch.Tensor:
-        """From x = x_T to the sample, for one chunk of images."""
-        device, steps = x.device, len(self.spaced)
-        noisy = self.method.draws_noise(self.eta)
-        step_noise = _noise_per_image(generators, device, steps - 1 if noisy else 0)
-        timesteps = self.spaced.timesteps.to(device)
-        state = StepState(eta=self.eta)
-        for k in range(steps):  # the k-th step from pure noise
-            i = steps - 1 - k  # its index in the respaced schedule, from the most to the least noisy
-            index = torch.full((len(x),), i, device=device, dtype=torch.long)
-            with autocast_for(device, self.precision):
-                output = guided_output(self.model, x, timesteps[index], condition, self.guidance).float()
-            x0 = self.spaced.predict_x0(self.prediction, x, output, index)
-            if self.clip_x0:
-                x0 = x0.clamp(-1, 1)  # the data lie in [-1, 1]; an estimate outside it is surely wrong there
-            state.noise = next(step_noise) if noisy and i > 0 else None
-            x_next = self.method.step(self.spaced, i, x, x0, state)
-            state.x0_history = state.x0_history[-1:] + [x0]  # multistep solvers look one step back
-            if k in self.kept:
-                self.kept[k][0].append(x.cpu())
-                self.kept[k][1].append(x0.cpu())
-            x = x_next
+        def watched(x: torch.Tensor, i: int) -> torch.Tensor:
+            x0_hat = denoise(x, i)
             bar.update(1)
-        return x
+            if i in indices:
+                kept[i] = (x.cpu(), x0_hat.cpu())
+            return x0_hat
 
-    def snapshots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return watched
+
+    def joined(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(x_t, x0_hat) at each saved step, all chunks joined."""
-        return [torch.cat(x_t) for x_t, _ in self.kept.values()], [torch.cat(x0) for _, x0 in self.kept.values()]
-
-
-def _sampling_bar(total: int, description: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not progress, desc=description, unit="step", dynamic_ncols=True)
+        indices = [len(self.spaced) - 1 - k for k in self.steps]
+        return (
+            [torch.cat([chunk[i][0] for chunk in self.chunks]) for i in indices],
+            [torch.cat([chunk[i][1] for chunk in self.chunks]) for i in indices],
+        )
 
 
 def _noise_per_image(
@@ -1678,6 +1786,42 @@ def _noise_per_image(
         size = min(block, count - start)
         draws = [torch.randn(size, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g, device=device) for g in generators]
         yield from torch.stack(draws, dim=1)
+
+
+class TrainingSnapshots:
+    """An on_log callback for Trainer.train that samples a few images at chosen shares of the plan.
+
+    They show the model learning: blobs first, then one shape, then crisp edges. Each snapshot draws the same
+    starting noise (seed 0) with a few deterministic DPM-Solver++ steps, so the pictures differ only by training.
+    """
+
+    def __init__(self, at: Sequence[float] = (0.1, 0.25, 0.5, 1.0), n: int = 8, steps: int = 10) -> None:
+        self.at, self.n, self.steps = sorted(at), n, steps
+        self.images: list[torch.Tensor] = []
+        self.labels: list[str] = []
+
+    def __call__(self, trainer: Trainer) -> None:
+        share = trainer.progress()
+        if len(self.images) < len(self.at) and share >= self.at[len(self.images)] - 1e-9:
+            self._take(trainer, f"{share:.0%} of the budget, step {trainer.step}")
+
+    def finish(self, trainer: Trainer) -> None:
+        """The last snapshot, after train() returns (its last step is never seen at 100 %)."""
+        if len(self.images) < len(self.at):
+            self._take(trainer, f"end, step {trainer.step}")
+
+    def _take(self, trainer: Trainer, label: str) -> None:
+        result = sample(
+            trainer.sampling_model, trainer.schedule, self.n, steps=self.steps, sampler="dpm++", progress=False
+        )
+        self.images.append(result.images)
+        self.labels.append(label)
+
+    def plot(self):
+        """Rows: the snapshots, in training order."""
+        images = torch.cat(self.images) if self.images else torch.empty(0, 1, IMAGE_SIZE, IMAGE_SIZE)
+        titles = [label if k == 0 else "" for label in self.labels for k in range(self.n)]
+        return plot_grid(images, titles=titles, columns=self.n, title="Samples during training (same noise)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1698,7 +1842,7 @@ def plot_backward_process(result: SampleResult, rows: int = 4, show_x0: bool = T
         for c, t in enumerate(result.timesteps):
             _show(axes[r, c * per_step], result.x_t[c][r].clamp(-1, 1), f"x_t at t={t}" if r == 0 else None)
             if show_x0:
-                _show(axes[r, c * per_step + 1], result.x0[c][r], f"x̂_0 at t={t}" if r == 0 else None)
+                _show(axes[r, c * per_step + 1], result.x0_hat[c][r], f"x̂_0 at t={t}" if r == 0 else None)
         _show(axes[r, -1], result.images[r], "sample" if r == 0 else None)
     fig.suptitle("Backward process: from pure noise (left) to a shape (right); x̂_0 is the network's estimate of x_0")
     return fig
@@ -1734,7 +1878,7 @@ def animate_backward_process(result: SampleResult, samples: int = 4, interval_ms
         last = frame == frames - 1
         for k, (top, bottom) in enumerate(shown):
             top.set_data((result.images[k] if last else result.x_t[frame][k].clamp(-1, 1)).squeeze().numpy())
-            bottom.set_data((result.images[k] if last else result.x0[frame][k]).squeeze().numpy())
+            bottom.set_data((result.images[k] if last else result.x0_hat[frame][k]).squeeze().numpy())
         title.set_text(
             "finished samples" if last else f"step {frame + 1} of {frames - 1}: t = {result.timesteps[frame]}"
         )
@@ -1936,29 +2080,30 @@ def _as_uint8_images(samples: torch.Tensor | np.ndarray) -> np.ndarray:
 
 # On the log-SNR grid, where its steps are equal in lambda: at 10 and 20 steps it beats the time grid by far
 # (benchmarks/RESULTS.md, "Samplers").
-@register_sampler("dpm++", "DPM-Solver++(2M) (Lu et al. 2022), deterministic, second order", spacing="logsnr")
-def dpm_solver_step(
-    schedule: NoiseSchedule, i: int, x_t: torch.Tensor, x0: torch.Tensor, state: StepState
-) -> torch.Tensor:
+@register_sampler("dpm++", spacing="logsnr")
+def dpm_solver_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
     """One step of DPM-Solver++(2M) in data-prediction form (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
 
     From index i (log-SNR lambda_s) to the next, less noisy one (lambda_t), with h = lambda_t - lambda_s:
         D = x0_hat                                      first order: the first step, and the last (to sigma = 0)
         D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev    second order, r = h_prev / h
         x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
+    The step keeps its x0_hat in state.memory for the next one (a multistep solver: one evaluation per step).
     """
+    x0_hat = denoise(x_t, i)
+    previous, state.memory["x0_hat"] = state.memory.get("x0_hat"), x0_hat
     ab_s, ab_t = float(schedule.alpha_bars[i]), float(schedule.alpha_bars_prev[i])
     if ab_t == 1.0:  # 1. The last step lands on alpha_bar = 1, sigma = 0: the sample is the estimate itself
-        return x0
+        return x0_hat
     # 2. alpha, sigma and lambda = log(alpha / sigma) at both ends of the step
     alpha_t, sigma_s, sigma_t = math.sqrt(ab_t), math.sqrt(1 - ab_s), math.sqrt(1 - ab_t)
     h = _half_log_snr(ab_t) - _half_log_snr(ab_s)
     # 3. The estimate to integrate: x0_hat, or its linear extrapolation from the previous step's
-    d = x0
-    if state.x0_history:
+    d = x0_hat
+    if previous is not None:
         h_prev = _half_log_snr(ab_s) - _half_log_snr(float(schedule.alpha_bars[i + 1]))
         r = h_prev / h
-        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state.x0_history[-1]
+        d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * previous
     # 4. The exponential-integrator update
     return (sigma_t / sigma_s) * x_t - alpha_t * math.expm1(-h) * d
 
@@ -1966,6 +2111,35 @@ def dpm_solver_step(
 def _half_log_snr(alpha_bar: float) -> float:
     """lambda = log(alpha / sigma) = log(SNR) / 2."""
     return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+# Heun's method (Karras et al. 2022, "EDM") works in the variables of a variance-exploding process: with
+# x~ = x / alpha and sigma~ = sigma / alpha, x~_t = x_0 + sigma~ eps, and the probability-flow ODE reads
+#     dx~ / dsigma~ = (x~ - x0_hat) / sigma~ = eps_hat          (Karras et al. 2022, arXiv 2206.00364, eq. (3)-(4))
+# An Euler step of it is the DDIM step (eta = 0); Heun averages the slope at both ends of the step, a second-order
+# method that pays a second network evaluation per step.
+
+
+@register_sampler("heun", spacing="logsnr", evaluations_per_step=2)
+def heun_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
+    """One step of Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
+
+    In x~ = x / alpha the slope is d = eps_hat; from sigma~ to sigma~' (h = sigma~' - sigma~):
+        x~_euler = x~ + h d                         the Euler step: DDIM's, alpha' x0_hat + sigma' eps_hat
+        x~'      = x~ + h (d + d') / 2 = x~_euler + h (d' - d) / 2,   d' = eps_hat(x_euler) at the next index
+    written back in x = alpha x~, where no number grows with sigma~ (x~ reaches 10^4 at pure noise, too large for
+    float32 to cancel). The last step (to sigma = 0, where d' is undefined) is Euler; so is the first when the
+    evaluation budget E is even: on grid_steps(E) steps, steps 1 .. E - len(schedule) are corrected, spending E.
+    """
+    ab, ab_prev = float(schedule.alpha_bars[i]), float(schedule.alpha_bars_prev[i])
+    alpha, sigma, alpha_prev, sigma_prev = math.sqrt(ab), math.sqrt(1 - ab), math.sqrt(ab_prev), math.sqrt(1 - ab_prev)
+    x0_hat = denoise(x_t, i)
+    eps_hat = (x_t - alpha * x0_hat) / sigma  # the slope d at the start of the step
+    euler = alpha_prev * x0_hat + sigma_prev * eps_hat
+    if i == 0 or i > state.evaluations - len(schedule):
+        return euler
+    eps_next = (euler - alpha_prev * denoise(euler, i - 1)) / sigma_prev  # the slope d' at the end
+    return euler + alpha_prev * (sigma / alpha - sigma_prev / alpha_prev) * (eps_hat - eps_next) / 2
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -2013,32 +2187,8 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
 # 2022, arXiv 2207.12598) scales it: out = uncond + s (cond - uncond), a sample from p(x) p(y | x)^s. s = 1 is the
 # plain conditional model, s = 0 the unconditional one, s > 1 trades diversity for faithfulness to the request.
 # Guiding the v output is the same as guiding eps or x0_hat: at a given x_t each is an affine function of the
-# network output with the same coefficients (eps = sigma x_t + alpha v, x0 = alpha x_t - sigma v), and an affine map
-# commutes with u + s (c - u).
-
-
-def guided_output(
-    model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | None, guidance: float
-) -> torch.Tensor:
-    """The network output for x at t: unconditional, conditional, or guided (both passes in one batched forward)."""
-    if condition is None or guidance == 0:
-        return model(x, t)
-    if guidance == 1:
-        return model(x, t, condition)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), condition.cat(Condition.null(len(x), x.device)))
-    cond, uncond = both.chunk(2)
-    return uncond + guidance * (cond - uncond)
-
-
-def _check_guidance(model: nn.Module, condition: Condition | None, n: int, guidance: float) -> None:
-    if not math.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance must be a number >= 0, got {guidance}")
-    if condition is None:
-        return
-    if not getattr(getattr(model, "config", None), "conditional", False):
-        raise ValueError("this model is unconditional (trained without requests): it cannot be asked for a shape")
-    if len(condition) != n:
-        raise ValueError(f"the condition holds {len(condition)} requests for {n} images")
+# network output with the same coefficients (eps = sigma x_t + alpha v, x0_hat = alpha x_t - sigma v), and an affine
+# map commutes with u + s (c - u). `guided_output` (with the sampling loop, section 7) computes it.
 
 
 def request(
@@ -2242,6 +2392,9 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed before its rename
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_config": dataclasses.asdict(trainer.model_config),
@@ -2281,32 +2434,46 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated or another format): {_first_line(error)}"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, "diffusion_patterns/1"):
         raise CheckpointError(f"{path}: not a diffusion_patterns checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    return payload
+    return _from_format_1(payload, path) if payload["format"] == "diffusion_patterns/1" else payload
 
 
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
-# Fields that files written before they existed do not hold, with the value those files were trained with.
-_OLDER_MODEL_FIELDS = {"conditional": False}
-_OLDER_TRAIN_FIELDS = {
-    "min_snr_form": "paper",
-    "lr_schedule": "constant",
-    "condition_dropout": 0.0,
-    "condition_dropout_all": 0.0,
+# Format "diffusion_patterns/1", as its last release wrote it: the same model, a TrainConfig whose `compile` is now
+# `compile_model` and with a `condition_dropout_all` that nothing ever set (always 0), and no training plan (the
+# learning rate followed each train() call's own budget). Such a run loads as it was trained; resuming it needs a
+# budget. A /1 file written before its configuration had every one of these fields is refused: guessing the missing
+# values could load it as something it was not trained as.
+_FORMAT_1_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_FORMAT_1_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"compile_model"} | {
+    "compile",
+    "condition_dropout_all",
 }
-_RENAMED_MODEL_FIELDS = {"timesteps": "num_timesteps"}
+
+
+def _from_format_1(payload: dict, path: Path) -> dict:
+    """A "diffusion_patterns/1" checkpoint in this version's terms, or a CheckpointError naming what it lacks."""
+    model, train = dict(payload.get("model_config", {})), dict(payload.get("train_config", {}))
+    missing = sorted((_FORMAT_1_MODEL_FIELDS - model.keys()) | (_FORMAT_1_TRAIN_FIELDS - train.keys()))
+    if missing:
+        raise CheckpointError(
+            f"{path}: an early 'diffusion_patterns/1' checkpoint without {', '.join(missing)} in its configuration; "
+            "it cannot be loaded as it was trained: train it again"
+        )
+    if train.pop("condition_dropout_all") != 0:
+        raise CheckpointError(f"{path}: trained with condition_dropout_all, which this version no longer has")
+    train["compile_model"] = train.pop("compile")
+    state = {k: v for k, v in payload["state"].items() if k != "lr_schedule"}
+    return {**payload, "format": CHECKPOINT_FORMAT, "model_config": model, "train_config": train, "state": state}
 
 
 def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     try:
-        model = {_RENAMED_MODEL_FIELDS.get(k, k): v for k, v in payload["model_config"].items()}
-        return ModelConfig(**{**_OLDER_MODEL_FIELDS, **model}), TrainConfig(
-            **{**_OLDER_TRAIN_FIELDS, **payload["train_config"]}
-        )
+        return ModelConfig(**payload["model_config"]), TrainConfig(**payload["train_config"])
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its configuration is invalid: {error}") from None
 
@@ -2316,20 +2483,20 @@ def load_trainer(
     device: torch.device | str | None = None,
     expect: ModelConfig | None = None,
     data: torch.Tensor | ShapeBatch | None = None,
-    compile: bool | None = None,
+    compile_model: bool | None = None,
     precision: str | None = None,
 ) -> Trainer:
-    """Rebuild a Trainer from a checkpoint to resume training (or to sample from its EMA).
+    """Rebuild a Trainer from a checkpoint, its plan included, to resume training (or to sample from its EMA).
 
-    compile, when given, replaces the saved TrainConfig.compile: it changes speed, not results. The precision is
+    compile_model, when given, replaces the saved one: it changes speed, not results. The precision is
     this device's (choose_precision) unless given, as in Trainer: a run may continue on another kind of device. An
     fp16 run's gradient-scaler state carries over when the resumed run is fp16 too.
     """
     path = Path(path)
     payload = read_checkpoint(path)
     model_config, train_config = _configs_from(payload, path)
-    if compile is not None:
-        train_config = dataclasses.replace(train_config, compile=compile)
+    if compile_model is not None:
+        train_config = dataclasses.replace(train_config, compile_model=compile_model)
     if expect is not None and expect != model_config:
         differences = [
             f"{k}={v!r} in the file, {getattr(expect, k)!r} expected"
@@ -2421,14 +2588,20 @@ def check_precision(
     return precision
 
 
-def use_tf32_on_cuda(device: torch.device) -> None:
-    """Let fp32 matmuls and convs use TF32 tensor cores (Ampere and newer; a no-op elsewhere).
-
-    A process-wide switch: "fp32" on these cards means fp32 storage with TF32 maths.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+@contextlib.contextmanager
+def tf32_maths(enabled: bool) -> Iterator[None]:
+    """Let fp32 matmuls and convolutions run on TF32 tensor cores (Ampere and newer cards) inside the context, and
+    put PyTorch's process-wide switches back as they were on exit: "fp32" on these cards means fp32 storage with
+    TF32 maths (10-bit mantissa products, fp32 sums), several times faster and plenty for this model."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def fused_adamw(device: torch.device) -> bool | None:
@@ -2474,10 +2647,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (defaults: the recipe for the device)")
     budget = train.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help="wall-clock training budget")
-    budget.add_argument("--steps", type=int, help="number of optimiser steps")
+    budget.add_argument("--minutes", type=float, help="wall-clock training budget (a new run, or a new phase)")
+    budget.add_argument("--steps", type=int, help="number of optimiser steps (a new run, or a new phase)")
     train.add_argument("--out", required=True, help="checkpoint path (written atomically)")
-    train.add_argument("--resume", help="continue from this checkpoint")
+    train.add_argument("--resume", help="continue from this checkpoint: without a budget, to the end its run planned")
     train.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: the fastest available)")
     train.add_argument("--seed", type=int, help="seed of a new run (default 0); a resumed run keeps its own")
     train.add_argument(
@@ -2486,7 +2659,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"learn requests (class, centre, size) too (default: {'yes' if ModelConfig().conditional else 'no'})",
     )
     train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model (long GPU runs)")
+    train.add_argument("--compile", dest="compile_model", action="store_true", help="torch.compile the model (GPU)")
     train.add_argument("--precision", choices=PRECISIONS, help=precision_help)
     train.add_argument("--no-progress", action="store_true")
 
@@ -2494,7 +2667,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd.add_argument("--checkpoint", required=True)
     sample_cmd.add_argument("--n", type=int, default=64)
     sample_cmd.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"network evaluations (default {DEFAULT_STEPS})"
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS})",
     )
     sample_cmd.add_argument(
         "--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}"
@@ -2532,18 +2708,11 @@ def _request_from(args: argparse.Namespace, n: int) -> Condition | None:
 
 
 def _command_train(args: argparse.Namespace) -> None:
-    if args.minutes is None and args.steps is None:  # every argument is checked before anything is built
-        raise ValueError("give a training budget: --minutes M or --steps N")
-    _check_budget(args.steps, args.minutes)
-    _check_positive_int("checkpoint_every", args.checkpoint_every)
-    if args.resume and args.seed is not None:
-        raise ValueError(
-            "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
-        )
-    if args.resume and args.conditional is not None:
-        raise ValueError("a resumed run keeps its own model: drop --conditional / --no-conditional or --resume")
+    _check_train_args(args)
     if args.resume:
-        trainer = load_trainer(args.resume, device=args.device, compile=args.compile or None, precision=args.precision)
+        trainer = load_trainer(
+            args.resume, args.device, compile_model=args.compile_model or None, precision=args.precision
+        )
         print(f"resuming from {args.resume} at step {trainer.step}")
     else:
         device = pick_device(args.device)
@@ -2551,7 +2720,7 @@ def _command_train(args: argparse.Namespace) -> None:
         if args.conditional is not None:
             model_config = dataclasses.replace(model_config, conditional=args.conditional)
         seed = 0 if args.seed is None else args.seed
-        train_config = dataclasses.replace(train_config, seed=seed, compile=args.compile)
+        train_config = dataclasses.replace(train_config, seed=seed, compile_model=args.compile_model)
         trainer = Trainer(model_config, train_config, device=device, precision=args.precision)
     print(f"{describe_model(trainer.model)}; device {trainer.device}, precision {trainer.precision}")
     trainer.train(
@@ -2563,6 +2732,21 @@ def _command_train(args: argparse.Namespace) -> None:
     )
     final = f"final loss {trainer.losses[-1]:.4f}" if trainer.losses else "no step fitted in the budget"
     print(f"trained to step {trainer.step} ({trainer.images_seen} images); {final}; saved {args.out}")
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Every argument checked before anything is built or written."""
+    if args.steps is None and args.minutes is None and not args.resume:
+        raise ValueError("give a training budget: --minutes M or --steps N (or --resume a run to finish its plan)")
+    if args.steps is not None or args.minutes is not None:
+        TrainingPlan.of(0, args.steps, args.minutes)  # the budget's own checks
+    _check_positive_int("checkpoint_every", args.checkpoint_every)
+    if args.resume and args.seed is not None:
+        raise ValueError(
+            "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
+        )
+    if args.resume and args.conditional is not None:
+        raise ValueError("a resumed run keeps its own model: drop --conditional / --no-conditional or --resume")
 
 
 def _command_sample(args: argparse.Namespace) -> None:

@@ -59,3 +59,24 @@ class Oracle(nn.Module):
         eps = (x_t.double() - a * self.x0) / s
         out = eps if self.prediction == "eps" else a * eps - s * self.x0
         return out.float()
+
+
+def constant_denoiser(x0_hat: torch.Tensor):
+    """A denoiser that always answers x0_hat, recording each (i) it is asked at: a sampler step's input, by hand."""
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        denoise.calls.append(i)
+        return x0_hat
+
+    denoise.calls = []
+    return denoise
+
+
+def state(noise: torch.Tensor | None = None, eta: float = 0.0, evaluations: int = 0) -> du.SamplerState:
+    """A SamplerState whose noise is the given tensor at every draw (a draw with none given fails the test)."""
+
+    def draw() -> torch.Tensor:
+        assert noise is not None, "the step drew noise where none was expected"
+        return noise
+
+    return du.SamplerState(noise=draw, eta=eta, evaluations=evaluations)

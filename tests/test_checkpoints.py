@@ -38,7 +38,9 @@ def test_round_trip_restores_everything(trained):
     assert loaded.ema.updates == trainer.ema.updates == 3
     assert (loaded.step, loaded.images_seen, loaded.losses) == (3, 12, trainer.losses)
     assert torch.equal(loaded.generator.get_state(), trainer.generator.get_state())
-    assert loaded.lr_scheduler.last_epoch == 3
+    assert (
+        loaded.plan == trainer.plan == du.TrainingPlan(first_step=0, steps=3, seconds_spent=loaded.plan.seconds_spent)
+    )
     ours, theirs = loaded.optimizer.state_dict(), trainer.optimizer.state_dict()
     assert ours["param_groups"] == theirs["param_groups"]
     for key, state in theirs["state"].items():
@@ -239,7 +241,7 @@ def test_a_state_dict_that_does_not_fit_the_model_is_a_clear_error(trained, tmp_
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda p: p["model_config"].update(timesteps=0), "timesteps must be a positive integer, got 0"),
+        (lambda p: p["model_config"].update(num_timesteps=0), "num_timesteps must be a positive integer, got 0"),
         (lambda p: p["model_config"].update(schedule="quadratic"), "unknown schedule 'quadratic'"),
         (lambda p: p["train_config"].update(lr=-1.0), "lr must be > 0"),
         (lambda p: p["model_config"].update(colour=True), "colour"),
@@ -270,15 +272,53 @@ def test_a_checkpoint_from_another_device_type_loads_with_a_reseeded_generator(t
     assert same_state(model.state_dict(), moved.ema.model.state_dict())
 
 
-def test_a_checkpoint_from_before_min_snr_form_resumes_with_the_form_it_trained_with(trained, tmp_path):
-    """Files saved before TrainConfig.min_snr_form existed trained with the "paper" form."""
+def as_format_1(payload: dict) -> None:
+    """A payload as the last release of format "diffusion_patterns/1" wrote it (its fields, no plan)."""
+    payload["format"] = "diffusion_patterns/1"
+    payload["train_config"]["compile"] = payload["train_config"].pop("compile_model")
+    payload["train_config"]["condition_dropout_all"] = 0.0
+    payload["state"].pop("plan")
+    payload["state"]["lr_schedule"] = {"base_lrs": [1e-3], "last_epoch": 3}
+
+
+def test_a_format_1_checkpoint_loads_as_it_was_trained(trained, tmp_path):
     trainer, path = trained
-    assert du.load_trainer(path).train_config.min_snr_form == trainer.train_config.min_snr_form == "cap"
+    old = _tampered(path, tmp_path / "format1.pt", as_format_1)
+    loaded = du.load_trainer(old)
+    assert loaded.model_config == trainer.model_config and loaded.train_config == trainer.train_config
+    assert same_state(loaded.model.state_dict(), trainer.model.state_dict()) and loaded.step == trainer.step
+    assert loaded.plan is None  # format 1 had no plan: a resumed run needs a budget
+    with pytest.raises(ValueError, match="give a training budget"):
+        loaded.train(progress=False)
+    model, _ = du.load_model(old)
+    assert same_state(model.state_dict(), trainer.ema.model.state_dict())
 
-    def as_if_older(payload):
-        del payload["train_config"]["min_snr_form"]
 
-    assert du.load_trainer(_tampered(path, tmp_path / "older.pt", as_if_older)).train_config.min_snr_form == "paper"
+@pytest.mark.parametrize("missing", [("train_config", "min_snr_form"), ("model_config", "conditional")])
+def test_an_early_format_1_checkpoint_is_refused_naming_the_format_and_what_it_lacks(trained, tmp_path, missing):
+    """Files from before these fields existed trained without them; guessing their values could load them wrongly."""
+    _, path = trained
+
+    def early(payload):
+        as_format_1(payload)
+        del payload[missing[0]][missing[1]]
+
+    old = _tampered(path, tmp_path / "early.pt", early)
+    message = re.escape(f"{old}: an early 'diffusion_patterns/1' checkpoint without {missing[1]} in its configuration")
+    for load in (du.load_trainer, du.load_model):
+        with pytest.raises(du.CheckpointError, match=message):
+            load(old)
+
+
+def test_a_format_1_checkpoint_with_whole_requests_hidden_is_refused(trained, tmp_path):
+    _, path = trained
+
+    def hiding(payload):
+        as_format_1(payload)
+        payload["train_config"]["condition_dropout_all"] = 0.2
+
+    with pytest.raises(du.CheckpointError, match="trained with condition_dropout_all"):
+        du.load_trainer(_tampered(path, tmp_path / "hiding.pt", hiding))
 
 
 def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path):
@@ -307,14 +347,14 @@ def test_a_resumed_optimizer_uses_the_kernel_of_its_own_device(trained, tmp_path
 def test_load_trainer_can_switch_compilation_without_changing_anything_else(tmp_path):
     trainer = du.Trainer(
         tiny_model_config(),
-        dataclasses.replace(du.TrainConfig(batch_size=4, channels_last=False), compile=True),
+        dataclasses.replace(du.TrainConfig(batch_size=4, channels_last=False), compile_model=True),
         device="cpu",
     )
     du.save_checkpoint(tmp_path / "compiled.pt", trainer)  # torch.compile is lazy: nothing compiles here
-    eager = du.load_trainer(tmp_path / "compiled.pt", compile=False)
-    assert eager.train_config == dataclasses.replace(trainer.train_config, compile=False)
+    eager = du.load_trainer(tmp_path / "compiled.pt", compile_model=False)
+    assert eager.train_config == dataclasses.replace(trainer.train_config, compile_model=False)
     assert eager.train_model is eager.model
-    assert du.load_trainer(tmp_path / "compiled.pt").train_config.compile  # by default the file's setting
+    assert du.load_trainer(tmp_path / "compiled.pt").train_config.compile_model  # by default the file's setting
 
 
 def test_load_trainer_passes_the_precision_on(trained):

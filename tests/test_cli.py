@@ -232,7 +232,7 @@ def test_train_on_a_missing_device(tiny_defaults, tmp_path, capsys):
     [
         (["--n", "0"], "n must be a positive integer, got 0"),
         (["--steps", "0"], "steps must be a positive integer, got 0"),
-        (["--steps", "1001"], "num_steps must be <= the 1000 training timesteps, got 1001"),
+        (["--steps", "1001"], "steps=1001 needs 1001 timesteps of ddpm, more than the 1000 of training"),
         (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
         (["--sampler", "ddpm", "--eta", "0.5"], "eta applies to the ddim sampler only"),
         (["--sampler", "ddim", "--eta", "-1"], "eta must be >= 0"),

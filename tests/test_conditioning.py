@@ -284,23 +284,24 @@ def test_a_conditional_checkpoint_round_trips_and_samples(tmp_path):
     assert torch.equal(result.images, again.images)
 
 
-def test_a_checkpoint_from_before_conditioning_loads_and_samples(trained, tmp_path):
-    """Files written before the conditioning, the lr schedule and num_timesteps existed: unconditional, constant lr."""
+def test_a_checkpoint_from_before_conditioning_is_refused_naming_its_format(trained, tmp_path):
+    """Files written before the conditioning, the lr schedule and num_timesteps existed (format /1, early) cannot be
+    loaded as they were trained without guessing: refused in one line that names the format and what is missing."""
     trainer, path = trained
     payload = torch.load(path, weights_only=True)
+    payload["format"] = "diffusion_patterns/1"
     model_config, train_config = payload["model_config"], payload["train_config"]
     model_config["timesteps"] = model_config.pop("num_timesteps")
-    for key in ("conditional",):
-        del model_config[key]
+    del model_config["conditional"]
     for key in ("lr_schedule", "condition_dropout", "min_snr_form"):
         del train_config[key]
     older = tmp_path / "older.pt"
     torch.save(payload, older)
-    loaded = du.load_trainer(older)
-    assert not loaded.model_config.conditional and loaded.model_config.num_timesteps == 1000
-    assert (loaded.train_config.lr_schedule, loaded.train_config.min_snr_form) == ("constant", "paper")
-    model, schedule = du.load_model(older)
-    result = du.sample(model, schedule, 2, steps=2, progress=False)
-    assert torch.equal(
-        result.images, du.sample(trainer.sampling_model, trainer.schedule, 2, steps=2, progress=False).images
-    )
+    for load in (du.load_trainer, du.load_model):
+        with pytest.raises(du.CheckpointError) as error:
+            load(older)
+        message = str(error.value)
+        assert (
+            message.startswith(f"{older}: an early 'diffusion_patterns/1' checkpoint without ") and "\n" not in message
+        )
+        assert all(name in message for name in ("conditional", "num_timesteps", "lr_schedule", "min_snr_form"))

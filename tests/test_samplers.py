@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import Oracle, tiny_model_config
+from helpers import Oracle, constant_denoiser, state, tiny_model_config
 
 import diffusion_utils as du
 
@@ -47,16 +47,16 @@ def test_every_step_agrees_with_diffusers(reference, case):
     spaced = du.NoiseSchedule(betas).at(timesteps.flip(0))
     sampler = du.SAMPLERS[case.split("_")[0]]
     x = torch.from_numpy(reference[f"{case}_x_T"])
-    state = du.StepState()
+    outputs = torch.from_numpy(reference[f"{case}_outputs"])  # diffusers' model output at each step, in order
+    denoise = du.make_denoiser(lambda x, t: outputs[len(timesteps) - 1 - int(spaced_index[int(t[0])])], spaced, "v")
+    spaced_index = {int(t): i for i, t in enumerate(spaced.timesteps)}
+    run = state()  # one state for the whole run: the solver keeps its own history in it
     for k, t in enumerate(timesteps.tolist()):
         i = len(timesteps) - 1 - k
         assert int(spaced.timesteps[i]) == t
-        index = torch.full((len(x),), i)
-        output = torch.from_numpy(reference[f"{case}_outputs"][k])
-        x0 = spaced.predict_x0("v", x, output, index).clamp(-1, 1)
-        torch.testing.assert_close(x0, torch.from_numpy(reference[f"{case}_x0_hat"][k]), rtol=0, atol=1e-8)
-        x = sampler.step(spaced, i, x, x0, state)
-        state.x0_history = state.x0_history[-1:] + [x0]
+        x0_hat = denoise(x, i)
+        torch.testing.assert_close(x0_hat, torch.from_numpy(reference[f"{case}_x0_hat"][k]), rtol=0, atol=1e-8)
+        x = sampler.step(spaced, i, x, denoise, run)
         torch.testing.assert_close(x, torch.from_numpy(reference[f"{case}_x_after"][k]), rtol=0, atol=1e-8)
 
 
@@ -75,7 +75,7 @@ def test_the_reference_exercises_clipping_and_second_order_steps(reference):
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 10, 50])
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "heun"])
 def test_with_a_perfect_predictor_every_deterministic_sampler_returns_x0(sampler, kind, steps, x0):
     schedule = SCHEDULES[kind]
     result = du.sample(
@@ -98,8 +98,8 @@ def test_the_first_dpm_solver_step_is_the_ddim_step():
     generator = torch.Generator().manual_seed(3)
     x_t, x0 = torch.randn(2, 1, 8, 8, generator=generator), torch.rand(2, 1, 8, 8, generator=generator) * 2 - 1
     for i in range(1, 10):
-        dpm = du.dpm_solver_step(spaced, i, x_t, x0, du.StepState())
-        ddim = du.ddim_step(spaced, i, x_t, x0, du.StepState())
+        dpm = du.dpm_solver_step(spaced, i, x_t, constant_denoiser(x0), state())
+        ddim = du.ddim_step(spaced, i, x_t, constant_denoiser(x0), state())
         torch.testing.assert_close(dpm, ddim, rtol=0, atol=1e-6)
 
 
@@ -114,9 +114,13 @@ def test_the_second_order_step_by_hand():
     h, h_prev = lam[2] - lam[1], lam[1] - lam[0]
     d = -0.6 + (-0.6 - 0.2) / (2 * h_prev / h)
     expected = math.sqrt((1 - ab_t) / (1 - ab_s)) * 0.4 - math.sqrt(ab_t) * math.expm1(-h) * d
-    got = du.dpm_solver_step(spaced, i, x_t, x0, du.StepState(x0_history=[previous]))
+    run = state()
+    run.memory["x0_hat"] = previous
+    got = du.dpm_solver_step(spaced, i, x_t, constant_denoiser(x0), run)
     torch.testing.assert_close(got, torch.full_like(x_t, expected), rtol=0, atol=1e-6)
-    assert torch.equal(du.dpm_solver_step(spaced, 0, x_t, x0, du.StepState(x0_history=[previous])), x0)
+    assert torch.equal(run.memory["x0_hat"], x0)  # kept for the next step
+    run.memory["x0_hat"] = previous
+    assert torch.equal(du.dpm_solver_step(spaced, 0, x_t, constant_denoiser(x0), run), x0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,9 +131,9 @@ def test_the_second_order_step_by_hand():
 def test_a_new_sampler_is_one_function_and_one_registry_line(x0, monkeypatch):
     monkeypatch.setattr(du, "SAMPLERS", dict(du.SAMPLERS))
 
-    @du.register_sampler("jump", "straight to x0_hat")
-    def jump(schedule, i, x_t, x0_hat, state):
-        return x0_hat
+    @du.register_sampler("jump")
+    def jump(schedule, i, x_t, denoise, state):
+        return denoise(x_t, i)
 
     assert (
         du.SAMPLERS["jump"].step is jump
@@ -140,18 +144,21 @@ def test_a_new_sampler_is_one_function_and_one_registry_line(x0, monkeypatch):
     assert (result.images - x0).abs().max() < 1e-5
 
 
-def test_the_state_holds_the_previous_estimates_for_multistep_solvers(x0, monkeypatch):
+def test_a_multistep_solver_keeps_its_own_history_across_the_run(x0, monkeypatch):
     seen = []
     monkeypatch.setattr(du, "SAMPLERS", dict(du.SAMPLERS))
 
-    @du.register_sampler("spy", "records its state")
-    def spy(schedule, i, x_t, x0_hat, state):
-        seen.append((i, len(state.x0_history), state.noise is None, state.eta))
-        return du.ddim_step(schedule, i, x_t, x0_hat, state)
+    @du.register_sampler("spy", spacing="logsnr")
+    def spy(schedule, i, x_t, denoise, state):
+        previous = state.memory.get("x0_hat")
+        seen.append((i, None if previous is None else float((previous - x0).abs().max()), state.eta))
+        return du.dpm_solver_step(schedule, i, x_t, denoise, state)
 
     schedule = SCHEDULES["cosine"]
-    du.sample(Oracle(schedule, x0, "v"), schedule, 3, steps=4, sampler="spy", prediction="v", progress=False)
-    assert seen == [(3, 0, True, 0.0), (2, 1, True, 0.0), (1, 2, True, 0.0), (0, 2, True, 0.0)]
+    result = du.sample(Oracle(schedule, x0, "v"), schedule, 3, steps=4, sampler="spy", prediction="v", progress=False)
+    assert [(i, eta) for i, _, eta in seen] == [(3, 0.0), (2, 0.0), (1, 0.0), (0, 0.0)]
+    assert seen[0][1] is None and all(error < 1e-5 for _, error, _ in seen[1:])  # the previous step's x0_hat
+    assert (result.images - x0).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
@@ -174,11 +181,13 @@ def test_eta_is_refused_by_a_sampler_that_does_not_take_it(sampler):
         du.sample(oracle, schedule, 1, steps=2, sampler=sampler, eta=0.3, prediction="v", progress=False)
 
 
-def test_steps_beyond_the_training_timesteps_are_refused():
+def test_steps_beyond_the_training_timesteps_are_refused_for_one_and_two_evaluation_samplers():
     schedule = SCHEDULES["cosine"]
-    with pytest.raises(ValueError, match="num_steps must be <= the 1000 training timesteps, got 1001"):
-        oracle = Oracle(schedule, torch.zeros(1, 1, 64, 64), "v")
+    oracle = Oracle(schedule, torch.zeros(1, 1, 64, 64), "v")
+    with pytest.raises(ValueError, match="steps=1001 needs 1001 timesteps of dpm\\+\\+, more than the 1000 of"):
         du.sample(oracle, schedule, 1, steps=1001, sampler="dpm++", prediction="v", progress=False)
+    with pytest.raises(ValueError, match="steps=2000 needs 1001 timesteps of heun, more than the 1000 of training"):
+        du.sample(oracle, schedule, 1, steps=2000, sampler="heun", prediction="v", progress=False)
 
 
 def test_initial_noise_replaces_the_seeded_start(x0):
@@ -223,3 +232,98 @@ def test_slerp_keeps_the_norm_and_hits_both_ends():
     middle = du.slerp(a, b, 0.5)
     assert float(middle.norm()) == pytest.approx(float((a.norm() + b.norm()) / 2), rel=0.02)
     assert float(((a + b) / 2).norm()) < 0.8 * float(middle.norm())  # the straight line cuts inside the sphere
+
+
+# ------------------------------------------------------------------------------------------
+# Heun's method (Karras et al. 2022): two network evaluations per step, counted as such
+# ------------------------------------------------------------------------------------------
+
+
+def gaussian_denoiser(schedule: du.NoiseSchedule, mean: float, sd: float):
+    """The exact x0_hat = E[x_0 | x_t] when the data are N(mean, sd^2): a perfect denoiser we can write down."""
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        ab = float(schedule.alpha_bars[i])
+        a = math.sqrt(ab)
+        return mean + sd * sd * a / (ab * sd * sd + 1 - ab) * (x - a * mean)
+
+    return denoise
+
+
+def exact_flow(schedule: du.NoiseSchedule, x_T: torch.Tensor, mean: float, sd: float, i: int) -> torch.Tensor:
+    """The probability-flow ODE's exact solution at index i for Gaussian data, started at the last index.
+
+    With x~ = x / alpha, sigma~ = sigma / alpha: dx~/dsigma~ = (x~ - x0_hat) / sigma~ = (x~ - mean) sigma~ / (sd^2 +
+    sigma~^2), so x~ - mean grows as sqrt(sd^2 + sigma~^2)."""
+
+    def scaled(index: int) -> tuple[float, float]:
+        ab = float(schedule.alpha_bars[index])
+        return math.sqrt(ab), math.sqrt((1 - ab) / ab)
+
+    (a_T, s_T), (a, s) = scaled(len(schedule) - 1), scaled(i)
+    ratio = math.sqrt(sd * sd + s * s) / math.sqrt(sd * sd + s_T * s_T)
+    return a * (mean + (x_T / a_T - mean) * ratio)
+
+
+def solve(step, schedule: du.NoiseSchedule, x_T: torch.Tensor, denoise) -> torch.Tensor:
+    """Steps from the last index down to index 0's noise level (not to sigma = 0, where Heun falls back to Euler)."""
+    x, run = x_T, state(evaluations=2 * len(schedule) - 1)
+    for i in range(len(schedule) - 1, 0, -1):
+        x = step(schedule, i, x, denoise, run)
+    return x
+
+
+def test_heun_is_second_order_and_ddim_first_order_on_an_exact_ode():
+    """Doubling the steps divides Heun's error by about 4 and Euler's (DDIM's) by about 2."""
+    mean, sd, x_T = 0.3, 0.5, torch.full((1, 1, 1, 1), 1.7, dtype=torch.float64)
+    errors = {"heun": [], "ddim": []}
+    for steps in (17, 33, 65):
+        spaced = SCHEDULES["cosine"].respaced(steps, "logsnr")
+        exact = exact_flow(spaced, x_T, mean, sd, 0)
+        for name, step in (("heun", du.heun_step), ("ddim", du.ddim_step)):
+            errors[name].append(float((solve(step, spaced, x_T, gaussian_denoiser(spaced, mean, sd)) - exact).abs()))
+    heun, ddim = np.array(errors["heun"]), np.array(errors["ddim"])
+    assert np.all(heun[:-1] / heun[1:] > 3.3), heun
+    assert np.all((ddim[:-1] / ddim[1:] > 1.6) & (ddim[:-1] / ddim[1:] < 2.5)), ddim
+    assert heun[-1] < ddim[-1] / 5
+
+
+def test_one_heun_step_by_hand():
+    spaced = SCHEDULES["cosine"].respaced(5)
+    x_t, x0_hat = (
+        torch.full((1, 1, 2, 2), 0.4, dtype=torch.float64),
+        torch.full((1, 1, 2, 2), -0.6, dtype=torch.float64),
+    )
+    i = 3
+    ab, ab_prev = float(spaced.alpha_bars[i]), float(spaced.alpha_bars[i - 1])
+    s, s_prev = math.sqrt((1 - ab) / ab), math.sqrt((1 - ab_prev) / ab_prev)
+    d = (0.4 / math.sqrt(ab) - -0.6) / s
+    euler = 0.4 / math.sqrt(ab) + (s_prev - s) * d
+    d_next = (euler - -0.6) / s_prev
+    expected = math.sqrt(ab_prev) * (0.4 / math.sqrt(ab) + (s_prev - s) * (d + d_next) / 2)
+    denoise = constant_denoiser(x0_hat)
+    got = du.heun_step(spaced, i, x_t, denoise, state(evaluations=9))
+    torch.testing.assert_close(got, torch.full_like(x_t, expected), rtol=0, atol=1e-12)
+    assert denoise.calls == [i, i - 1]  # its own index, then the next one at the Euler point
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 10, 11])
+def test_heuns_steps_count_network_evaluations(steps, x0):
+    """steps = network evaluations per image for every sampler: Heun corrects as many steps as the budget pays for.
+    Where it corrects none it is the DDIM step, i.e. the Euler step of the probability-flow ODE."""
+    schedule = SCHEDULES["cosine"]
+    oracle = Oracle(schedule, x0, "v")
+    result = du.sample(oracle, schedule, 3, steps=steps, sampler="heun", prediction="v", progress=False)
+    assert len(oracle.seen) == steps
+    assert len({int(t[0]) for t in oracle.seen}) == du.SAMPLERS["heun"].grid_steps(steps) == steps // 2 + 1
+    assert (result.images - x0).abs().max() < 1e-5
+
+
+def test_heun_without_a_correction_is_the_ddim_step():
+    spaced = SCHEDULES["cosine"].respaced(6, "logsnr")
+    generator = torch.Generator().manual_seed(4)
+    x_t, x0_hat = torch.randn(2, 1, 8, 8, generator=generator), torch.rand(2, 1, 8, 8, generator=generator) * 2 - 1
+    for i in range(6):
+        heun = du.heun_step(spaced, i, x_t, constant_denoiser(x0_hat), state(evaluations=6))  # 6 - 6: no correction
+        ddim = du.ddim_step(spaced, i, x_t, constant_denoiser(x0_hat), state())
+        torch.testing.assert_close(heun, ddim, rtol=0, atol=1e-5)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import Oracle, tiny_model_config
+from helpers import Oracle, constant_denoiser, state, tiny_model_config
 
 import diffusion_utils as du
 
@@ -54,7 +54,7 @@ def test_ddpm_with_the_oracle_recovers_x0(kind, prediction, x0):
         oracle, schedule, 3, steps=20, sampler="ddpm", prediction=prediction, save_at=(10, 19), progress=False
     )
     assert (result.images - x0).abs().max() < 1e-5
-    for predicted in result.x0:  # the x_0 guesses along the way are x_0 as well
+    for predicted in result.x0_hat:  # the x_0 guesses along the way are x_0 as well
         assert (predicted - x0).abs().max() < 1e-4
 
 
@@ -123,8 +123,8 @@ def test_ddim_with_eta_1_is_the_ddpm_step(kind):
     for i in range(10):
         x_t, noise = torch.randn(2, 1, 8, 8, generator=generator), torch.randn(2, 1, 8, 8, generator=generator)
         x0 = torch.rand(2, 1, 8, 8, generator=generator) * 2 - 1
-        ddim = du.ddim_step(spaced, i, x_t, x0, du.StepState(noise=noise, eta=1.0))
-        ddpm = du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=noise))
+        ddim = du.ddim_step(spaced, i, x_t, constant_denoiser(x0), state(noise, eta=1.0))
+        ddpm = du.ddpm_step(spaced, i, x_t, constant_denoiser(x0), state(noise))
         assert torch.allclose(ddim, ddpm, atol=1e-5), i
 
 
@@ -135,12 +135,10 @@ def test_ddim_step_with_eta_0_by_hand():
     ab, ab_prev = float(spaced.alpha_bars[i]), float(spaced.alpha_bars[i - 1])
     eps = (0.3 - math.sqrt(ab) * -0.5) / math.sqrt(1 - ab)
     expected = math.sqrt(ab_prev) * -0.5 + math.sqrt(1 - ab_prev) * eps
-    assert torch.allclose(
-        du.ddim_step(spaced, i, x_t, x0, du.StepState(noise=None, eta=0.0)), torch.full_like(x_t, expected), atol=1e-6
-    )
-    assert torch.equal(
-        du.ddim_step(spaced, 0, x_t, x0, du.StepState(noise=None, eta=0.0)), x0
-    )  # the last step lands on x_0
+    denoise = constant_denoiser(x0)
+    assert torch.allclose(du.ddim_step(spaced, i, x_t, denoise, state()), torch.full_like(x_t, expected), atol=1e-6)
+    assert torch.equal(du.ddim_step(spaced, 0, x_t, denoise, state()), x0)  # the last step lands on x_0
+    assert denoise.calls == [i, 0]  # one network evaluation per step, at the step's own index
 
 
 def test_ddpm_step_by_hand():
@@ -149,15 +147,11 @@ def test_ddpm_step_by_hand():
     i = 2
     mean = float(spaced.posterior_mean_coef1[i]) * -0.5 + float(spaced.posterior_mean_coef2[i]) * 0.3
     expected = mean + math.sqrt(float(spaced.posterior_variance[i])) * 2.0
-    assert torch.allclose(
-        du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=z)), torch.full_like(x_t, expected), atol=1e-6
-    )
-    assert torch.allclose(
-        du.ddpm_step(spaced, i, x_t, x0, du.StepState(noise=None)), torch.full_like(x_t, mean), atol=1e-6
-    )
-    assert torch.allclose(
-        du.ddpm_step(spaced, 0, x_t, x0, du.StepState(noise=z)), x0, atol=1e-6
-    )  # no noise at the last step
+    denoise = constant_denoiser(x0)
+    assert torch.allclose(du.ddpm_step(spaced, i, x_t, denoise, state(z)), torch.full_like(x_t, expected), atol=1e-6)
+    zero = torch.zeros_like(z)
+    assert torch.allclose(du.ddpm_step(spaced, i, x_t, denoise, state(zero)), torch.full_like(x_t, mean), atol=1e-6)
+    assert torch.allclose(du.ddpm_step(spaced, 0, x_t, denoise, state()), x0, atol=1e-6)  # no noise at the last step
 
 
 def test_whole_ddpm_run_equals_ddim_with_eta_1(tiny_net):
@@ -191,12 +185,12 @@ def test_save_at_keeps_the_requested_steps(tiny_net):
     schedule = SCHEDULES["cosine"]
     result = du.sample(tiny_net, schedule, 2, steps=4, sampler="ddpm", save_at=(3, 0, 2), progress=False)
     assert result.timesteps == [999, 333, 0]  # sorted step order: step 0 is T-1, step 3 is 0
-    assert len(result.x_t) == len(result.x0) == 3
-    assert all(x.shape == (2, 1, 64, 64) for x in result.x_t + result.x0)
+    assert len(result.x_t) == len(result.x0_hat) == 3
+    assert all(x.shape == (2, 1, 64, 64) for x in result.x_t + result.x0_hat)
     assert torch.equal(result.x_t[0], torch.stack([initial_noise(0, k) for k in range(2)]))  # step 0 sees x_T
-    assert all(float(x.abs().max()) <= 1 for x in result.x0)  # x_0 guesses are clipped
+    assert all(float(x.abs().max()) <= 1 for x in result.x0_hat)  # x_0 guesses are clipped
     none = du.sample(tiny_net, schedule, 2, steps=4, progress=False)
-    assert none.timesteps == [] and none.x_t == [] and none.x0 == []
+    assert none.timesteps == [] and none.x_t == [] and none.x0_hat == []
     assert torch.equal(none.images, result.images)  # saving does not change the samples
 
 

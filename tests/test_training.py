@@ -229,14 +229,24 @@ def test_same_seed_same_initial_weights_and_the_global_rng_is_untouched():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def lrs_used(trainer: du.Trainer, **train_kwargs) -> list[float]:
+    """The learning rate each optimiser step of trainer.train(**train_kwargs) ran with."""
+    used, real_step = [], trainer.train_step
+
+    def recording(*args):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(*args)
+
+    trainer.train_step = recording
+    trainer.train(progress=False, **train_kwargs)
+    return used
+
+
 def test_lr_warms_up_linearly():
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=1e-3, warmup_steps=4), device="cpu")
-    batch = du.make_shapes(4, seed=0).images
-    lrs = [trainer.optimizer.param_groups[0]["lr"]]
-    for _ in range(6):
-        trainer.train_step(batch)
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
-    assert lrs == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3, 1e-3], rel=1e-9)
+    assert lrs_used(trainer, steps=6) == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3], rel=1e-9)
+    config = tiny_train_config(lr=1e-3, warmup_steps=4)
+    assert [du.learning_rate(config, k, 0.7) for k in range(6)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3])
 
 
 def test_sampling_model_is_the_ema_when_there_is_one():
@@ -341,7 +351,8 @@ def test_state_dict_round_trip_in_memory():
     b = du.Trainer(tiny_model_config(), tiny_train_config(ema_decay=None, seed=8), device="cpu")
     b.load_state_dict(a.state_dict())
     assert same_state(a.model.state_dict(), b.model.state_dict())
-    assert b.step == 2 and b.losses == a.losses and b.lr_scheduler.last_epoch == 2
+    assert b.step == 2 and b.losses == a.losses
+    assert b.plan == a.plan and b.plan.first_step == 0 and b.plan.steps == 2 and b.plan.seconds is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -401,7 +412,6 @@ def test_the_fused_cpu_optimiser_matches_the_loop_one_with_channels_last():
     loop.optimizer = torch.optim.AdamW(
         loop.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False
     )
-    loop.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, fused.lr_scheduler.lr_lambdas[0])
     assert fused.optimizer.param_groups[0]["fused"] is True
     assert fused.model.stem[1].weight.is_contiguous(memory_format=torch.channels_last)
     # One step: Adam's first update is about lr * sign(grad) for every element, so an update
@@ -428,28 +438,19 @@ def test_adamw_is_fused_on_cuda_and_cpu_and_left_to_pytorch_on_mps():
 
 
 def test_cosine_decay_follows_its_formula_over_a_step_budget():
-    """lr_k = lr * min(1, (k+1)/(warmup+1)) * (1 + cos(pi p_k)) / 2, p_k the share of the budget done before it."""
+    """lr_k = lr * min(1, (k+1)/(warmup+1)) * (1 + cos(pi p_k)) / 2, p_k = k / steps: the step and the plan alone."""
     trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=1e-3, warmup_steps=2, lr_schedule="cosine"), "cpu")
-    used = []
-    real_step = trainer.train_step
-
-    def recording(*args):
-        used.append(trainer.optimizer.param_groups[0]["lr"])
-        return real_step(*args)
-
-    trainer.train_step = recording
-    trainer.train(steps=8, progress=False)
-    # the lr of step k is set after step k-1, from the budget share done then: (k-1)/8, and 0 before step 0
-    shares = [0.0] + [(k - 1) / 8 for k in range(1, 8)]
-    expected = [1e-3 * min(1.0, (k + 1) / 3) * 0.5 * (1 + math.cos(math.pi * p)) for k, p in enumerate(shares)]
+    used = lrs_used(trainer, steps=8)
+    expected = [1e-3 * min(1.0, (k + 1) / 3) * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
     assert used == pytest.approx(expected, rel=1e-9)
-    assert trainer.budget_progress == 0.0  # the next train() call starts a new decay
+    assert trainer.progress() == 1.0
+    second = lrs_used(trainer, steps=4)  # a new budget is a new phase: its own decay, from the peak
+    assert second == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rel=1e-9)
 
 
 def test_the_constant_schedule_keeps_the_peak_after_the_warm_up():
-    trainer = du.Trainer(tiny_model_config(), tiny_train_config(lr=2e-3, warmup_steps=1, lr_schedule="constant"), "cpu")
-    trainer.budget_progress = 0.9
-    assert [trainer.lr_factor(k) for k in (0, 1, 50)] == [0.5, 1.0, 1.0]
+    config = tiny_train_config(lr=2e-3, warmup_steps=1, lr_schedule="constant")
+    assert [du.learning_rate(config, k, 0.9) for k in (0, 1, 50)] == [1e-3, 2e-3, 2e-3]
 
 
 def test_a_minute_budget_decays_by_the_clock(monkeypatch):
@@ -457,6 +458,8 @@ def test_a_minute_budget_decays_by_the_clock(monkeypatch):
     clock = iter(range(0, 10_000, 15))  # every reading of the clock is 15 s later
     monkeypatch.setattr(du.time, "monotonic", lambda: float(next(clock)))
     shares = []
-    trainer.train(minutes=1, progress=False, on_log=lambda t: shares.append(t.budget_progress))
-    assert trainer.step >= 1 and all(0.0 <= share < 1.0 for share in shares)
-    assert trainer.lr_factor(10) == 1.0  # the budget is over: back to the peak for the next call
+    trainer.train(minutes=1, progress=False, on_log=lambda t: shares.append(t.progress()))
+    assert trainer.step >= 1 and shares == sorted(shares) and all(0.0 < share for share in shares)
+    assert trainer.plan.seconds == 60 and trainer.plan.seconds_spent >= 60 and trainer.progress() >= 1.0
+    with pytest.raises(ValueError, match="this run's plan is complete at step"):
+        trainer.train(progress=False)  # nothing left to continue
