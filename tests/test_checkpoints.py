@@ -141,8 +141,8 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(trained, 
         else:
             assert du.read_checkpoint(path)["state"]["model"]["w"].numel() == 8_000_000
         if leftovers:  # killed mid-save: the half-written file is only ever the temp file
-            for leftover in leftovers:
-                leftover.unlink()
+            du.save_checkpoint(path, trainer)  # the next save clears what the killed one left
+            assert tmp_files(tmp_path, "run.pt") == [] and du.load_trainer(path).step == trainer.step
             return
     pytest.fail("no kill landed during a save in 5 tries")
 
@@ -363,3 +363,14 @@ def test_load_trainer_passes_the_precision_on(trained):
     assert du.load_trainer(path, device="cpu", precision="fp32").precision == "fp32"
     with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
         du.load_trainer(path, device="cpu", precision="fp16")
+
+
+def test_the_next_save_removes_stale_temp_files_of_its_own_checkpoint_only(trained, tmp_path):
+    trainer, _ = trained
+    stale = [tmp_path / ".run.pt.abc123.tmp", tmp_path / ".run.pt.x.tmp"]
+    other = tmp_path / ".other.pt.abc123.tmp"  # another checkpoint's write, maybe still running
+    for path in [*stale, other]:
+        path.write_bytes(b"half a checkpoint")
+    du.save_checkpoint(tmp_path / "run.pt", trainer)
+    assert not any(path.exists() for path in stale) and other.exists()
+    assert du.load_trainer(tmp_path / "run.pt").step == trainer.step

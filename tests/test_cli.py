@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model_config, tiny_train_config
+from helpers import same_state, tiny_model_config, tiny_train_config
 
 import diffusion_utils as du
 
@@ -456,3 +456,39 @@ def test_an_unconditional_checkpoint_refuses_a_request(checkpoint, tmp_path, cap
     )
     assert_one_line_error(status, err, "this model is unconditional")
     assert not out.exists()
+
+
+def test_an_interrupted_run_resumed_without_a_budget_ends_where_the_uninterrupted_one_does(
+    tiny_defaults, capsys, tmp_path, monkeypatch
+):
+    straight, run = tmp_path / "straight.pt", tmp_path / "run.pt"
+    assert (
+        run_main(capsys, "train", "--steps", "12", "--checkpoint-every", "4", "--out", str(straight), "--no-progress")[
+            0
+        ]
+        == 0
+    )
+    real_save, saves = du.save_checkpoint, []
+
+    def save_then_die_after_step_8(path, trainer):
+        real_save(path, trainer)
+        saves.append(trainer.step)
+        if trainer.step == 8:
+            raise KeyboardInterrupt  # the process stops here; what was saved is all that survives
+
+    monkeypatch.setattr(du, "save_checkpoint", save_then_die_after_step_8)
+    status, _, err = run_main(
+        capsys, "train", "--steps", "12", "--checkpoint-every", "4", "--out", str(run), "--no-progress"
+    )
+    assert status == 130 and saves == [4, 8] and "the last checkpoint written is intact" in err
+    monkeypatch.setattr(du, "save_checkpoint", real_save)
+    status, out, _ = run_main(capsys, "train", "--resume", str(run), "--out", str(run), "--no-progress")
+    assert status == 0 and "resuming from" in out and "trained to step 12" in out
+    a, b = du.read_checkpoint(straight)["state"], du.read_checkpoint(run)["state"]
+    assert (
+        same_state(a["model"], b["model"]) and same_state(a["ema"], b["ema"]) and torch.equal(a["losses"], b["losses"])
+    )
+    before = run.read_bytes()
+    status, _, err = run_main(capsys, "train", "--resume", str(run), "--out", str(run), "--no-progress")
+    assert_one_line_error(status, err, "this run's plan is complete at step 12")
+    assert run.read_bytes() == before  # nothing written

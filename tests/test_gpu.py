@@ -60,8 +60,8 @@ def test_channels_last_computes_the_same_loss_and_gradients_on_cuda(monkeypatch)
             device="cuda",
             precision="fp32",
         )
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the Trainer turned TF32 on;
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # monkeypatch turns it back on after the test
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # exact fp32 maths for this comparison
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (cuDNN allows TF32 unless told not to)
         x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
         loss = du.diffusion_loss(trainer.model, trainer.schedule, x, "v", 5.0, torch.Generator("cuda").manual_seed(0))
         loss.backward()

@@ -463,3 +463,124 @@ def test_a_minute_budget_decays_by_the_clock(monkeypatch):
     assert trainer.plan.seconds == 60 and trainer.plan.seconds_spent >= 60 and trainer.progress() >= 1.0
     with pytest.raises(ValueError, match="this run's plan is complete at step"):
         trainer.train(progress=False)  # nothing left to continue
+
+
+# ------------------------------------------------------------------------------------------
+# The plan: an interrupted run resumed without a budget ends where the uninterrupted one does
+# ------------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands for kill -9: the process dies; only what was saved survives."""
+
+
+def test_a_step_run_killed_and_resumed_without_a_budget_ends_bit_for_bit_as_the_uninterrupted_one(tmp_path):
+    config = tiny_train_config(lr_schedule="cosine", warmup_steps=3, log_every=2)  # the decay over the plan
+    straight = du.Trainer(tiny_model_config(), config, device="cpu")
+    straight.train(steps=12, progress=False, checkpoint_path=tmp_path / "straight.pt", checkpoint_every=4)
+
+    def kill_at_step_10(trainer):  # after the checkpoint of step 8: steps 9-10 are lost with the process
+        if trainer.step == 10:
+            raise Killed
+
+    killed = du.Trainer(tiny_model_config(), config, device="cpu")
+    with pytest.raises(Killed):
+        killed.train(
+            steps=12, progress=False, checkpoint_path=tmp_path / "run.pt", checkpoint_every=4, on_log=kill_at_step_10
+        )
+    resumed = du.load_trainer(tmp_path / "run.pt")
+    assert resumed.step == 8 and resumed.plan == du.TrainingPlan(0, 12, None, resumed.plan.seconds_spent)
+    resumed.train(progress=False, checkpoint_path=tmp_path / "run.pt")  # no budget: on to the plan's end
+    assert resumed.step == straight.step == 12 and resumed.losses == straight.losses
+    assert same_state(resumed.model.state_dict(), straight.model.state_dict())
+    assert same_state(resumed.ema.model.state_dict(), straight.ema.model.state_dict())
+    moments, expected = resumed.optimizer.state_dict()["state"], straight.optimizer.state_dict()["state"]
+    assert moments.keys() == expected.keys() and all(same_state(moments[k], expected[k]) for k in moments)
+    assert du.read_checkpoint(tmp_path / "run.pt")["state"]["step"] == 12
+    with pytest.raises(ValueError, match="this run's plan is complete at step 12"):
+        du.load_trainer(tmp_path / "run.pt").train(progress=False)
+
+
+def test_a_minutes_plan_resumes_with_the_time_it_has_left(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(du.time, "monotonic", lambda: now[0])
+
+    def tick(trainer):  # each logged step takes 10 s of the clock
+        now[0] += 10.0
+
+    config = tiny_train_config(log_every=1)
+    first = du.Trainer(tiny_model_config(), config, device="cpu")
+    first.train(steps=3, minutes=1, progress=False, checkpoint_path=tmp_path / "run.pt", on_log=tick)
+    assert first.step == 3  # the step budget came first; 30 s of the 60 were spent
+    saved = du.read_checkpoint(tmp_path / "run.pt")["state"]["plan"]
+    assert saved == {"first_step": 0, "steps": 3, "seconds": 60.0, "seconds_spent": 30.0}
+    second = du.Trainer(tiny_model_config(), config, device="cpu")
+    second.train(minutes=1, progress=False, checkpoint_path=tmp_path / "minutes.pt", on_log=tick)
+    assert second.step == 6  # 6 steps of 10 s
+
+    def tick_then_die_at_step_3(trainer):
+        tick(trainer)
+        if trainer.step == 3:
+            raise Killed
+
+    killed = du.Trainer(tiny_model_config(), config, device="cpu")
+    with pytest.raises(Killed):
+        killed.train(
+            minutes=1,
+            progress=False,
+            checkpoint_path=tmp_path / "part.pt",
+            checkpoint_every=2,
+            on_log=tick_then_die_at_step_3,
+        )
+    resumed = du.load_trainer(tmp_path / "part.pt")
+    assert resumed.step == 2 and resumed.plan.seconds_spent == 20.0  # as at the checkpoint; step 3's time is lost too
+    resumed.train(progress=False, on_log=tick)  # no budget: the 40 s left
+    assert resumed.step == 6 and resumed.plan.seconds_spent == 60.0 and resumed.losses == second.losses
+
+
+def test_learning_rate_is_a_function_of_the_step_and_the_plan_alone():
+    config = tiny_train_config(lr=1e-3, lr_schedule="cosine", warmup_steps=0)
+    plan = du.TrainingPlan.of(first_step=100, steps=50)
+    lrs = [du.learning_rate(config, step, plan.progress(step)) for step in (100, 125, 150)]
+    assert lrs == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Set up once: device, precision and kernels decided by one call; no process-wide switch left changed
+# ------------------------------------------------------------------------------------------
+
+
+def test_trainer_and_sample_each_set_up_once(monkeypatch):
+    calls = []
+    real = du.setup
+    monkeypatch.setattr(du, "setup", lambda *args: calls.append(args) or real(*args))
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
+    trainer.train(steps=2, progress=False)
+    assert len(calls) == 1
+    du.sample(trainer.sampling_model, trainer.schedule, 3, steps=2, batch_size=2, progress=False)
+    assert len(calls) == 2  # one for the sampling call, whatever its chunks and steps
+
+
+def test_tf32_is_switched_on_inside_the_compute_context_only_and_restored():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    runtime = du.Runtime(torch.device("cuda"), "fp32", True)  # the flags are plain switches: no GPU needed
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with runtime.compute():
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError), runtime.compute():
+            raise RuntimeError("a failing step")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with du.Runtime(torch.device("cuda"), "bf16", True).compute():  # only fp32 maths uses TF32
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_training_and_sampling_leave_the_process_settings_as_they_were():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype())
+    trainer = du.Trainer(tiny_model_config(), tiny_train_config(), device="cpu")
+    trainer.train(steps=1, progress=False)
+    du.sample(trainer.sampling_model, trainer.schedule, 1, steps=2, progress=False)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype()) == before
