@@ -2,18 +2,18 @@
 
 Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipynb`, with its numbering:
 
-1. Setup                  which device to run on
+1. Setup                  which device, precision and kernels (`setup`, once per Trainer or sampling call)
 2. Configuration          two dataclasses hold every choice; `default_configs` is the measured recipe per device
 3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], and what was drawn
 4. The forward process    beta_t, alpha_bar_t and the closed form of q(x_t | x_0); eps, v and x_0
 5. The U-Net              a time- (and optionally request-) conditioned network that predicts eps or v
-6. Training               the weighted MSE, EMA, and a budget in steps or minutes
-7. Sampling               DDPM and DDIM steps, the sampler registry and the sampling loop
+6. Training               the weighted MSE, one training step (Algorithm 1), EMA, and a plan in steps or minutes
+7. Sampling               the sampling loop (Algorithm 2), the denoiser, DDPM and DDIM steps, the sampler registry
 8. The backward process   pictures and an animation of x_t and x_0_hat along the way
 9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
-10. Fewer steps           DPM-Solver++(2M) on the probability-flow ODE, spherical interpolation of noise
+10. Fewer steps           DPM-Solver++(2M) and Heun on the probability-flow ODE, spherical interpolation of noise
 11. Asking for a shape    class and attribute requests, classifier-free guidance, and whether samples obey
-A. Saving and loading     atomic checkpoints, safe loads (no unpickling), clear errors
+A. Saving and loading     atomic checkpoints with the run's plan, safe loads (no unpickling), clear errors
 B. Running fast           device, precision, TF32 and fused-optimiser policy
 C. Command line           train / sample / evaluate without Jupyter
 
@@ -1849,7 +1849,7 @@ def plot_backward_process(result: SampleResult, rows: int = 4, show_x0: bool = T
 
 
 def animate_backward_process(result: SampleResult, samples: int = 4, interval_ms: int = 60):
-    """A matplotlib animation of the reverse process: x_t (top row) above x0_hat (bottom row), one frame per
+    """A matplotlib animation of the backward process: x_t (top row) above x0_hat (bottom row), one frame per
     snapshot, then the finished samples. Show it with `.to_jshtml()` or save it with `save_animation`."""
     from matplotlib.animation import FuncAnimation
     from matplotlib.backends.backend_agg import FigureCanvasAgg
