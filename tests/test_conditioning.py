@@ -1,6 +1,5 @@
 """Section 11: requests (class, centre, size), condition dropout and classifier-free guidance."""
 
-import dataclasses
 import math
 
 import pytest
@@ -216,12 +215,12 @@ def test_real_data_obeys_its_own_requests_exactly():
 def test_the_wrong_class_and_a_shifted_shape_are_measured():
     batch = du.make_shapes(50, seed=9)
     condition = batch.condition()
-    swapped = dataclasses.replace(condition, labels=1 - condition.labels)
+    swapped = condition.replace(labels=1 - condition.labels)
     assert du.evaluate_requests(batch.images, swapped)["class_accuracy"] == 0.0
-    shifted = dataclasses.replace(condition, centers=condition.centers + torch.tensor([3.0, 4.0]))
+    shifted = condition.replace(centers=condition.centers + torch.tensor([3.0, 4.0]))
     scores = du.evaluate_requests(batch.images, shifted)
     assert scores["center_error"] == pytest.approx(5.0, abs=1e-9) and scores["size_error"] == 0.0
-    larger = dataclasses.replace(condition, sizes=condition.sizes + 2)
+    larger = condition.replace(sizes=condition.sizes + 2)
     assert du.evaluate_requests(batch.images, larger)["size_error"] == pytest.approx(2.0, abs=0.35)
 
 
@@ -238,7 +237,7 @@ def test_request_matches_outlines_each_sample():
     batch = du.make_shapes(6, seed=2)
     condition = batch.condition()
     assert du.request_matches(batch.images, condition) == [True] * 6
-    wrong = dataclasses.replace(condition, labels=1 - condition.labels)
+    wrong = condition.replace(labels=1 - condition.labels)
     assert du.request_matches(batch.images, wrong) == [False] * 6
 
 
