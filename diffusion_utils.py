@@ -47,8 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 IMAGE_SIZE = 64
-CIRCLE, SQUARE = 0, 1
-CLASS_NAMES = ("circle", "square")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 TIME_INJECTIONS = ("every_block", "bottleneck")
@@ -284,12 +282,189 @@ SIZE_RANGE = (15, 39)  # diameter of circles / side of squares, in pixels, both 
 MARGIN = 4  # every shape stays at least this many pixels away from the border
 
 
+@dataclass(frozen=True)
+class ShapeClass:
+    """One class of shape, declared once: how OpenCV draws it, the sizes it takes, and its ideal form (section 9).
+
+    Every class is drawn around an anchor pixel (x, y): a shape `size` pixels across spans x - (size - 1) // 2 to
+    x + size // 2, and likewise in y. Its geometric centre is then the anchor, or half a pixel further right and down
+    when the size is even (`center_offset`), the same rule for every class. The reader compares a blob with each
+    class's ideal shape of the blob's area: `ideal` is that shape as a mask of the pixel offsets (dx, dy) from the
+    blob's centroid, and `size_of_area` the size at which it covers `area` pixels.
+    """
+
+    name: str
+    odd_sizes: bool  # True: only odd sizes 2r + 1 (a middle pixel and r on each side)
+    draw: Callable[[np.ndarray, int, int, int], object]  # (image, x, y, size): fills the shape in white, in place
+    ideal: Callable[[np.ndarray, np.ndarray, float], np.ndarray]  # (dx, dy, size) -> bool mask
+    size_of_area: Callable[[float], float]
+
+    def random_sizes(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n sizes, uniform over the ones this class takes within SIZE_RANGE."""
+        low, high = SIZE_RANGE
+        if self.odd_sizes:
+            return 2 * rng.integers((low - 1) // 2, (high - 1) // 2 + 1, size=n) + 1
+        return rng.integers(low, high + 1, size=n)
+
+    def drawable_size(self, size: float) -> int:
+        """The size it is drawn at when `size` is asked: rounded, and down to an odd one if it takes only those."""
+        whole = int(round(size))
+        return 2 * ((whole - 1) // 2) + 1 if self.odd_sizes else whole
+
+
+# The classes of shape, in label order: a label is an index into SHAPES.
+SHAPES = (
+    ShapeClass(
+        "circle",  # cv2.circle of radius r fills the pixels within r of the anchor: 2r + 1 across
+        odd_sizes=True,
+        draw=lambda image, x, y, size: cv2.circle(image, (x, y), (size - 1) // 2, 255, -1, lineType=cv2.LINE_8),
+        ideal=lambda dx, dy, size: dx**2 + dy**2 <= (size / 2) ** 2,
+        size_of_area=lambda area: 2 * math.sqrt(area / math.pi),  # area = pi (size / 2)^2
+    ),
+    ShapeClass(
+        "square",  # axis-aligned; its corners are pixels, both included
+        odd_sizes=False,
+        draw=lambda image, x, y, size: cv2.rectangle(
+            image, (x - (size - 1) // 2, y - (size - 1) // 2), (x + size // 2, y + size // 2), 255, thickness=-1
+        ),
+        ideal=lambda dx, dy, size: (np.abs(dx) <= size / 2) & (np.abs(dy) <= size / 2),
+        size_of_area=math.sqrt,  # area = size^2
+    ),
+)
+CLASS_NAMES = tuple(shape.name for shape in SHAPES)
+CIRCLE, SQUARE = CLASS_NAMES.index("circle"), CLASS_NAMES.index("square")
+
+
+def center_offset(size: int | np.ndarray) -> float | np.ndarray:
+    """How far right of (and below) its anchor pixel a shape's geometric centre lies: half a pixel when the size is
+    even, since its middle then falls between two pixels; none when it is odd."""
+    return 0.5 * (size % 2 == 0)
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One field of a request, declared once: what it holds, what the data can show, how the U-Net embeds it, how the
+    reader reads it back from a sample and how that is scored, and how it is asked for on the command line.
+
+    A categorical field (it has `categories`) holds an index per image, -1 where it is not given, and is embedded by
+    an nn.Embedding with one more row for "not given" (as diffusers' `class_embed`). Any other field holds `width`
+    numbers in pixels per image, NaN where not given, embedded by sinusoidal features of each number and an MLP, with
+    a learned vector for "not given" (ConditionEmbedding).
+    """
+
+    name: str  # its key in Condition.given() and RequestScore.scores
+    attribute: str  # its tensor in a Condition and its array in a ShapeBatch: condition.labels
+    argument: str  # request()'s keyword and the command line's flag: request(n, shape="circle"), --shape circle
+    module: str  # its layer in ConditionEmbedding (and "null_" + module, its "not given" vector): checkpoint keys
+    check: Callable[[object, dict], object]  # (asked, everything asked by field name) -> the value held; raises
+    read: Callable[[ShapeReading], object]  # what a sample shows
+    score: Callable[[object, object], object]  # (shown, asked as drawn) -> right (bool) or an error in px
+    metric: str  # evaluate_requests' key for the mean score
+    words: Callable[[torch.Tensor], str]  # the value in describe_request
+    flag: Callable[[], dict]  # the command line flag's argparse options
+    width: int = 1  # numbers per image
+    categories: Callable[[], Sequence[str]] | None = None  # the names of a categorical field's values
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.long if self.categories is not None else torch.float32
+
+    def null(self) -> float:
+        """The value that means "not given"."""
+        return -1 if self.categories is not None else math.nan
+
+    def empty(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """n values, none given."""
+        shape = (n,) if self.width == 1 else (n, self.width)
+        return torch.full(shape, self.null(), dtype=self.dtype, device=device)
+
+    def given(self, values: torch.Tensor) -> torch.Tensor:
+        """A (N,) bool mask of the images for which this field is given."""
+        if self.categories is not None:
+            return values >= 0
+        missing = values.isnan()
+        return ~(missing.any(1) if self.width > 1 else missing)
+
+
+def _check_shape(shape: str, asked: dict) -> int:
+    names = [shape.name for shape in SHAPES]
+    _check_choice("shape", shape, names)
+    return names.index(shape)
+
+
+def _check_size(size: float, asked: dict | None = None) -> float:
+    if not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
+        raise ValueError(f"size must be within the data's {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px, got {size}")
+    return float(size)
+
+
+def _check_center(center: tuple[float, float], asked: dict) -> tuple[float, float]:
+    """A centre is possible when the shape spans [c - (size-1)/2, c + (size-1)/2] within [MARGIN, 63 - MARGIN], for
+    the asked size (checked first), or the smallest size when none is asked."""
+    size = SIZE_RANGE[0] if asked.get("size") is None else _check_size(asked["size"])
+    low, high = MARGIN + (size - 1) / 2, IMAGE_SIZE - 1 - MARGIN - (size - 1) / 2
+    for axis, value in zip("xy", center):
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(
+                f"a centre {axis} of {value} puts a {size:g} px shape outside the frame's {MARGIN} px margin; "
+                f"it must lie in [{low:g}, {high:g}]"
+            )
+    return center
+
+
+# The fields of a request, in the order of a Condition's tensors, of Condition.dropped's draws and of
+# ConditionEmbedding's layers and sum (checkpoints depend on that order).
+REQUEST_FIELDS = (
+    RequestField(
+        "class",
+        attribute="labels",
+        argument="shape",
+        module="classes",
+        check=_check_shape,
+        read=lambda reading: reading.label,
+        score=lambda shown, asked: shown == asked,  # right or wrong
+        metric="class_accuracy",
+        words=lambda label: SHAPES[int(label)].name,
+        flag=dict,
+        categories=lambda: [shape.name for shape in SHAPES],
+    ),
+    RequestField(
+        "center",
+        attribute="centers",
+        argument="center",
+        module="center",
+        check=_check_center,
+        read=lambda reading: reading.center,
+        score=math.dist,  # px between the centres
+        metric="center_error",
+        words=lambda center: "at ({:g}, {:g})".format(*center.tolist()),
+        flag=lambda: {"type": _parse_center, "help": "X,Y in pixels, e.g. 32,30"},
+        width=2,
+    ),
+    RequestField(
+        "size",
+        attribute="sizes",
+        argument="size",
+        module="size",
+        check=_check_size,
+        read=lambda reading: reading.size,
+        score=lambda shown, asked: abs(shown - asked),  # px
+        metric="size_error",
+        words=lambda size: f"{float(size):g} px",
+        flag=lambda: {"type": float, "help": f"diameter or side in pixels, {SIZE_RANGE[0]}-{SIZE_RANGE[1]}"},
+    ),
+)
+# The order in which a request is written: request()'s positional arguments, describe_request's words ("circle, 25
+# px, at (30, 40)") and the command line's flags.
+REQUEST_ORDER = ("class", "size", "center")
+
+
 @dataclass
 class ShapeBatch:
     """Images in [-1, 1] of shape (N, 1, 64, 64) and what was drawn in each."""
 
     images: torch.Tensor
-    labels: np.ndarray  # 0 = circle, 1 = square
+    labels: np.ndarray  # the class: an index into SHAPES
     centers: np.ndarray  # (N, 2) geometric centre (x, y) in pixels
     sizes: np.ndarray  # diameter or side, in pixels
 
@@ -297,108 +472,116 @@ class ShapeBatch:
         return len(self.labels)
 
     def condition(self) -> Condition:
-        """The request that each image answers: its class, centre and size (section 11)."""
-        return Condition(
-            torch.as_tensor(self.labels, dtype=torch.long),
-            torch.as_tensor(self.centers, dtype=torch.float32),
-            torch.as_tensor(self.sizes, dtype=torch.float32),
-        )
+        """The request that each image answers: every field of REQUEST_FIELDS, as drawn (section 11)."""
+        return Condition(*(torch.as_tensor(getattr(self, f.attribute), dtype=f.dtype) for f in REQUEST_FIELDS))
 
 
-@dataclass
 class Condition:
-    """What to draw, one entry per image; any field of any image may be left out (the null condition).
+    """What to draw, one entry per image: a tensor per field of REQUEST_FIELDS, any of which may be left out for any
+    image (the null condition).
 
-    labels   (N,) long: CIRCLE or SQUARE, or -1 where the class is not given
+    labels   (N,) long: the class, an index into SHAPES, or -1 where it is not given
     centers  (N, 2) float: the centre (x, y) in pixels, or NaN where it is not given
     sizes    (N,) float: the diameter or side in pixels, or NaN where it is not given
-    A conditional U-Net learns all of them at once because training hides each field with some probability
+    Condition(labels, centers, sizes) takes them in the order of REQUEST_FIELDS, and `values` holds them by field
+    name. A conditional U-Net learns all of them at once because training hides each field with some probability
     (`dropped`); an all-null Condition asks for any shape (section 11).
     """
 
-    labels: torch.Tensor
-    centers: torch.Tensor
-    sizes: torch.Tensor
+    def __init__(self, *values: torch.Tensor) -> None:
+        if len(values) != len(REQUEST_FIELDS):
+            names = ", ".join(f.attribute for f in REQUEST_FIELDS)
+            raise TypeError(f"a Condition holds one tensor per request field ({names}), got {len(values)}")
+        self.values = {f.name: value for f, value in zip(REQUEST_FIELDS, values)}
+
+    def __getattr__(self, attribute: str) -> torch.Tensor:
+        """condition.labels, condition.centers, ...: a field's tensor by its RequestField.attribute."""
+        for f in REQUEST_FIELDS:
+            if f.attribute == attribute and "values" in self.__dict__:
+                return self.values[f.name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(next(iter(self.values.values())))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.attribute}={self.values[f.name]!r}" for f in REQUEST_FIELDS)
+        return f"Condition({fields})"
 
     @classmethod
     def null(cls, n: int, device: torch.device | str = "cpu") -> Condition:
         """n requests with nothing given: "draw any shape"."""
-        nan = torch.full((n,), math.nan, device=device)
-        return cls(torch.full((n,), -1, dtype=torch.long, device=device), torch.stack([nan, nan], 1), nan.clone())
+        return cls(*(f.empty(n, device) for f in REQUEST_FIELDS))
 
     def given(self) -> dict[str, torch.Tensor]:
-        """Per field, a (N,) bool mask of the images for which it is given."""
-        return {"class": self.labels >= 0, "center": ~self.centers.isnan().any(1), "size": ~self.sizes.isnan()}
+        """Per f, a (N,) bool mask of the images for which it is given."""
+        return {f.name: f.given(self.values[f.name]) for f in REQUEST_FIELDS}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Condition:
-        return Condition(*(v.to(device, non_blocking=non_blocking) for v in self.fields()))
+        return Condition(*(v.to(device, non_blocking=non_blocking) for v in self.values.values()))
 
     def pin_memory(self) -> Condition:  # called by DataLoader(pin_memory=True)
-        return Condition(*(v.pin_memory() for v in self.fields()))
-
-    def fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.labels, self.centers, self.sizes
+        return Condition(*(v.pin_memory() for v in self.values.values()))
 
     def select(self, index: torch.Tensor | slice) -> Condition:
-        return Condition(*(v[index] for v in self.fields()))
+        return Condition(*(v[index] for v in self.values.values()))
 
     def cat(self, other: Condition) -> Condition:
-        return Condition(*(torch.cat([a, b]) for a, b in zip(self.fields(), other.fields())))
+        return Condition(*(torch.cat([v, other.values[name]]) for name, v in self.values.items()))
 
-    def dropped(self, p: float, generator: torch.Generator | None = None, p_all: float = 0.0) -> Condition:
-        """Each field of each request hidden with probability p, independently, and the whole request with
-        probability p_all (condition dropout).
+    def replace(self, **tensors: torch.Tensor) -> Condition:
+        """A copy with some fields' tensors replaced, by attribute: condition.replace(labels=1 - condition.labels)."""
+        by_attribute = {f.attribute: self.values[f.name] for f in REQUEST_FIELDS}
+        unknown = set(tensors) - set(by_attribute)
+        if unknown:
+            raise TypeError(f"a Condition has no f {', '.join(sorted(unknown))}")
+        return Condition(*{**by_attribute, **tensors}.values())
 
-        With p = 0.5, every combination of given and hidden fields is trained on, so one network serves
-        "anything", "a circle", "size 20", "a circle of 20 at (30, 30)"; p_all adds images with nothing asked, the
-        unconditional model that guidance starts from and that draws when nothing is asked.
+    def dropped(self, p: float, generator: torch.Generator | None = None) -> Condition:
+        """Each field of each request hidden with probability p, independently (condition dropout).
+
+        With p = 0.5, every combination of given and hidden fields is trained on, so one network serves "anything",
+        "a circle", "size 20", "a circle of 20 at (30, 30)"; "anything" is the unconditional model that guidance
+        starts from and that draws when nothing is asked (section 11).
         """
-        device = self.labels.device
-        draws = torch.rand((4, len(self)), generator=generator, device=device)
-        hide = (draws[:3] < p) | (draws[3] < p_all)
-        return Condition(
-            torch.where(hide[0], torch.full_like(self.labels, -1), self.labels),
-            torch.where(hide[1][:, None], torch.full_like(self.centers, math.nan), self.centers),
-            torch.where(hide[2], torch.full_like(self.sizes, math.nan), self.sizes),
-        )
+        device = next(iter(self.values.values())).device
+        # One row of draws per f, and one more that nothing reads: it keeps the training stream of random numbers
+        # (these draws, then each step's timesteps and noise) the one of the runs measured in benchmarks/RESULTS.md.
+        draws = torch.rand((len(REQUEST_FIELDS) + 1, len(self)), generator=generator, device=device)
+        kept = []
+        for f, row in zip(REQUEST_FIELDS, draws):
+            values = self.values[f.name]
+            hide = row < p if values.dim() == 1 else (row < p)[:, None]
+            kept.append(torch.where(hide, torch.full_like(values, f.null()), values))
+        return Condition(*kept)
 
 
 def draw_shape(label: int, center: tuple[int, int], size: int) -> np.ndarray:
-    """One 64x64 uint8 image: a filled, hard-edged (no anti-aliasing) white shape on black."""
+    """One 64x64 uint8 image: a filled, hard-edged (no anti-aliasing) white shape of class SHAPES[label] on black,
+    drawn around the anchor pixel `center` (ShapeClass says how)."""
     image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    cx, cy = center
-    if label == CIRCLE:  # size = 2r + 1 pixels across
-        cv2.circle(image, (cx, cy), (size - 1) // 2, 255, thickness=-1, lineType=cv2.LINE_8)
-    else:  # size = side; the centre is the middle pixel (or the corner of the middle four)
-        x0, y0 = cx - (size - 1) // 2, cy - (size - 1) // 2
-        cv2.rectangle(image, (x0, y0), (x0 + size - 1, y0 + size - 1), 255, thickness=-1)
+    SHAPES[label].draw(image, int(center[0]), int(center[1]), int(size))
     return image
 
 
 def make_shapes(n: int, seed: int | Sequence[int] = 0) -> ShapeBatch:
-    """Draw n random shapes, 50/50 circles and squares, reproducibly from a seed.
+    """Draw n random shapes, of each class of SHAPES equally often, reproducibly from a seed.
 
-    Size is uniform over SIZE_RANGE (circles: odd diameters 2r + 1), and the centre is uniform over the pixel
-    positions that keep the whole shape MARGIN pixels inside the frame.
+    Size is uniform over the sizes of its class within SIZE_RANGE (circles: odd diameters 2r + 1), and the centre is
+    uniform over the pixel positions that keep the whole shape MARGIN pixels inside the frame.
     """
     _check_positive_int("n", n)
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, size=n)
-    radii = rng.integers((SIZE_RANGE[0] - 1) // 2, (SIZE_RANGE[1] - 1) // 2 + 1, size=n)
-    sides = rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=n)
-    sizes = np.where(labels == CIRCLE, 2 * radii + 1, sides)
+    labels = rng.integers(0, len(SHAPES), size=n)
+    sizes_by_class = np.stack([shape.random_sizes(rng, n) for shape in SHAPES])  # every class's sizes, n of each
+    sizes = sizes_by_class[labels, np.arange(n)]
     low = MARGIN + (sizes - 1) // 2  # first pixel of the shape must be >= MARGIN
     high = IMAGE_SIZE - 1 - MARGIN - sizes // 2  # last pixel must be <= 63 - MARGIN
-    pixel_centers = rng.integers(low[:, None], high[:, None] + 1, size=(n, 2))
+    anchors = rng.integers(low[:, None], high[:, None] + 1, size=(n, 2))
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     for i in range(n):
-        center = (int(pixel_centers[i, 0]), int(pixel_centers[i, 1]))
-        images[i] = draw_shape(int(labels[i]), center, int(sizes[i]))
-    even_squares = (labels == SQUARE) & (sizes % 2 == 0)  # their centre lies between pixels
-    centers = pixel_centers + np.where(even_squares, 0.5, 0.0)[:, None]
+        images[i] = draw_shape(int(labels[i]), (int(anchors[i, 0]), int(anchors[i, 1])), int(sizes[i]))
+    centers = anchors + center_offset(sizes)[:, None]
     return ShapeBatch(uint8_to_model(images), labels, centers, sizes.astype(np.float64))
 
 
@@ -792,34 +975,40 @@ def _mlp(features: int, dim: int) -> nn.Sequential:
 
 
 class ConditionEmbedding(nn.Module):
-    """A request (class, centre, size) as one vector that the U-Net adds to its time embedding.
+    """A request (every field of REQUEST_FIELDS) as one vector that the U-Net adds to its time embedding.
 
-    The class has a learned embedding with one more row for "not given" (as diffusers' `class_embed`); the centre
-    and the size go through sinusoidal features and a small MLP each, and "not given" is a learned vector per field.
-    Everything starts at zero, so an untrained conditional U-Net is the unconditional one.
+    A categorical field (the class) has a learned embedding with one more row for "not given" (as diffusers'
+    `class_embed`); a numeric field (centre, size) goes through sinusoidal features of each of its numbers and a small
+    MLP, and "not given" is a learned vector. The fields' vectors are summed. Everything starts at zero, so an
+    untrained conditional U-Net is the unconditional one.
     """
 
     def __init__(self, features: int, dim: int) -> None:
         super().__init__()
         self.features = features
-        self.classes = nn.Embedding(len(CLASS_NAMES) + 1, dim)  # the last row: class not given
-        self.center = _mlp(2 * features, dim)
-        self.size = _mlp(features, dim)
-        self.null_center = nn.Parameter(torch.zeros(dim))
-        self.null_size = nn.Parameter(torch.zeros(dim))
-        for layer in (self.classes, self.center[-1], self.size[-1]):
-            nn.init.zeros_(layer.weight)
-        nn.init.zeros_(self.center[-1].bias)
-        nn.init.zeros_(self.size[-1].bias)
+        for f in REQUEST_FIELDS:  # each layer is named by its field (RequestField.module): the checkpoint's keys
+            if f.categories is not None:
+                layer = nn.Embedding(len(f.categories()) + 1, dim)  # the last row: not given
+                nn.init.zeros_(layer.weight)
+            else:
+                layer = _mlp(f.width * features, dim)
+                nn.init.zeros_(layer[-1].weight)
+                nn.init.zeros_(layer[-1].bias)
+                self.register_parameter(f"null_{f.module}", nn.Parameter(torch.zeros(dim)))
+            self.add_module(f.module, layer)
 
     def forward(self, condition: Condition) -> torch.Tensor:
         given = condition.given()
-        labels = torch.where(given["class"], condition.labels, len(CLASS_NAMES))
-        centers, sizes = condition.centers.nan_to_num(0.0), condition.sizes.nan_to_num(0.0)
-        center_features = torch.cat([self._features(centers[:, 0]), self._features(centers[:, 1])], 1)
-        center = torch.where(given["center"][:, None], self.center(center_features), self.null_center)
-        size = torch.where(given["size"][:, None], self.size(self._features(sizes)), self.null_size)
-        return self.classes(labels) + center + size
+        vectors = []
+        for f in REQUEST_FIELDS:
+            values, layer = condition.values[f.name], getattr(self, f.module)
+            if f.categories is not None:
+                vectors.append(layer(torch.where(given[f.name], values, len(f.categories()))))
+                continue
+            numbers = values.nan_to_num(0.0).reshape(len(values), f.width)
+            features = torch.cat([self._features(numbers[:, k]) for k in range(f.width)], 1)
+            vectors.append(torch.where(given[f.name][:, None], layer(features), getattr(self, f"null_{f.module}")))
+        return sum(vectors[1:], vectors[0])
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         return sinusoidal_embedding(pixels, self.features, max_period=ATTRIBUTE_PERIOD)
@@ -1911,10 +2100,10 @@ class ShapeReading:
     """What the evaluator sees in one image."""
 
     blobs: int
-    label: int  # best-matching ideal shape: 0 circle, 1 square (-1 if no blob)
+    label: int  # the class (index into SHAPES) whose ideal shape matches best (-1 if no blob)
     iou: float
     center: tuple[float, float]
-    size: float  # diameter of the equal-area circle or side of the equal-area square
+    size: float  # the size of that class's ideal shape of equal area: a circle's diameter, a square's side
 
     @property
     def valid(self) -> bool:
@@ -1925,16 +2114,16 @@ _GRID_Y, _GRID_X = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
 
 
 def ideal_shape_iou(mask: np.ndarray) -> tuple[int, float]:
-    """Best IoU of a binary mask with the ideal filled circle or axis-aligned square of equal area and centroid."""
+    """The class (index into SHAPES) whose ideal shape of equal area and centroid best overlaps a binary mask, and
+    that IoU: a filled circle, an axis-aligned square, ..."""
     area = float(mask.sum())
     if area == 0:
         return -1, 0.0
-    cy, cx = _GRID_Y[mask].mean(), _GRID_X[mask].mean()
-    radius = math.sqrt(area / math.pi)
-    circle = (_GRID_X - cx) ** 2 + (_GRID_Y - cy) ** 2 <= radius**2
-    half = math.sqrt(area) / 2
-    square = (np.abs(_GRID_X - cx) <= half) & (np.abs(_GRID_Y - cy) <= half)
-    ious = [float((mask & ideal).sum() / (mask | ideal).sum()) for ideal in (circle, square)]
+    dx, dy = _GRID_X - _GRID_X[mask].mean(), _GRID_Y - _GRID_Y[mask].mean()
+    ious = []
+    for shape in SHAPES:
+        ideal = shape.ideal(dx, dy, shape.size_of_area(area))
+        ious.append(float((mask & ideal).sum() / (mask | ideal).sum()))
     label = int(np.argmax(ious))
     return label, ious[label]
 
@@ -1950,8 +2139,7 @@ def read_shape(image: np.ndarray) -> ShapeReading:
     largest = big[np.argmax(stats[big, cv2.CC_STAT_AREA])]
     blob = components == largest
     label, iou = ideal_shape_iou(blob)
-    area = float(blob.sum())
-    size = 2 * math.sqrt(area / math.pi) if label == CIRCLE else math.sqrt(area)
+    size = SHAPES[label].size_of_area(float(blob.sum()))
     return ShapeReading(len(big), label, iou, (float(_GRID_X[blob].mean()), float(_GRID_Y[blob].mean())), size)
 
 
@@ -2191,79 +2379,68 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
 # map commutes with u + s (c - u). `guided_output` (with the sampling loop, section 7) computes it.
 
 
-def request(
-    n: int, shape: str | None = None, size: float | None = None, center: tuple[float, float] | None = None
-) -> Condition:
-    """n copies of one request: a class name ("circle" or "square"), a size and a centre in pixels; None = any.
+def request(n: int, *values: object, **asked: object) -> Condition:
+    """n copies of one request; a field not asked (or None) is left out.
 
-    Each given value must be one the data can show: a size within SIZE_RANGE, and a centre that keeps the shape (of
-    that size, or of the smallest size when none is given) MARGIN pixels inside the frame.
+    request(n, "circle", 25, (30, 40)) asks, in the order of REQUEST_ORDER, for a class name, a size and a centre in
+    pixels; request(n, shape="circle", center=(30, 40)) names them (RequestField.argument). Each value must be one the
+    data can show (RequestField.check): a class of SHAPES, a size within SIZE_RANGE, and a centre that keeps the shape
+    (of that size, or of the smallest size when none is given) MARGIN pixels inside the frame.
     """
     _check_positive_int("n", n)
-    label = -1
-    if shape is not None:
-        _check_choice("shape", shape, CLASS_NAMES)
-        label = CLASS_NAMES.index(shape)
-    if size is not None and not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
-        raise ValueError(f"size must be within the data's {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px, got {size}")
-    if center is not None:
-        _check_center(center, size if size is not None else SIZE_RANGE[0])
+    if len(values) > len(REQUEST_ORDER):
+        raise TypeError(f"request() takes at most {len(REQUEST_ORDER)} values after n, got {len(values)}")
+    by_name = dict(zip(REQUEST_ORDER, values))
+    for argument, value in asked.items():
+        name = next((f.name for f in REQUEST_FIELDS if f.argument == argument), None)
+        if name is None or name in by_name:
+            problem = "an unknown field" if name is None else "given twice"
+            raise TypeError(f"request(): {argument!r} is {problem}")
+        by_name[name] = value
+    by_name = {name: value for name, value in by_name.items() if value is not None}
     return Condition(
-        torch.full((n,), label, dtype=torch.long),
-        torch.tensor([center if center is not None else (math.nan, math.nan)] * n, dtype=torch.float32),
-        torch.full((n,), math.nan if size is None else float(size), dtype=torch.float32),
+        *(
+            torch.tensor([f.check(by_name[f.name], by_name)] * n, dtype=f.dtype) if f.name in by_name else f.empty(n)
+            for f in REQUEST_FIELDS
+        )
     )
-
-
-def _check_center(center: tuple[float, float], size: float) -> None:
-    """A centre is possible when the shape spans [c - (size-1)/2, c + (size-1)/2] within [MARGIN, 63 - MARGIN]."""
-    low, high = MARGIN + (size - 1) / 2, IMAGE_SIZE - 1 - MARGIN - (size - 1) / 2
-    for axis, value in zip("xy", center):
-        if not (math.isfinite(value) and low <= value <= high):
-            raise ValueError(
-                f"a centre {axis} of {value} puts a {size:g} px shape outside the frame's {MARGIN} px margin; "
-                f"it must lie in [{low:g}, {high:g}]"
-            )
 
 
 @dataclass
 class RequestScore:
-    """How one sample obeys its request; None or NaN where that field was not asked or the sample is not valid."""
+    """How one sample obeys its request: valid, and per field asked of a valid sample, its RequestField.score (right
+    or wrong for the class; an error in px for the centre and the size, against the request drawn by draw_shape)."""
 
     valid: bool
-    right_class: bool | None
-    center_error: float  # px between the sample's centre and the asked one's, as drawn by draw_shape
-    size_error: float  # px, likewise
+    scores: dict[str, object]  # by field name; the fields not asked, and all of an invalid sample's, are left out
 
     @property
     def matches(self) -> bool:
-        return self.valid and self.right_class is not False
+        """Valid, and right in every categorical field asked (the class)."""
+        return self.valid and all(score is not False for score in self.scores.values())
 
 
 def score_requests(samples: torch.Tensor | np.ndarray, condition: Condition) -> list[RequestScore]:
     """Each sample against its request, read by the same reader as evaluate_samples.
 
-    Each request is drawn with draw_shape (with the sample's class when none was asked) and read back, so a real
+    Each request is drawn with draw_shape (a field not asked takes the sample's own value) and read back, so a real
     image scores 0 px against its own request.
     """
     images = _as_uint8_images(samples)
     if len(condition) != len(images):
         raise ValueError(f"the condition holds {len(condition)} requests for {len(images)} samples")
     given = {name: mask.cpu().numpy() for name, mask in condition.given().items()}
-    labels, centers, sizes = (v.cpu().numpy() for v in condition.fields())
+    values = {name: tensor.cpu().numpy() for name, tensor in condition.values.items()}
     scores = []
     for k, reading in enumerate(read_shape(image) for image in images):
         if not reading.valid:
-            scores.append(RequestScore(False, None, math.nan, math.nan))
+            scores.append(RequestScore(False, {}))
             continue
-        label = int(labels[k]) if given["class"][k] else reading.label
-        reference = _drawn_request(label, centers[k], sizes[k], reading)
+        asked = {f.name: values[f.name][k] for f in REQUEST_FIELDS if given[f.name][k]}
+        reference = _drawn_request(asked, reading)
         scores.append(
             RequestScore(
-                True,
-                bool(reading.label == labels[k]) if given["class"][k] else None,
-                math.dist(reading.center, reference.center) if given["center"][k] else math.nan,
-                abs(reading.size - reference.size) if given["size"][k] else math.nan,
+                True, {f.name: f.score(f.read(reading), f.read(reference)) for f in REQUEST_FIELDS if f.name in asked}
             )
         )
     return scores
@@ -2273,47 +2450,40 @@ def evaluate_requests(samples: torch.Tensor | np.ndarray, condition: Condition) 
     """How well samples obey their requests (score_requests), over the batch.
 
     valid           share of samples with one valid shape
-    class_accuracy  among valid samples that were asked for a class, the share that show it
     matches         share of all samples that are valid and show the asked class (if one was asked)
+    class_accuracy  among valid samples that were asked for a class, the share that show it
     center_error    mean distance (px) between a valid sample's centre and the asked one's
     size_error      mean absolute size error (px) of the valid samples
-    Real data scores 100 % and 0 px; NaN where nothing was asked or nothing is valid.
+    (one RequestField.metric per field). Real data scores 100 % and 0 px; NaN where nothing was asked or nothing is
+    valid.
     """
     scores = score_requests(samples, condition)
 
     def mean(values: list) -> float:
         return float(np.mean(values)) if values else math.nan
 
-    return {
-        "n": len(scores),
-        "valid": mean([s.valid for s in scores]),
-        "class_accuracy": mean([s.right_class for s in scores if s.right_class is not None]),
-        "matches": mean([s.matches for s in scores]),
-        "center_error": mean([s.center_error for s in scores if not math.isnan(s.center_error)]),
-        "size_error": mean([s.size_error for s in scores if not math.isnan(s.size_error)]),
-    }
+    metrics = {"n": len(scores), "valid": mean([s.valid for s in scores]), "matches": mean([s.matches for s in scores])}
+    for f in REQUEST_FIELDS:
+        metrics[f.metric] = mean([s.scores[f.name] for s in scores if f.name in s.scores])
+    return metrics
 
 
-def _drawn_request(label: int, center: np.ndarray, size: float, reading: ShapeReading) -> ShapeReading:
-    """The reading of the request drawn as the data would be; a field not asked takes the sample's own value."""
-    size = size if math.isfinite(size) else reading.size
-    center = center if np.isfinite(center).all() else np.array(reading.center)
-    drawn = int(2 * ((round(size) - 1) // 2) + 1) if label == CIRCLE else int(round(size))  # circles: odd diameters
-    offset = 0.5 if label == SQUARE and drawn % 2 == 0 else 0.0  # an even square's centre lies between pixels
-    pixel = (int(round(center[0] - offset)), int(round(center[1] - offset)))
-    return read_shape(draw_shape(label, pixel, drawn))
+def _drawn_request(asked: dict[str, object], reading: ShapeReading) -> ShapeReading:
+    """The reading of the request drawn as the data would be; a field not asked takes the sample's own value. Its
+    class is the asked one: the score compares the sample's class with it, not with the reader's view of it."""
+    label = int(asked["class"]) if "class" in asked else reading.label
+    center = asked["center"] if "center" in asked else reading.center
+    shape = SHAPES[label]
+    size = shape.drawable_size(asked["size"] if "size" in asked else reading.size)
+    anchor = (int(round(center[0] - center_offset(size))), int(round(center[1] - center_offset(size))))
+    return dataclasses.replace(read_shape(draw_shape(label, anchor, size)), label=label)
 
 
 def describe_request(condition: Condition, k: int = 0) -> str:
     """Request k in words, e.g. "circle, 25 px, at (30, 40)", or "anything"."""
-    given = {name: bool(mask[k]) for name, mask in condition.given().items()}
-    words = []
-    if given["class"]:
-        words.append(CLASS_NAMES[int(condition.labels[k])])
-    if given["size"]:
-        words.append(f"{float(condition.sizes[k]):g} px")
-    if given["center"]:
-        words.append("at ({:g}, {:g})".format(*condition.centers[k].tolist()))
+    given = condition.given()
+    fields = {f.name: f for f in REQUEST_FIELDS}
+    words = [fields[name].words(condition.values[name][k]) for name in REQUEST_ORDER if bool(given[name][k])]
     return ", ".join(words) or "anything"
 
 
@@ -2371,7 +2541,7 @@ def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: f
     """For plot_grid's outline: each sample is valid, of the asked class, and within tolerance_px of the asked
     centre and size (the fields that were asked)."""
     return [
-        s.matches and not (s.center_error > tolerance_px) and not (s.size_error > tolerance_px)
+        s.matches and not any(score > tolerance_px for score in s.scores.values() if not isinstance(score, bool))
         for s in score_requests(samples, condition)
     ]
 
@@ -2695,16 +2865,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_request_args(parser: argparse.ArgumentParser, note: str = "ask a conditional model for") -> None:
-    group = parser.add_argument_group("request", f"{note}: any of a class, a size and a centre")
-    group.add_argument("--shape", choices=CLASS_NAMES)
-    group.add_argument("--size", type=float, help=f"diameter or side in pixels, {SIZE_RANGE[0]}-{SIZE_RANGE[1]}")
-    group.add_argument("--center", type=_parse_center, help="X,Y in pixels, e.g. 32,30")
+    """One flag per request field (RequestField.argument and .flag), in the order a request is written."""
+    group = parser.add_argument_group("request", f"{note}: any of these")
+    fields = {f.name: f for f in REQUEST_FIELDS}
+    for f in (fields[name] for name in REQUEST_ORDER):
+        options = f.flag() if f.categories is None else {"choices": f.categories(), **f.flag()}
+        group.add_argument(f"--{f.argument}", **options)
 
 
 def _request_from(args: argparse.Namespace, n: int) -> Condition | None:
-    if args.shape is None and args.size is None and args.center is None:
+    asked = {f.argument: getattr(args, f.argument) for f in REQUEST_FIELDS}
+    if all(value is None for value in asked.values()):
         return None
-    return request(n, args.shape, args.size, args.center)
+    return request(n, **asked)
 
 
 def _command_train(args: argparse.Namespace) -> None:

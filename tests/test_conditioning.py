@@ -1,11 +1,15 @@
 """Section 11: requests (class, centre, size), condition dropout and classifier-free guidance."""
 
-import dataclasses
+import copy
+import hashlib
 import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from helpers import same_state, tiny_model_config, tiny_train_config
+from torch import nn
 
 import diffusion_utils as du
 
@@ -216,12 +220,12 @@ def test_real_data_obeys_its_own_requests_exactly():
 def test_the_wrong_class_and_a_shifted_shape_are_measured():
     batch = du.make_shapes(50, seed=9)
     condition = batch.condition()
-    swapped = dataclasses.replace(condition, labels=1 - condition.labels)
+    swapped = condition.replace(labels=1 - condition.labels)
     assert du.evaluate_requests(batch.images, swapped)["class_accuracy"] == 0.0
-    shifted = dataclasses.replace(condition, centers=condition.centers + torch.tensor([3.0, 4.0]))
+    shifted = condition.replace(centers=condition.centers + torch.tensor([3.0, 4.0]))
     scores = du.evaluate_requests(batch.images, shifted)
     assert scores["center_error"] == pytest.approx(5.0, abs=1e-9) and scores["size_error"] == 0.0
-    larger = dataclasses.replace(condition, sizes=condition.sizes + 2)
+    larger = condition.replace(sizes=condition.sizes + 2)
     assert du.evaluate_requests(batch.images, larger)["size_error"] == pytest.approx(2.0, abs=0.35)
 
 
@@ -238,7 +242,7 @@ def test_request_matches_outlines_each_sample():
     batch = du.make_shapes(6, seed=2)
     condition = batch.condition()
     assert du.request_matches(batch.images, condition) == [True] * 6
-    wrong = dataclasses.replace(condition, labels=1 - condition.labels)
+    wrong = condition.replace(labels=1 - condition.labels)
     assert du.request_matches(batch.images, wrong) == [False] * 6
 
 
@@ -305,3 +309,138 @@ def test_a_checkpoint_from_before_conditioning_is_refused_naming_its_format(trai
             message.startswith(f"{older}: an early 'diffusion_patterns/1' checkpoint without ") and "\n" not in message
         )
         assert all(name in message for name in ("conditional", "num_timesteps", "lr_schedule", "min_snr_form"))
+
+
+# ------------------------------------------------------------------------------------------
+# What training and checkpoints depend on: the data, the dropout draws and the embedding's layout
+# ------------------------------------------------------------------------------------------
+
+
+def test_make_shapes_draws_the_stream_every_measured_run_trained_on():
+    """A fingerprint of images, classes, centres and sizes: a change to drawing or to the order of random draws
+    would change every training run and every measured result."""
+    batch = du.make_shapes(256, seed=(0, 7))
+    digest = hashlib.sha256()
+    for array in (du.model_to_uint8(batch.images), batch.labels.astype(np.int64), batch.centers, batch.sizes):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    assert digest.hexdigest() == "24aca7efc0f7150e23ed755ed558d8d0c9fe8df7cb6961a9d68c5872ffdb73af"
+
+
+def test_dropout_draws_a_row_per_field_and_a_spare_one():
+    """Condition.dropped's random draws are part of the training stream: (fields + 1) x n uniforms, row k hides
+    field k; the last row is drawn and unused."""
+    n, p = 64, 0.5
+    full = du.make_shapes(n, seed=0).condition()
+    generator = torch.Generator().manual_seed(4)
+    given = full.dropped(p, generator).given()
+    replay = torch.Generator().manual_seed(4)
+    hidden = torch.rand((4, n), generator=replay) < p
+    assert [given[name].tolist() for name in ("class", "center", "size")] == (~hidden[:3]).tolist()
+    assert torch.equal(torch.rand(8, generator=generator), torch.rand(8, generator=replay))
+
+
+class FrozenConditionEmbedding(nn.Module):
+    """The condition embedding that checkpoints of format diffusion_patterns/1 hold, written out by hand: the one
+    built from REQUEST_FIELDS must keep its parameter names, shapes, order, initial values and outputs."""
+
+    def __init__(self, features: int, dim: int) -> None:
+        super().__init__()
+        self.features = features
+        self.classes = nn.Embedding(3, dim)
+        self.center = nn.Sequential(nn.Linear(2 * features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.size = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.null_center = nn.Parameter(torch.zeros(dim))
+        self.null_size = nn.Parameter(torch.zeros(dim))
+        for layer in (self.classes, self.center[-1], self.size[-1]):
+            nn.init.zeros_(layer.weight)
+        nn.init.zeros_(self.center[-1].bias)
+        nn.init.zeros_(self.size[-1].bias)
+
+    def forward(self, condition: du.Condition) -> torch.Tensor:
+        labels = torch.where(condition.labels >= 0, condition.labels, 2)
+        centers, sizes = condition.centers.nan_to_num(0.0), condition.sizes.nan_to_num(0.0)
+        center_given, size_given = ~condition.centers.isnan().any(1), ~condition.sizes.isnan()
+
+        def features(pixels: torch.Tensor) -> torch.Tensor:
+            return du.sinusoidal_embedding(pixels, self.features, max_period=64.0)
+
+        center_features = torch.cat([features(centers[:, 0]), features(centers[:, 1])], 1)
+        center = torch.where(center_given[:, None], self.center(center_features), self.null_center)
+        size = torch.where(size_given[:, None], self.size(features(sizes)), self.null_size)
+        return self.classes(labels) + center + size
+
+
+def test_the_condition_embedding_keeps_the_layout_and_outputs_of_checkpoints():
+    torch.manual_seed(0)
+    built = du.ConditionEmbedding(8, 32)
+    torch.manual_seed(0)
+    frozen = FrozenConditionEmbedding(8, 32)
+    names = [name for name, _ in built.named_parameters()]
+    assert names == [name for name, _ in frozen.named_parameters()]  # the optimiser's state follows this order
+    assert same_state(built.state_dict(), frozen.state_dict())  # the same initial values, from the same draws
+
+    net = perturbed(du.UNet(tiny_model_config(conditional=True)))
+    old = copy.deepcopy(net)
+    old.condition_embedding = FrozenConditionEmbedding(8, 32)
+    old.load_state_dict(net.state_dict())  # strict: the same keys and shapes
+    x, t = inputs(16)
+    asked = du.make_shapes(16, seed=4).condition().dropped(0.5, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(net(x, t, asked), old(x, t, asked))  # bit for bit
+        assert torch.equal(net(x, t), old(x, t))
+
+
+# ------------------------------------------------------------------------------------------
+# Declared once: a new class of shape is one entry of du.SHAPES
+# ------------------------------------------------------------------------------------------
+
+
+def draw_diamond(image: np.ndarray, x: int, y: int, size: int) -> None:
+    r = (size - 1) // 2
+    corners = np.array([[x - r, y], [x, y - r], [x + r, y], [x, y + r]], np.int32)
+    cv2.fillPoly(image, [corners], 255, lineType=cv2.LINE_8)
+
+
+DIAMOND = du.ShapeClass(
+    "diamond",  # a square turned by 45 degrees: the pixels within L1 distance r of the anchor
+    odd_sizes=True,
+    draw=draw_diamond,
+    ideal=lambda dx, dy, size: np.abs(dx) + np.abs(dy) <= size / 2,
+    size_of_area=lambda area: math.sqrt(2 * area),  # area = 2 (size / 2)^2
+)
+
+
+def test_a_new_class_of_shape_is_drawn_learned_asked_read_and_scored_from_its_registry_entry(monkeypatch):
+    monkeypatch.setattr(du, "SHAPES", (*du.SHAPES, DIAMOND))
+    diamond = len(du.SHAPES) - 1
+
+    image = du.draw_shape(diamond, (30, 34), 21)
+    ys, xs = np.nonzero(image)
+    assert len(xs) == 2 * 10**2 + 2 * 10 + 1 and int((abs(xs - 30) + abs(ys - 34)).max()) == 10
+
+    batch = du.make_shapes(60, seed=0)  # the data draws every class, and the reader tells each from the others
+    assert set(batch.labels.tolist()) == {du.CIRCLE, du.SQUARE, diamond}
+    readings = [du.read_shape(im) for im in du.model_to_uint8(batch.images)]
+    assert [r.label for r in readings] == batch.labels.tolist()
+    assert all(r.valid and r.iou >= 0.9 for r in readings)
+    perfect = {"n": 60, "valid": 1.0, "class_accuracy": 1.0, "matches": 1.0, "center_error": 0.0, "size_error": 0.0}
+    assert du.evaluate_requests(batch.images, batch.condition()) == perfect
+
+    asked = du.request(3, "diamond", 21, (30, 34))
+    assert asked.labels.tolist() == [diamond] * 3 and du.describe_request(asked) == "diamond, 21 px, at (30, 34)"
+    images = np.stack([image] * 3)
+    assert du.evaluate_requests(images, asked) == {**perfect, "n": 3}
+    wrong = du.evaluate_requests(images, du.request(3, "square", 21, (30, 34)))
+    assert wrong["class_accuracy"] == 0.0 and wrong["matches"] == 0.0
+    with pytest.raises(ValueError, match="choose one of circle, square, diamond"):
+        du.request(1, "triangle")
+
+    net = perturbed(du.UNet(tiny_model_config(conditional=True)))
+    assert net.condition_embedding.classes.weight.shape[0] == 4  # three classes and "not given"
+    x, t = inputs(3)
+    with torch.no_grad():
+        as_diamond, as_square = net(x, t, asked), net(x, t, du.request(3, "square", 21, (30, 34)))
+    assert (as_diamond - as_square).abs().max() > 1e-3
+
+    args = du.build_parser().parse_args(["evaluate", "samples.npy", "--shape", "diamond", "--size", "21"])
+    assert du.describe_request(du._request_from(args, 1)) == "diamond, 21 px"
