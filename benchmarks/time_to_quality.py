@@ -24,8 +24,8 @@ plot draws the mean with the min-max band.
 Presets (build_presets, one line each; the command line's overrides apply to all):
   original            du.original_design_configs(): linear schedule, eps target, time at the bottleneck only,
                       plain MSE, no EMA; sampled with 1000 DDPM steps
-  previous            the recipe before the learning-rate decay and conditioning, spelled out field by field in
-                      previous_recipe() (unconditional, constant lr), so old and new can run side by side
+  previous            bc.previous_recipe(device): the recipe before the learning-rate decay and conditioning
+                      (unconditional, constant lr 1e-3), spelled out field by field
   recipe              du.default_configs(device), sampled with 100 DDPM steps
   --ablation          the original plus one change at a time, cumulatively. The first change is the sampler
                       alone: the original's trained model is also sampled with 100 DDPM steps ("+100-step
@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -131,49 +130,6 @@ class Plan:
 # ------------------------------------------------------------------------------------------
 
 
-def previous_recipe(device: torch.device) -> tuple[du.ModelConfig, du.TrainConfig]:
-    """The recipe as it stood before the learning-rate decay and conditioning, every field spelled out.
-
-    Written out rather than derived from today's defaults, so it stays the same when they move. On a CPU it is
-    the 24-channel, 4x4-stem U-Net with attention and time in every block, cosine schedule, v target, capped
-    min-SNR-5, EMA 0.998, AdamW lr 1e-3 after 200 warm-up steps then constant, batch 32, channels_last; on CUDA
-    the wider GPU recipe of the same round.
-    """
-    model = du.ModelConfig(
-        schedule="cosine",
-        num_timesteps=1000,
-        prediction="v",
-        base_channels=24,
-        channel_mults=(1, 2),
-        blocks_per_level=1,
-        pixel_unshuffle=4,
-        time_injection="every_block",
-        bottleneck_attention=True,
-        conditional=False,
-        dropout=0.0,
-    )
-    train = du.TrainConfig(
-        batch_size=32,
-        lr=1e-3,
-        warmup_steps=200,
-        lr_schedule="constant",
-        weight_decay=0.0,
-        grad_clip=1.0,
-        min_snr_gamma=5.0,
-        min_snr_form="cap",
-        ema_decay=0.998,
-        condition_dropout=0.0,
-        channels_last=device.type == "cpu",
-        data_workers=0,
-        compile=False,
-    )
-    if device.type != "cuda":
-        return model, train
-    model = dataclasses.replace(model, base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
-    workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-    return model, dataclasses.replace(train, batch_size=256, ema_decay=0.999, channels_last=False, data_workers=workers)
-
-
 def ablation_steps(target_model: du.ModelConfig, target_train: du.TrainConfig) -> list[tuple[str, dict, dict]]:
     """(name, model changes, train changes) from the original design towards the target recipe, in order."""
     t = target_train
@@ -220,7 +176,7 @@ def build_presets(args: argparse.Namespace, device: torch.device) -> dict[str, P
         original_evaluations += short("+100-step sampling")
     raw = {
         "original": (*original, original_evaluations, "du.original_design_configs()"),
-        "previous": (*previous_recipe(device), short("previous"), "the recipe before lr decay and conditioning"),
+        "previous": (*bc.previous_recipe(device), short("previous"), "bc.previous_recipe(device)"),
         "recipe": (*du.default_configs(device), short("recipe"), "du.default_configs(device)"),
     }
     if args.ablation or any(name.startswith("+") for name in (args.configs or "").split(",")):  # built when asked for
@@ -463,7 +419,7 @@ def score_asked(trainer: du.Trainer, ev: Evaluation, n: int, args: argparse.Name
 
 
 def save_grid(images: torch.Tensor, title: str, path: Path, outline: list[bool] | None = None) -> None:
-    bc.save_figure(du.plot_grid(images[:32], title=title, outline=outline), path)
+    du.save_figure(du.plot_grid(images[:32], title=title, outline=outline), path)
 
 
 def save_checkpoint(trainer: du.Trainer, preset: Preset, plan: Plan, seed: int) -> None:
@@ -611,9 +567,9 @@ def write_report(report: Report) -> None:
     means = summary_table(plan, summary, report.asked)
     text = f"## Results, one row per seed\n\n{table}\n\n## Mean and spread over seeds\n\n{means}"
     print(f"\n{text}")
-    bc.save_figure(plot_quality(plan, rows, summary, report.env["device_name"]), plan.out_dir / "valid_vs_minutes.png")
-    bc.save_text(
-        plan.out_dir / "time_to_quality.md", f"# Time to quality\n\n{bc.environment_line(report.env)}\n\n{text}\n"
+    du.save_figure(plot_quality(plan, rows, summary, report.env["device_name"]), plan.out_dir / "valid_vs_minutes.png")
+    (plan.out_dir / "time_to_quality.md").write_text(
+        f"# Time to quality\n\n{bc.environment_line(report.env)}\n\n{text}\n"
     )
     report.save()
     print(f"\nsaved {plan.out_dir / 'time_to_quality.json'}, time_to_quality.md, valid_vs_minutes.png and sample grids")
