@@ -23,16 +23,13 @@ A "best guidance" line follows the table: the smallest scale that maximises clas
 "class" requests, and the one that maximises "matches <= 3 px" for "class+size+centre" (with its matches, centre
 and size errors).
 
-Writes <out>/guidance.json (environment, arguments, every row, the best scales), <out>/guidance.md (the table,
-under the environment line, the command and the date), <out>/guidance.png (du.plot_guidance_sweep: accuracy,
-validity and diversity against the scale, one line per kind, with gray lines for "none") and
-<out>/guidance_grid.png (rows: a few requests, columns: the scales, one sample each from the same starting noise
-per row, outlined green where du.request_matches accepts it). The JSON is rewritten after every cell, so an
-interrupted run keeps what it measured. An unconditional checkpoint is refused (exit 2).
+Writes guidance.json (rewritten after every cell), guidance.md, guidance.png (du.plot_guidance_sweep, with gray
+lines for "none") and guidance_grid.png (rows: a few requests, columns: the scales, one sample each from the same
+starting noise per row, outlined green where du.request_matches accepts it). An unconditional checkpoint is refused.
 
-Full run (a conditional checkpoint, e.g. from `python diffusion_utils.py train --conditional --minutes 25
---out runs/conditional.pt`; 19 cells of 256 images at 100 DDPM steps; twice the passes at s other than 0 and 1):
-    python benchmarks/guidance.py --checkpoint runs/conditional.pt --out benchmarks/results/guidance
+The table of RESULTS.md (19 cells of 256 images at 100 DDPM steps; twice the passes at s other than 0 and 1):
+    python benchmarks/guidance.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --samples 256 \\
+        --out benchmarks/results/guidance
 Smoke test (seconds; trains a tiny conditional model on the spot):
     python benchmarks/guidance.py --train-steps 3 --samples 8 --scales 0,1,2 --steps 3 --threads 1 \\
         --out /tmp/bench_smoke/guidance
@@ -44,6 +41,7 @@ import argparse
 import math
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
@@ -180,7 +178,7 @@ def run_cell(model, schedule, args, kind: str, condition: du.Condition | None, s
     }
 
 
-def sweep(model, schedule, args: argparse.Namespace, device, outputs: bc.RunOutputs) -> list[dict]:
+def sweep(model, schedule, args: argparse.Namespace, device, env: dict) -> list[dict]:
     """Every kind at every scale, then the unconditional baseline once; the JSON is rewritten after every cell."""
     requests = sweep_requests(args.samples, args.data_seed)
     cells = [(kind, requests[kind], scale) for kind in KINDS for scale in args.scales] + [(BASELINE, None, None)]
@@ -190,7 +188,7 @@ def sweep(model, schedule, args: argparse.Namespace, device, outputs: bc.RunOutp
         row = rows[-1]
         at = "" if scale is None else f" at s = {scale:g}"
         print(f"{kind}{at}: {row['seconds']:.2f} s, valid {row['valid']:.3f}, matches {row['matches']:.3f}", flush=True)
-        outputs.save_json(rows=rows, partial=True)
+        bc.save_json(Path(args.out) / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
     return rows
 
 
@@ -286,26 +284,6 @@ def plot_request_grid(model, schedule, args: argparse.Namespace, device):
     return du.plot_grid(images, titles, columns=columns, title=textwrap.fill(title, 10 * columns), outline=outline)
 
 
-# ------------------------------------------------------------------------------------------
-# Reports
-# ------------------------------------------------------------------------------------------
-
-
-def write_outputs(outputs: bc.RunOutputs, rows: list[dict], grid_figure) -> None:
-    """Print the table and the best-guidance line; write the markdown, the JSON and the pictures."""
-    best = best_guidance(rows)
-    args = outputs.run["args"]
-    setting = f"{args['sampler']}, {args['steps']} steps, {args['samples']} images per cell"
-    notes = [f"sampling: {setting}", best_guidance_line(best)]
-    figures = {f"{NAME}.png": plot_sweep(rows), f"{NAME}_grid.png": grid_figure}
-    outputs.write(bc.markdown_table(rows, COLUMNS), notes, figures, rows=rows, best_guidance=best)
-
-
-# ------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
@@ -313,14 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     if not model.config.conditional:
         print(f"{args.checkpoint}: {UNCONDITIONAL}", file=sys.stderr)
         return 2
-
-    outputs = bc.RunOutputs.start(NAME, TITLE, args, device, __file__, argv)
-    outputs.run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
-    print(f"model: {outputs.run['source']}", flush=True)
-
-    rows = sweep(model, schedule, args, device, outputs)
+    out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
+    print(f"{bc.environment_line(env)}\nmodel: {source}", flush=True)
+    rows = sweep(model, schedule, args, device, env)
     grid_figure = plot_request_grid(model, schedule, args, device)
-    write_outputs(outputs, rows, grid_figure)
+    best = best_guidance(rows)
+    setting = f"sampling: {args.sampler}, {args.steps} steps, {args.samples} images per cell"
+    sections = [f"model: {source}", bc.markdown_table(rows, COLUMNS), setting, best_guidance_line(best)]
+    bc.write_report(out, NAME, TITLE, env, sections, model=model.config, rows=rows, best_guidance=best)
+    du.save_figure(plot_sweep(rows), out / f"{NAME}.png", dpi=110)
+    du.save_figure(grid_figure, out / f"{NAME}_grid.png", dpi=110)
     return 0
 
 

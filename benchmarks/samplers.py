@@ -20,13 +20,12 @@ points of DDPM-1000's validity (when 1000 is not in --steps, of the longest DDPM
 measured on 512 images has a standard error of about 0.75 points at 97 % valid (2.2 at 50 %): read a 1-point
 target as "about as good", not as a sharp threshold.
 
-Writes <out>/samplers.json (environment, arguments, every row, skipped cells, targets), <out>/samplers.md (the
-table, under the environment line, the command and the date), <out>/samplers.png (validity against network
-evaluations) and <out>/samplers_10_steps.png (the first 16 samples of each sampler at 10 steps, outlined green
-where valid). The JSON is rewritten after every cell, so an interrupted run keeps what it measured.
+Writes samplers.json (rewritten after every cell), samplers.md, samplers.png (validity against network evaluations)
+and samplers_10_steps.png (the first 16 samples of each sampler at 10 steps, outlined green where valid).
 
-Full run (a trained checkpoint; DDPM-1000 at 512 images dominates the time):
-    python benchmarks/samplers.py --checkpoint runs/recipe.pt --spacings time,logsnr --out benchmarks/results/samplers
+The table of RESULTS.md (DDPM-1000 at 512 images dominates the time; add --device cuda on a GPU):
+    python benchmarks/samplers.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --spacings time,logsnr \\
+        --samples 512 --out benchmarks/results/samplers
 Smoke test (seconds; trains a tiny model on the spot):
     python benchmarks/samplers.py --train-steps 3 --samples 8 --steps 5,10 --spacings time,logsnr --threads 1 \\
         --out /tmp/bench_smoke/samplers
@@ -37,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
@@ -73,9 +73,7 @@ COLUMNS = [
 
 def parse_max_steps(text: str) -> dict[str, int]:
     """ "dpm++:100,ddim:200" -> {"dpm++": 100, "ddim": 200}; "none" -> {} (run every cell)."""
-    if text.strip().lower() == "none":
-        return {}
-    return dict(bc.parse_samplers(text))
+    return {} if text.strip().lower() == "none" else dict(bc.parse_samplers(text))
 
 
 def parse_spacings(text: str) -> list[str]:
@@ -93,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bc.add_model_source_args(parser, "a checkpoint from diffusion_utils.py train (du.load_model: EMA weights)")
     parser.add_argument(
         "--steps",
-        type=bc.positive_ints,
-        default=bc.positive_ints(DEFAULT_STEPS),
+        type=lambda text: sorted(set(bc.parse_ints(text))),
+        default=[5, 10, 20, 50, 100, 1000],
         help=f"step counts, i.e. network evaluations (default {DEFAULT_STEPS})",
     )
     parser.add_argument(
@@ -136,7 +134,7 @@ def plan_cells(args: argparse.Namespace, schedule: du.NoiseSchedule) -> tuple[li
         for grid in grids:
             label = f"{name} ({grid})" if len(grids) > 1 else name
             for steps in args.steps:
-                reason = skip_reason(name, grid, steps, args.max_steps_per_sampler, schedule)
+                reason = skip_reason(name, steps, args.max_steps_per_sampler, schedule)
                 if reason:
                     skipped.append({"sampler": name, "grid": grid, "steps": steps, "reason": reason})
                 else:
@@ -144,15 +142,11 @@ def plan_cells(args: argparse.Namespace, schedule: du.NoiseSchedule) -> tuple[li
     return cells, skipped
 
 
-def skip_reason(name: str, grid: str, steps: int, caps: dict[str, int], schedule: du.NoiseSchedule) -> str | None:
+def skip_reason(name: str, steps: int, caps: dict[str, int], schedule: du.NoiseSchedule) -> str | None:
     if name in caps and steps > caps[name]:
         return f"above --max-steps-per-sampler {name}:{caps[name]}"
     if steps > len(schedule):
         return f"more steps than the model's {len(schedule)} timesteps"
-    try:
-        schedule.respaced(steps, grid)
-    except ValueError as error:
-        return str(error)
     return None
 
 
@@ -232,7 +226,7 @@ def targets_line(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device, outputs: bc.RunOutputs):
+def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device, env: dict):
     """(a row per cell, {label: the 10-step images}); the JSON is rewritten after every cell."""
     warm_up(model, schedule, args)
     rows, pictures = [], {}
@@ -242,7 +236,7 @@ def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device
         if cell.steps == GRID_PICTURE_STEPS:
             pictures[cell.label] = images
         print(f"{cell.label} {cell.steps} steps: {row['seconds']:.2f} s, {100 * row['valid']:.1f}% valid", flush=True)
-        outputs.save_json(rows=rows, partial=True)
+        bc.save_json(Path(args.out) / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
     return rows, pictures
 
 
@@ -270,36 +264,21 @@ def figures(rows: list[dict[str, Any]], pictures: dict[str, Any]) -> dict[str, A
     return found
 
 
-def write_outputs(outputs: bc.RunOutputs, rows, skipped, pictures) -> None:
-    """Print the table and the targets line; write the markdown, the JSON and the pictures."""
-    found = targets(rows)
-    notes = [targets_line(found)]
-    if not pictures:
-        notes.append(f"no {GRID_PICTURE_STEPS}-step cells: no sample grid")
-    table = bc.markdown_table(rows, COLUMNS)
-    outputs.write(table, notes, figures(rows, pictures), rows=rows, skipped=skipped, targets=found)
-
-
-# ------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
-    outputs = bc.RunOutputs.start(NAME, TITLE, args, device, __file__, argv)
-
+    out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
     model, schedule, source = bc.load_or_train(args, device)
-    outputs.run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
-    print(f"model: {outputs.run['source']}", flush=True)
-
+    print(f"{bc.environment_line(env)}\nmodel: {source}", flush=True)
     cells, skipped = plan_cells(args, schedule)
     for cell in skipped:
         print(f"skipped {cell['sampler']} ({cell['grid']}) at {cell['steps']} steps: {cell['reason']}", flush=True)
-
-    rows, pictures = measure(model, schedule, cells, args, device, outputs)
-    write_outputs(outputs, rows, skipped, pictures)
+    rows, pictures = measure(model, schedule, cells, args, device, env)
+    found = targets(rows)
+    sections = [f"model: {source}", bc.markdown_table(rows, COLUMNS), targets_line(found)]
+    bc.write_report(out, NAME, TITLE, env, sections, model=model.config, rows=rows, skipped=skipped, targets=found)
+    for file, figure in figures(rows, pictures).items():
+        du.save_figure(figure, out / file, dpi=110)
     return 0
 
 
