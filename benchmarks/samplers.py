@@ -226,12 +226,18 @@ def targets_line(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device, env: dict):
-    """(a row per cell, {label: the 10-step images}); the JSON is rewritten after every cell."""
+def measure(model, schedule, cells: list[Cell], args: argparse.Namespace, device, env: dict, skipped: list):
+    """(a row per cell, {label: the 10-step images}); the JSON is rewritten after every cell. A cell that du.sample
+    refuses (e.g. a log-SNR grid that cannot hold that many distinct timesteps) joins `skipped`."""
     warm_up(model, schedule, args)
     rows, pictures = [], {}
     for cell in cells:
-        row, images = run_cell(model, schedule, cell, args, device)
+        try:
+            row, images = run_cell(model, schedule, cell, args, device)
+        except ValueError as error:
+            skipped.append({"sampler": cell.sampler, "grid": cell.grid, "steps": cell.steps, "reason": str(error)})
+            print(f"skipped {cell.label} at {cell.steps} steps: {error}", flush=True)
+            continue
         rows.append(row)
         if cell.steps == GRID_PICTURE_STEPS:
             pictures[cell.label] = images
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     cells, skipped = plan_cells(args, schedule)
     for cell in skipped:
         print(f"skipped {cell['sampler']} ({cell['grid']}) at {cell['steps']} steps: {cell['reason']}", flush=True)
-    rows, pictures = measure(model, schedule, cells, args, device, env)
+    rows, pictures = measure(model, schedule, cells, args, device, env, skipped)
     found = targets(rows)
     sections = [f"model: {source}", bc.markdown_table(rows, COLUMNS), targets_line(found)]
     bc.write_report(out, NAME, TITLE, env, sections, model=model.config, rows=rows, skipped=skipped, targets=found)
