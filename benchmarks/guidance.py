@@ -1,38 +1,16 @@
-"""Guidance: what does the guidance scale do?
+"""Guidance: what does the guidance scale buy? (RESULTS.md, "Guidance: what does the guidance scale buy?")
 
-A conditional model draws --samples images for each request kind at each classifier-free guidance scale in
---scales (module section 11: out = uncond + s (cond - uncond); s = 0 ignores the request, s = 1 is the plain
-conditional model, s > 1 pushes harder). One fixed --sample-seed for every cell, so every cell starts from the
-same noise, and --sampler / --steps (default: du.DEFAULT_SAMPLER, du.DEFAULT_STEPS) for all of them. Kinds:
-  class              half the images asked for a circle, half for a square
-  class+size+centre  requests copied from real data (du.make_shapes(n, seed=--data-seed).condition())
-  size               the same real sizes only (no class, no centre)
-  none               the null condition (condition=None), once: guidance has no effect without a request; the
-                     unconditional baseline (any kind at s = 0 draws the same images)
+A conditional model draws --samples images per request kind at each classifier-free guidance scale (out = u +
+s (c - u): s = 0 ignores the request, s = 1 is the plain conditional model), every cell from the same starting
+noise. Guidance buys faithfulness to the request with diversity and, at s other than 0 and 1, a second network
+pass per step. Kinds: "class" (half circles, half squares), "class+size+centre" (the requests of real shapes),
+"size" (their sizes only) and, once, "none" (the null condition). Each cell is scored by du.evaluate_requests,
+du.request_matches (within 3 px), du.evaluate_samples and du.spread (size and centre SD: the diversity). Writes
+guidance.json, guidance.md, guidance.png and guidance_grid.png (a few requests x the scales).
 
-Why: guidance buys faithfulness to the request with diversity, and costs a second network pass per step (at
-s other than 0 and 1). Each cell is scored by du.evaluate_requests (valid, class_accuracy, matches, center_error,
-size_error), by du.request_matches's share (valid, right class, centre and size within 3 px of what was asked:
-"matches <= 3 px") and by du.evaluate_samples (mid_gray, circle_share), and its diversity is measured by
-du.spread: the standard deviation in pixels of the sizes, and of the centres (x and y, averaged), read by
-du.read_shape from the valid samples, pooled within each asked class for "class" requests. Diversity falls as
-guidance rises: that is the trade-off. (Where size or centre are asked, their spread mostly follows the requests,
-i.e. real data's spread: read diversity on the "class" and "none" rows.) Shares stay raw, in [0, 1].
-
-A "best guidance" line follows the table: the smallest scale that maximises class accuracy x validity for
-"class" requests, and the one that maximises "matches <= 3 px" for "class+size+centre" (with its matches, centre
-and size errors).
-
-Writes <out>/guidance.json (environment, arguments, every row, the best scales), <out>/guidance.md (the table,
-under the environment line, the command and the date), <out>/guidance.png (du.plot_guidance_sweep: accuracy,
-validity and diversity against the scale, one line per kind, with gray lines for "none") and
-<out>/guidance_grid.png (rows: a few requests, columns: the scales, one sample each from the same starting noise
-per row, outlined green where du.request_matches accepts it). The JSON is rewritten after every cell, so an
-interrupted run keeps what it measured. An unconditional checkpoint is refused (exit 2).
-
-Full run (a conditional checkpoint, e.g. from `python diffusion_utils.py train --conditional --minutes 25
---out runs/conditional.pt`; 19 cells of 256 images at 100 DDPM steps; twice the passes at s other than 0 and 1):
-    python benchmarks/guidance.py --checkpoint runs/conditional.pt --out benchmarks/results/guidance
+The table of RESULTS.md:
+    python benchmarks/guidance.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --samples 256 \\
+        --out benchmarks/results/guidance
 Smoke test (seconds; trains a tiny conditional model on the spot):
     python benchmarks/guidance.py --train-steps 3 --samples 8 --scales 0,1,2 --steps 3 --threads 1 \\
         --out /tmp/bench_smoke/guidance
@@ -40,11 +18,9 @@ Smoke test (seconds; trains a tiny conditional model on the spot):
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import textwrap
-from typing import Any
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
 import numpy as np
@@ -53,13 +29,8 @@ import torch
 import diffusion_utils as du
 
 NAME = "guidance"
-TITLE = "Guidance: what does the guidance scale do?"
-DEFAULT_SCALES = "0,1,1.5,2,3,5"
-KINDS = ("class", "class+size+centre", "size")  # swept over the scales
-BASELINE = "none"  # the null condition, sampled once
-UNCONDITIONAL = "an unconditional model (trained without requests) cannot be guided: train one with --conditional"
+DATA_SEED = 4321  # the real shapes whose requests "class+size+centre" and "size" copy
 GRID_REQUESTS = [("circle", None, None), ("square", None, None), ("circle", 21, (24, 40)), ("square", 33, (36, 30))]
-
 COLUMNS = [
     ("kind", "request", ""),
     ("scale", "scale", "g"),
@@ -76,103 +47,51 @@ COLUMNS = [
     ("circle_share", "circle share", ".3f"),
     ("seconds", "seconds", ".2f"),
 ]
+BASELINE_LINES = [  # per panel of du.plot_guidance_sweep: the "none" row's (key, line style, series name)
+    [("class_accuracy", "-", "class accuracy"), ("matches", "--", "matches")],
+    [("valid", "-", "")],
+    [("size_sd", "-", "size"), ("center_sd", "--", "centre")],
+]
 
 
-# ------------------------------------------------------------------------------------------
-# Arguments
-# ------------------------------------------------------------------------------------------
-
-
-def parse_scales(text: str) -> list[float]:
-    """ "0,1,2" -> [0.0, 1.0, 2.0]: finite, >= 0, sorted, without repeats."""
-    values = bc.parse_floats(text)
-    if any(not math.isfinite(v) or v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"guidance scales are numbers >= 0, got {text!r}")
-    return sorted(set(values))
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None):
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
     bc.add_model_source_args(parser, "a conditional checkpoint (du.load_model: EMA weights when saved)")
     parser.add_argument(
         "--scales",
-        type=parse_scales,
-        default=parse_scales(DEFAULT_SCALES),
-        help=f"guidance scales (default {DEFAULT_SCALES})",
+        type=lambda text: sorted(set(bc.parse_floats(text))),
+        default=[0, 1, 1.5, 2, 3, 5],
+        help="guidance scales (default 0,1,1.5,2,3,5)",
     )
     parser.add_argument("--samples", type=bc.positive_int, default=256, help="images per cell (default 256)")
-    parser.add_argument("--sampler", choices=list(du.SAMPLERS), default=du.DEFAULT_SAMPLER, help="default %(default)s")
-    parser.add_argument(
-        "--steps", type=bc.positive_int, default=du.DEFAULT_STEPS, help="sampling steps (default %(default)s)"
-    )
-    parser.add_argument("--sample-seed", type=int, default=1234, help="sampling seed, the same for every cell")
-    parser.add_argument("--data-seed", type=int, default=4321, help="seed of the real data the requests copy")
-    parser.add_argument("--chunk", type=bc.positive_int, default=256, help="images per du.sample chunk (default 256)")
+    parser.add_argument("--steps", type=bc.positive_int, default=du.DEFAULT_STEPS, help="DDPM steps (default 100)")
     return parser.parse_args(argv)
 
 
-# ------------------------------------------------------------------------------------------
-# Requests
-# ------------------------------------------------------------------------------------------
-
-
-def class_requests(n: int) -> du.Condition:
-    """The first half (rounded up) asked for a circle, the rest for a square; nothing else given."""
-    half, null = (n + 1) // 2, du.Condition.null(n)
-    labels = torch.tensor([du.CIRCLE] * half + [du.SQUARE] * (n - half))
-    return du.Condition(labels, null.centers, null.sizes)
-
-
-def size_requests(condition: du.Condition) -> du.Condition:
-    """Only the sizes of `condition`: no class, no centre."""
-    null = du.Condition.null(len(condition))
-    return du.Condition(null.labels, null.centers, condition.sizes.clone())
-
-
-def sweep_requests(n: int, data_seed: int) -> dict[str, du.Condition]:
-    """A Condition of n requests per swept kind."""
-    real = du.make_shapes(n, seed=data_seed).condition()
-    return {"class": class_requests(n), "class+size+centre": real, "size": size_requests(real)}
-
-
-def grid_requests() -> du.Condition:
-    """One request per row of the picture grid."""
-    conditions = [du.request(1, shape, size, center) for shape, size, center in GRID_REQUESTS]
-    combined = conditions[0]
-    for condition in conditions[1:]:
-        combined = combined.cat(condition)
-    return combined
-
-
-# ------------------------------------------------------------------------------------------
-# One cell: sample, score, measure the spread
-# ------------------------------------------------------------------------------------------
-
-
-def draw(model, schedule, args: argparse.Namespace, condition: du.Condition | None, scale: float, device):
-    """(du.evaluate_samples's scores and the sampling seconds, the images) for n = len(condition) requests, or
-    args.samples unconditional images."""
-    n = len(condition) if condition is not None else args.samples
-    options = {"seed": args.sample_seed, "batch_size": args.chunk, "condition": condition, "guidance": scale}
-    return bc.sample_and_evaluate(model, schedule, n, args.sampler, args.steps, device, **options)
-
-
-def evaluations_per_image(steps: int, condition: du.Condition | None, scale: float) -> int:
-    """Network passes per image: guidance at s other than 0 and 1 runs the conditional and unconditional ones."""
-    return steps * (2 if condition is not None and scale not in (0, 1) else 1)
+def sweep_requests(n: int) -> dict[str, du.Condition]:
+    """n requests of each swept kind."""
+    null, real = du.Condition.null(n), du.make_shapes(n, seed=DATA_SEED).condition()
+    labels = torch.tensor([du.CIRCLE] * ((n + 1) // 2) + [du.SQUARE] * (n // 2))
+    return {
+        "class": du.Condition(labels, null.centers, null.sizes),
+        "class+size+centre": real,
+        "size": du.Condition(null.labels, null.centers, real.sizes.clone()),
+    }
 
 
 def run_cell(model, schedule, args, kind: str, condition: du.Condition | None, scale: float | None, device) -> dict:
-    """The cell's row: the request scores, the sample scores, the spread and the timing."""
-    scores, images = draw(model, schedule, args, condition, du.DEFAULT_GUIDANCE if scale is None else scale, device)
-    asked = condition if condition is not None else du.Condition.null(len(images))
-    request_scores = du.evaluate_requests(images, asked)
+    """One cell's row: the request scores, the sample scores, the spread and the timing."""
+    n = len(condition) if condition is not None else args.samples
+    guidance = du.DEFAULT_GUIDANCE if scale is None else scale
+    options = {"condition": condition, "guidance": guidance}
+    scores, images = bc.sample_and_evaluate(model, schedule, n, "ddpm", args.steps, device, **options)
+    asked = condition if condition is not None else du.Condition.null(n)
     return {
         "kind": kind,
         "scale": scale,
-        "evaluations": evaluations_per_image(args.steps, condition, scale or 0.0),
+        "evaluations": args.steps * (2 if condition is not None and guidance not in (0, 1) else 1),
         "seconds": scores["sample_seconds"],
-        **request_scores,
+        **du.evaluate_requests(images, asked),
         "matches_3px": float(np.mean(du.request_matches(images, asked))),
         "mid_gray": scores["mid_gray"],
         "circle_share": scores["circle_share"],
@@ -180,130 +99,50 @@ def run_cell(model, schedule, args, kind: str, condition: du.Condition | None, s
     }
 
 
-def sweep(model, schedule, args: argparse.Namespace, device, outputs: bc.RunOutputs) -> list[dict]:
-    """Every kind at every scale, then the unconditional baseline once; the JSON is rewritten after every cell."""
-    requests = sweep_requests(args.samples, args.data_seed)
-    cells = [(kind, requests[kind], scale) for kind in KINDS for scale in args.scales] + [(BASELINE, None, None)]
+def sweep(model, schedule, args, device, env: dict) -> list[dict]:
+    """Every kind at every scale, then "none" once; the JSON is rewritten after every cell."""
+    cells = [(kind, condition, s) for kind, condition in sweep_requests(args.samples).items() for s in args.scales]
     rows = []
-    for kind, condition, scale in cells:
+    for kind, condition, scale in [*cells, ("none", None, None)]:
         rows.append(run_cell(model, schedule, args, kind, condition, scale, device))
-        row = rows[-1]
         at = "" if scale is None else f" at s = {scale:g}"
-        print(f"{kind}{at}: {row['seconds']:.2f} s, valid {row['valid']:.3f}, matches {row['matches']:.3f}", flush=True)
-        outputs.save_json(rows=rows, partial=True)
+        print(f"{kind}{at}: valid {rows[-1]['valid']:.3f}, matches {rows[-1]['matches']:.3f}", flush=True)
+        bc.save_json(args.out / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
     return rows
 
 
-# ------------------------------------------------------------------------------------------
-# Best guidance
-# ------------------------------------------------------------------------------------------
-
-
-def zero_if_nan(value: float) -> float:
-    return 0.0 if value is None or math.isnan(value) else value
-
-
-def smallest_best(rows: list[dict], score) -> dict | None:
-    """The row of the smallest scale whose score is the highest (None without rows)."""
-    if not rows:
-        return None
-    best = max(score(r) for r in rows)
-    return min((r for r in rows if score(r) >= best - 1e-12), key=lambda r: r["scale"])
-
-
-def best_guidance(rows: list[dict]) -> dict[str, Any]:
-    """For "class": the smallest scale maximising class accuracy x validity; for "class+size+centre": the
-    smallest maximising matches <= 3 px."""
-    class_rows = [r for r in rows if r["kind"] == "class"]
-    full_rows = [r for r in rows if r["kind"] == "class+size+centre"]
-    by_class = smallest_best(class_rows, lambda r: zero_if_nan(r["class_accuracy"]) * r["valid"])
-    by_request = smallest_best(full_rows, lambda r: r["matches_3px"])
-    keys = ("scale", "valid", "class_accuracy", "matches", "matches_3px", "center_error", "size_error")
-    return {
-        "class": {key: by_class[key] for key in keys} if by_class else None,
-        "class+size+centre": {key: by_request[key] for key in keys} if by_request else None,
-    }
-
-
-def best_guidance_line(best: dict[str, Any]) -> str:
-    parts = []
-    if best["class"]:
-        row = best["class"]
-        product = zero_if_nan(row["class_accuracy"]) * row["valid"]
-        parts.append(
-            f"class requests s = {row['scale']:g} (class accuracy {bc.format_value(row['class_accuracy'], '.3f')}"
-            f" x valid {row['valid']:.3f} = {product:.3f})"
-        )
-    if best["class+size+centre"]:
-        row = best["class+size+centre"]
-        errors = [bc.format_value(row[key], ".2f") for key in ("center_error", "size_error")]
-        parts.append(
-            f"class+size+centre requests s = {row['scale']:g} (matches <= 3 px {row['matches_3px']:.3f};"
-            f" matches {row['matches']:.3f}, centre error {errors[0]} px, size error {errors[1]} px)"
-        )
-    return "best guidance: " + ("; ".join(parts) if parts else "no swept rows")
-
-
-# ------------------------------------------------------------------------------------------
-# Pictures
-# ------------------------------------------------------------------------------------------
-
-
-BASELINE_LINES = [  # per panel of du.plot_guidance_sweep, the baseline's [(row key, line style, series name)]
-    [("class_accuracy", "-", "class accuracy"), ("matches", "--", "matches")],
-    [("valid", "-", "")],
-    [("size_sd", "-", "size"), ("center_sd", "--", "centre")],
-]
-
-
 def plot_sweep(rows: list[dict]):
-    """du.plot_guidance_sweep of the swept kinds, with the unconditional baseline ("none") as gray lines on top."""
-    fig = du.plot_guidance_sweep([r for r in rows if r["kind"] != BASELINE])
-    baseline = next((r for r in rows if r["kind"] == BASELINE), None)
-    for ax, lines in zip(fig.axes, BASELINE_LINES if baseline is not None else []):
+    """du.plot_guidance_sweep of the swept kinds, with the "none" row as gray lines."""
+    fig = du.plot_guidance_sweep([r for r in rows if r["kind"] != "none"])
+    baseline = rows[-1]
+    for ax, lines in zip(fig.axes, BASELINE_LINES):
         for key, style, name in lines:
             if baseline[key] is not None and not math.isnan(baseline[key]):
-                label = f"{BASELINE} (baseline), {name}" if name else f"{BASELINE} (baseline)"
+                label = "none (baseline)" + (f", {name}" if name else "")
                 ax.axhline(baseline[key], color="gray", linestyle=style, linewidth=1, label=label)
-        if ax.get_legend_handles_labels()[0]:  # nothing to label where every value is NaN (no valid sample)
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return fig
 
 
-def plot_request_grid(model, schedule, args: argparse.Namespace, device):
+def plot_request_grid(model, schedule, args, device):
     """Rows: GRID_REQUESTS; columns: the scales; one sample per cell, the same starting noise along a row."""
-    condition = grid_requests()
-    per_scale = [draw(model, schedule, args, condition, scale, device)[1] for scale in args.scales]
-    outlines = [du.request_matches(images, condition) for images in per_scale]
+    condition = du.request(1, *GRID_REQUESTS[0])
+    for shape, size, center in GRID_REQUESTS[1:]:
+        condition = condition.cat(du.request(1, shape, size, center))
+    options = {"steps": args.steps, "seed": bc.SAMPLE_SEED, "condition": condition, "progress": False}
+    per_scale = [du.sample(model, schedule, len(condition), guidance=s, **options).images for s in args.scales]
     rows, columns = len(condition), len(args.scales)
     images = torch.stack(per_scale, dim=1).reshape(rows * columns, *per_scale[0].shape[1:])  # row-major
-    outline = [outlines[c][r] for r in range(rows) for c in range(columns)]
-    titles = []
-    for r in range(rows):
-        label = textwrap.fill(du.describe_request(condition, r), 16)
-        titles += [f"{label}\ns = {scale:g}" if c == 0 else f"s = {scale:g}" for c, scale in enumerate(args.scales)]
-    title = f"Requests x guidance scale ({args.sampler}, {args.steps} steps; green: du.request_matches)"
-    return du.plot_grid(images, titles, columns=columns, title=textwrap.fill(title, 10 * columns), outline=outline)
-
-
-# ------------------------------------------------------------------------------------------
-# Reports
-# ------------------------------------------------------------------------------------------
-
-
-def write_outputs(outputs: bc.RunOutputs, rows: list[dict], grid_figure) -> None:
-    """Print the table and the best-guidance line; write the markdown, the JSON and the pictures."""
-    best = best_guidance(rows)
-    args = outputs.run["args"]
-    setting = f"{args['sampler']}, {args['steps']} steps, {args['samples']} images per cell"
-    notes = [f"sampling: {setting}", best_guidance_line(best)]
-    figures = {f"{NAME}.png": plot_sweep(rows), f"{NAME}_grid.png": grid_figure}
-    outputs.write(bc.markdown_table(rows, COLUMNS), notes, figures, rows=rows, best_guidance=best)
-
-
-# ------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------
+    matches = [du.request_matches(batch, condition) for batch in per_scale]
+    outline = [matches[c][r] for r in range(rows) for c in range(columns)]
+    titles = [
+        (f"{textwrap.fill(du.describe_request(condition, r), 16)}\n" if c == 0 else "") + f"s = {scale:g}"
+        for r in range(rows)
+        for c, scale in enumerate(args.scales)
+    ]
+    title = textwrap.fill(f"Requests x guidance scale (ddpm, {args.steps} steps; green: matches)", 10 * columns)
+    return du.plot_grid(images, titles, columns=columns, title=title, outline=outline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,16 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     device = bc.setup(args)
     model, schedule, source = bc.load_or_train(args, device)
     if not model.config.conditional:
-        print(f"{args.checkpoint}: {UNCONDITIONAL}", file=sys.stderr)
+        print(f"{args.checkpoint}: an unconditional model cannot be guided", file=sys.stderr)
         return 2
-
-    outputs = bc.RunOutputs.start(NAME, TITLE, args, device, __file__, argv)
-    outputs.run.update(model=model.config, source=f"{du.describe_model(model)}; {source}")
-    print(f"model: {outputs.run['source']}", flush=True)
-
-    rows = sweep(model, schedule, args, device, outputs)
-    grid_figure = plot_request_grid(model, schedule, args, device)
-    write_outputs(outputs, rows, grid_figure)
+    args.out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
+    print(f"{bc.environment_line(env)}\nmodel: {source}", flush=True)
+    rows = sweep(model, schedule, args, device, env)
+    setting = f"sampling: ddpm, {args.steps} steps, {args.samples} images per cell"
+    sections = [f"model: {source}", bc.markdown_table(rows, COLUMNS), setting]
+    title = "Guidance: what does the guidance scale buy?"
+    bc.write_report(args.out, NAME, title, env, sections, model=model.config, rows=rows)
+    du.save_figure(plot_sweep(rows), args.out / f"{NAME}.png", dpi=110)
+    du.save_figure(plot_request_grid(model, schedule, args, device), args.out / f"{NAME}_grid.png", dpi=110)
     return 0
 
 

@@ -9,8 +9,9 @@ GFLOP/s = FLOPs per training image x images/s, reported as a share of that peak.
 Why: on a 2-thread CPU a narrow network's small convolutions can run far below the matrix-multiply rate; whether
 there is speed to win in the kernels, or only in doing fewer of them, decides where to look.
 
-Full run (about a minute):
+The table of RESULTS.md (about a minute each):
     python benchmarks/profile_step.py --out benchmarks/results/profile
+    python benchmarks/profile_step.py --no-conditional --out benchmarks/results/profile/unconditional
 Smoke test (seconds):
     python benchmarks/profile_step.py --steps 3 --warmup 1 --base-channels 8 --channel-mults 1,2 --threads 1 \\
         --out /tmp/profile_smoke
@@ -112,7 +113,7 @@ def report(args, env, groups, wall_ms, data_ms, flops, peak, batch_size) -> str:
     achieved = flops * images_per_s / 1e9
     lines = [
         f"# Where a training step's time goes\n\n{bc.environment_line(env)}\n",
-        f"`python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`\n",
+        f"`{env['command']}`\n",
         table,
         "",
         f"- wall time per step: {wall_ms:.1f} ms at batch {batch_size} = {images_per_s:.0f} images/s",
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
     out = bc.prepare_out(args.out)
-    env = bc.environment(device)
+    env = bc.environment(device, __file__)
     trainer, batches = build_trainer(args, device)
     data_ms = time_data(trainer.train_config.batch_size)
     groups, wall_ms = profile_steps(trainer, batches, args.warmup, device)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = bc.matmul_flops_per_second(device) / 1e9
     text = report(args, env, groups, wall_ms, data_ms, flops, peak, trainer.train_config.batch_size)
     print(text)
-    bc.save_text(out / "profile.md", text)
+    (out / "profile.md").write_text(text)
     payload = {"environment": env, "groups_ms": groups, "wall_ms": wall_ms, "data_ms": data_ms}
     bc.save_json(out / "profile.json", {**payload, "flops_per_image": flops, "matmul_gflops": peak})
     return 0

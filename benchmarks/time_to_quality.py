@@ -1,490 +1,44 @@
-"""Time to quality: how fast does each configuration learn to draw crisp, valid shapes?
+"""Time to quality: how good are the samples after N minutes of training? (RESULTS.md, "Time to quality", the
+ablation chain of "What each lever buys" and "On a GPU")
 
-Each named configuration (a preset) trains on fresh shapes for a wall-clock budget. At each evaluation the
-clock pauses, the sampling model (the EMA weights when the preset has them) draws --samples images with the
-preset's sampler, and du.evaluate_samples scores them; evaluation time is never counted as training.
+Each named configuration trains on fresh shapes for a wall-clock budget; at each evaluation the clock pauses and
+its sampling model (EMA weights) draws --samples images (DDPM-100; 64 images at DDPM-1000 for the original design),
+scored by du.evaluate_samples. A conditional configuration is scored unconditionally and, in a second row
+("NAME, asked"), on the class, centre and size of as many real shapes (du.evaluate_requests, guidance 1).
 
-Where the evaluations fall: two modes.
-  --budgets 5,15   every budget is its own fresh run (per preset and seed), evaluated at its end. A preset with
-                   a decaying learning rate (TrainConfig.lr_schedule="cosine") needs this: the Trainer decays the
-                   lr to 0 at the end of each train() call's budget, so "a 5-minute run" is a run that was told
-                   5 minutes, not the first 5 minutes of a 15-minute one. Right for every preset; --minutes is
-                   not used.
-  --eval-at 3,6,9  one run per preset and seed of --minutes, trained in chunks (trainer.train(minutes=chunk))
-                   and evaluated between them: one run gives a whole curve, cheaper, but it only measures what
-                   it says for a constant learning rate (each chunk of a decaying preset would decay on its own).
-                   The script refuses a decaying preset with more than one --eval-at point.
-  neither          chunked evaluation at 0.2, 0.4, ... 1.0 x --minutes when every preset keeps a constant lr,
-                   else one budget of --minutes.
+  --budgets 5,15   a fresh run per budget, evaluated at its end: needed when the lr decays to 0 at the end of
+                   each train() call (the recipe), so that "a 5-minute run" is one that was told 5 minutes
+  --eval-at 5,15   one run of --minutes, evaluated between chunks: one curve per run, for a constant lr only
 
-Seeds: --seeds 0,1,2 trains every preset once per training seed (the sampling seed stays fixed). The tables
-list each seed's row, then the mean and the spread (min-max) per preset and budget (or evaluation point); the
-plot draws the mean with the min-max band.
+Configurations: original (du.original_design_configs()), previous (bc.previous_recipe), recipe
+(du.default_configs(device)) and, with --ablation, the cumulative chain from the original to the CPU recipe
+(+100-step sampling, +cosine, +v, +min-snr-5, ...; any step's name can also go to --configs). Writes
+time_to_quality.json and .md (a row per seed, then the mean and min-max over seeds), valid_vs_minutes.png, sample
+grids and each configuration's last checkpoint (recipe.pt, recipe_seed1.pt: the samplers' and guidance's model).
 
-Presets (build_presets, one line each; the command line's overrides apply to all):
-  original            du.original_design_configs(): linear schedule, eps target, time at the bottleneck only,
-                      plain MSE, no EMA; sampled with 1000 DDPM steps
-  previous            the recipe before the learning-rate decay and conditioning, spelled out field by field in
-                      previous_recipe() (unconditional, constant lr), so old and new can run side by side
-  recipe              du.default_configs(device), sampled with 100 DDPM steps
-  --ablation          the original plus one change at a time, cumulatively. The first change is the sampler
-                      alone: the original's trained model is also sampled with 100 DDPM steps ("+100-step
-                      sampling"), and every later step is sampled that way too. Then +cosine, +v, +min-snr-5
-                      (Hang et al.'s formula, min_snr_form="paper"), +time-every-block, +ema, +attention,
-                      +min-snr-cap (min_snr_form="cap"), +lr-decay and +conditioning; a step that would not
-                      change anything against the CPU recipe (du.default_configs("cpu")) is left out, and the
-                      last one is that recipe. --configs +min-snr-cap (any step's name) runs steps alone.
-Conditional presets: the main row scores unconditional samples (the null condition), comparable with every
-other preset; a second row, "NAME, asked", asks for the class, centre and size of real shapes (du.make_shapes,
-a fixed seed) with guidance --guidance and reports du.evaluate_requests, on as many samples as the main row
-(--request-samples N changes that; 0 skips it).
-
-1000-step sampling is slow on a CPU (about 10x the 100-step cost), so configurations sampled with it draw
---original-samples images (default 64: valid % then has a standard error of about 6 points at 50%);
---original-steps can lower the step count for quick looks. 100-step sampling keeps validity within a few
-points of 1000 steps (the samplers table of benchmarks/RESULTS.md), which is why the ablation switches the sampler
-first and scores every later step on --samples images. Runs are sequential, never in parallel.
-
-Examples (on the 2-core CPU: about 40 min; about 90 min for the ablation; the third about 90 min):
-    python benchmarks/time_to_quality.py --minutes 15 --eval-at 3,6,9,12,15
-    python benchmarks/time_to_quality.py --ablation --minutes 10 --eval-at 10 --out benchmarks/results/ablation
-    python benchmarks/time_to_quality.py --configs previous,recipe --budgets 5,15 --seeds 0,1
-Smoke test (seconds):
-    python benchmarks/time_to_quality.py --minutes 0.1 --eval-at 0.05,0.1 --samples 8 \\
-        --original-samples 4 --original-steps 20 --base-channels 8 --channel-mults 1,2 --batch-size 8 --threads 1
+The commands of RESULTS.md are given there. Smoke test (seconds):
     python benchmarks/time_to_quality.py --configs previous,recipe --budgets 0.03,0.05 --seeds 0,1 --samples 8 \\
-        --conditional --lr-schedule cosine --base-channels 8 --channel-mults 1,2 --batch-size 8 --threads 1
+        --base-channels 8 --channel-mults 1,2 --batch-size 8 --threads 1 --out /tmp/bench_smoke/ttq
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for diffusion_utils
+import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
+import numpy as np
 
-import _common as bc  # noqa: E402  (benchmarks/ is on sys.path as this script's folder)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import diffusion_utils as du
 
-import diffusion_utils as du  # noqa: E402
-
-DEFAULT_CONFIGS = ("original", "recipe")
-REQUEST_SEED = 4321  # the real shapes whose class, centre and size conditional presets are asked for
-SUMMARY_METRICS = (
-    "images_seen",
-    "valid",
-    "mid_gray",
-    "circle_share",
-    "size_w1",
-    "position_w1",
-    "matches",
-    "class_accuracy",
-    "center_error",
-    "size_error",
-)
-
-
-@dataclass
-class Evaluation:
-    """One way of sampling a trained configuration: a row label, the sampler and how many images."""
-
-    label: str
-    sampler: str
-    steps: int
-    samples: int
-
-
-@dataclass
-class Preset:
-    name: str
-    model: du.ModelConfig
-    train: du.TrainConfig
-    evaluations: list[Evaluation] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def decays(self) -> bool:
-        """True when the learning rate decays over each train() call (chunked evaluation would mislead)."""
-        return self.train.lr_schedule != "constant"
-
-
-@dataclass
-class Plan:
-    """What to run: the presets in order, the seeds, and the evaluation points of one mode."""
-
-    names: list[str]
-    seeds: list[int]
-    mode: str  # "budgets": a fresh run per point; "eval_at": one chunked run, evaluated at each point
-    points: list[float]  # minutes
-    out_dir: Path
-
-
-# ------------------------------------------------------------------------------------------
-# Presets
-# ------------------------------------------------------------------------------------------
-
-
-def previous_recipe(device: torch.device) -> tuple[du.ModelConfig, du.TrainConfig]:
-    """The recipe as it stood before the learning-rate decay and conditioning, every field spelled out.
-
-    Written out rather than derived from today's defaults, so it stays the same when they move. On a CPU it is
-    the 24-channel, 4x4-stem U-Net with attention and time in every block, cosine schedule, v target, capped
-    min-SNR-5, EMA 0.998, AdamW lr 1e-3 after 200 warm-up steps then constant, batch 32, channels_last; on CUDA
-    the wider GPU recipe of the same round.
-    """
-    model = du.ModelConfig(
-        schedule="cosine",
-        num_timesteps=1000,
-        prediction="v",
-        base_channels=24,
-        channel_mults=(1, 2),
-        blocks_per_level=1,
-        pixel_unshuffle=4,
-        time_injection="every_block",
-        bottleneck_attention=True,
-        conditional=False,
-        dropout=0.0,
-    )
-    train = du.TrainConfig(
-        batch_size=32,
-        lr=1e-3,
-        warmup_steps=200,
-        lr_schedule="constant",
-        weight_decay=0.0,
-        grad_clip=1.0,
-        min_snr_gamma=5.0,
-        min_snr_form="cap",
-        ema_decay=0.998,
-        condition_dropout=0.0,
-        channels_last=device.type == "cpu",
-        data_workers=0,
-        compile=False,
-    )
-    if device.type != "cuda":
-        return model, train
-    model = dataclasses.replace(model, base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
-    workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-    return model, dataclasses.replace(train, batch_size=256, ema_decay=0.999, channels_last=False, data_workers=workers)
-
-
-def ablation_steps(target_model: du.ModelConfig, target_train: du.TrainConfig) -> list[tuple[str, dict, dict]]:
-    """(name, model changes, train changes) from the original design towards the target recipe, in order."""
-    t = target_train
-    return [
-        ("+cosine", {"schedule": target_model.schedule}, {}),
-        ("+v", {"prediction": target_model.prediction}, {}),
-        ("+min-snr-5", {}, {"min_snr_gamma": t.min_snr_gamma, "min_snr_form": "paper"}),
-        ("+time-every-block", {"time_injection": target_model.time_injection}, {}),
-        ("+ema", {}, {"ema_decay": t.ema_decay}),
-        ("+attention", {"bottleneck_attention": target_model.bottleneck_attention}, {}),
-        ("+min-snr-cap", {}, {"min_snr_form": t.min_snr_form}),
-        ("+lr-decay", {}, {"lr_schedule": t.lr_schedule}),
-        ("+conditioning", {"conditional": target_model.conditional}, {"condition_dropout": t.condition_dropout}),
-    ]
-
-
-def ablation_chain(
-    original: tuple[du.ModelConfig, du.TrainConfig], target: tuple[du.ModelConfig, du.TrainConfig]
-) -> list[tuple[str, du.ModelConfig, du.TrainConfig, str]]:
-    """The cumulative chain (name, model, train, note), leaving out steps that change nothing."""
-    model, train = original
-    chain = []
-    for name, model_changes, train_changes in ablation_steps(*target):
-        changed = dataclasses.replace(model, **model_changes), dataclasses.replace(train, **train_changes)
-        if changed == (model, train):
-            continue
-        model, train = changed
-        chain.append((name, model, train, f"previous + {model_changes | train_changes}"))
-    if (model, train) != target:
-        raise RuntimeError("the ablation chain no longer ends at du.default_configs('cpu'): update ablation_steps")
-    return chain
-
-
-def build_presets(args: argparse.Namespace, device: torch.device) -> dict[str, Preset]:
-    """Every named configuration, with the command line's model overrides applied."""
-    long_eval = Evaluation("", "ddpm", args.original_steps, args.original_samples)
-
-    def short(label: str) -> list[Evaluation]:
-        return [Evaluation(label, "ddpm", 100, args.samples)]
-
-    original = du.original_design_configs()
-    original_evaluations = [dataclasses.replace(long_eval, label="original")]
-    if args.ablation:
-        original_evaluations += short("+100-step sampling")
-    raw = {
-        "original": (*original, original_evaluations, "du.original_design_configs()"),
-        "previous": (*previous_recipe(device), short("previous"), "the recipe before lr decay and conditioning"),
-        "recipe": (*du.default_configs(device), short("recipe"), "du.default_configs(device)"),
-    }
-    if args.ablation or any(name.startswith("+") for name in (args.configs or "").split(",")):  # built when asked for
-        chain = ablation_chain(original, du.default_configs("cpu"))
-        raw |= {name: (model, train, short(name), note) for name, model, train, note in chain}
-        last = chain[-1][0]
-        raw[last] = (*raw[last][:3], raw[last][3] + " = du.default_configs('cpu'), the CPU recipe")
-    presets = {}
-    for name, (model, train, evaluations, note) in raw.items():
-        model, train = bc.apply_overrides(model, train, args)
-        presets[name] = Preset(name, model, train, evaluations, note)
-    return presets
-
-
-def ablation_names(presets: dict[str, Preset]) -> list[str]:
-    return ["original"] + [name for name in presets if name.startswith("+")]
-
-
-# ------------------------------------------------------------------------------------------
-# Command line and plan
-# ------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = bc.make_parser(__doc__, "runs/benchmarks/time_to_quality")
-    add = parser.add_argument
-    add("--minutes", type=float, default=15.0, help="--eval-at mode: training budget per run (default 15)")
-    add(
-        "--eval-at",
-        type=bc.parse_floats,
-        default=None,
-        help="evaluation points in minutes of one chunked run (default 3,6,9,12,15 scaled to --minutes)",
-    )
-    add(
-        "--budgets",
-        type=bc.parse_floats,
-        default=None,
-        help="minutes: each a fresh run per preset and seed, evaluated at its end (needed for a decaying lr)",
-    )
-    add("--seeds", type=bc.parse_ints, default=None, help="training seeds, each a run per preset (default: --seed)")
-    add(
-        "--configs",
-        help="comma-separated presets to run, in order (default original,recipe; with --ablation the whole chain)",
-    )
-    add(
-        "--ablation",
-        action="store_true",
-        help="run the cumulative ablation chain from the original design to the recipe",
-    )
-    add("--samples", type=int, default=256, help="images drawn per evaluation with 100-step sampling (default 256)")
-    add(
-        "--original-samples",
-        type=int,
-        default=64,
-        help="images per evaluation for configurations sampled with --original-steps DDPM steps (default 64)",
-    )
-    add("--original-steps", type=int, default=1000, help="DDPM steps for the original design (default 1000)")
-    add(
-        "--request-samples",
-        type=int,
-        default=None,
-        help="conditional presets: images asked for real shapes' requests (default: as the main row; 0 skips)",
-    )
-    add("--guidance", type=float, default=du.DEFAULT_GUIDANCE, help="guidance scale for the requests (default 1)")
-    add("--sample-batch-size", type=int, default=256, help="images per sampling chunk (default 256)")
-    bc.add_model_override_args(parser)
-    return parser
-
-
-def make_plan(args: argparse.Namespace, presets: dict[str, Preset], parser: argparse.ArgumentParser) -> Plan:
-    """The presets, seeds and evaluation points asked for, or a parser error saying what does not fit."""
-    names = args.configs.split(",") if args.configs else ablation_names(presets) if args.ablation else DEFAULT_CONFIGS
-    names = list(names)
-    unknown = [n for n in names if n not in presets]
-    if unknown:
-        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(presets)}")
-    if args.budgets is not None and args.eval_at is not None:
-        parser.error("give --budgets (a fresh run per budget) or --eval-at (one chunked run), not both")
-    seeds = list(dict.fromkeys(args.seeds if args.seeds else [args.seed]))
-    decaying = [n for n in names if presets[n].decays]
-    budgets = args.budgets if args.budgets is not None or args.eval_at or not decaying else [args.minutes]
-    if budgets is not None:
-        if min(budgets) <= 0:
-            parser.error("--budgets must be positive minutes")
-        return Plan(names, seeds, "budgets", sorted(set(budgets)), bc.prepare_out(args.out))
-    points = sorted(args.eval_at or [args.minutes * f for f in (0.2, 0.4, 0.6, 0.8, 1.0)])
-    if points[-1] > args.minutes + 1e-9 or points[0] <= 0:
-        parser.error(f"--eval-at points must lie in (0, --minutes={args.minutes}]")
-    if decaying and len(points) > 1:
-        parser.error(
-            f"{', '.join(decaying)} decay(s) the learning rate over each train() call, so evaluating one chunked run "
-            "at several points would not measure runs of those lengths: use --budgets"
-        )
-    return Plan(names, seeds, "eval_at", points, bc.prepare_out(args.out))
-
-
-# ------------------------------------------------------------------------------------------
-# Training and evaluation
-# ------------------------------------------------------------------------------------------
-
-
-class Report:
-    """The rows so far and the payload that holds them, saved after every row."""
-
-    def __init__(self, args: argparse.Namespace, plan: Plan, presets: dict[str, Preset], env: dict) -> None:
-        self.plan, self.env, self.rows = plan, env, []
-        self.asked = args.request_samples != 0 and any(presets[n].model.conditional for n in plan.names)
-        self.columns = table_columns(plan, ROW_COLUMNS, REQUEST_KEYS, self.asked)
-        self.payload = {
-            "benchmark": "time_to_quality",
-            "environment": env,
-            "args": vars(args),
-            "mode": plan.mode,
-            "points_minutes": plan.points,
-            "seeds": plan.seeds,
-            "presets": {
-                n: {
-                    "model": presets[n].model,
-                    "train": presets[n].train,
-                    "evaluations": presets[n].evaluations,
-                    "note": presets[n].note,
-                }
-                for n in plan.names
-            },
-            "rows": self.rows,
-        }
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        print(bc.markdown_table([row], self.columns).splitlines()[-1], flush=True)
-        self.save()
-
-    def save(self) -> None:
-        bc.save_json(self.plan.out_dir / "time_to_quality.json", self.payload)
-
-
-def run_preset(preset: Preset, args: argparse.Namespace, plan: Plan, device: torch.device, report: Report) -> None:
-    """Every seed of one preset: a fresh run per budget, or one chunked run evaluated at each point."""
-    for seed in plan.seeds:
-        train = dataclasses.replace(preset.train, seed=seed)
-        if plan.mode == "budgets":
-            for budget in plan.points:
-                trainer = new_trainer(preset, train, device, seed)
-                seconds = train_for(trainer, budget, device)
-                evaluate(trainer, preset, args, plan, report, seed, budget, seconds)
-        else:
-            trainer, seconds = new_trainer(preset, train, device, seed), 0.0
-            for point in plan.points:
-                seconds += train_for(trainer, point - seconds / 60, device)
-                evaluate(trainer, preset, args, plan, report, seed, point, seconds)
-        save_checkpoint(trainer, preset, plan, seed)
-
-
-def new_trainer(preset: Preset, train: du.TrainConfig, device: torch.device, seed: int) -> du.Trainer:
-    trainer = du.Trainer(preset.model, train, device=device)
-    print(f"\n## {preset.name}, seed {seed}: {du.describe_model(trainer.model)}; {preset.note}", flush=True)
-    return trainer
-
-
-def train_for(trainer: du.Trainer, minutes: float, device: torch.device) -> float:
-    """Train for `minutes` more (nothing when <= 0) and return the seconds it took, the device synced."""
-    if minutes <= 0:
-        return 0.0
-    start = time.perf_counter()
-    trainer.train(minutes=minutes, progress=False)
-    bc.synchronize(device)
-    return time.perf_counter() - start
-
-
-def evaluate(
-    trainer: du.Trainer,
-    preset: Preset,
-    args: argparse.Namespace,
-    plan: Plan,
-    report: Report,
-    seed: int,
-    point: float,
-    seconds: float,
-) -> None:
-    """Score every evaluation of the preset (and its requests, when conditional) and add their rows."""
-    common = {
-        "preset": preset.name,
-        "seed": seed,
-        "mode": plan.mode,
-        "minutes": point,
-        "train_minutes": seconds / 60,
-        "steps_trained": trainer.step,
-        "images_seen": trainer.images_seen,
-        "loss": bc.mean_tail(trainer.losses),
-    }
-    grid_dir = plan.out_dir if point == plan.points[-1] and seed == plan.seeds[0] else None  # one grid per config
-    for ev in preset.evaluations:
-        report.add({"config": ev.label, **common, **score_samples(trainer, ev, args, grid_dir)})
-    ev = preset.evaluations[-1]
-    requests = args.request_samples if args.request_samples is not None else ev.samples
-    if preset.model.conditional and requests > 0:
-        report.add({"config": f"{ev.label}, asked", **common, **score_asked(trainer, ev, requests, args, grid_dir)})
-
-
-def score_samples(trainer: du.Trainer, ev: Evaluation, args: argparse.Namespace, grid_dir: Path | None) -> dict:
-    """Unconditional samples (the null condition for a conditional model), scored by du.evaluate_samples."""
-    metrics, images = bc.sample_and_evaluate(
-        trainer.sampling_model,
-        trainer.schedule,
-        ev.samples,
-        ev.sampler,
-        ev.steps,
-        trainer.device,
-        batch_size=args.sample_batch_size,
-    )
-    if grid_dir is not None:
-        title = f"{ev.label}: {trainer.images_seen} images seen, {ev.sampler} {ev.steps} steps"
-        title += f", valid {100 * metrics['valid']:.0f}%"
-        save_grid(images, title, grid_dir / f"samples_{_slug(ev.label)}.png")
-    return metrics
-
-
-def score_asked(trainer: du.Trainer, ev: Evaluation, n: int, args: argparse.Namespace, grid_dir: Path | None) -> dict:
-    """n samples asked for the class, centre and size of n real shapes, scored by du.evaluate_requests."""
-    condition = du.make_shapes(n, seed=REQUEST_SEED).condition()
-    _, images = bc.sample_and_evaluate(
-        trainer.sampling_model,
-        trainer.schedule,
-        n,
-        ev.sampler,
-        ev.steps,
-        trainer.device,
-        batch_size=args.sample_batch_size,
-        condition=condition,
-        guidance=args.guidance,
-    )
-    metrics = {"sampler": ev.sampler, "steps": ev.steps, "guidance": args.guidance}
-    metrics |= du.evaluate_requests(images, condition)
-    if grid_dir is not None:
-        label = f"{ev.label}, asked"
-        outline = du.request_matches(images[:32], condition.select(slice(0, 32)))
-        title = f"{label}: matches {100 * metrics['matches']:.0f}% (guidance {args.guidance:g})"
-        save_grid(images, title, grid_dir / f"samples_{_slug(label)}.png", outline)
-    return metrics
-
-
-def save_grid(images: torch.Tensor, title: str, path: Path, outline: list[bool] | None = None) -> None:
-    bc.save_figure(du.plot_grid(images[:32], title=title, outline=outline), path)
-
-
-def save_checkpoint(trainer: du.Trainer, preset: Preset, plan: Plan, seed: int) -> None:
-    """The last run of each preset and seed (for benchmarks that take a --checkpoint)."""
-    suffix = "" if seed == plan.seeds[0] else f"_seed{seed}"
-    du.save_checkpoint(plan.out_dir / f"{_slug(preset.name)}{suffix}.pt", trainer)
-
-
-def _slug(label: str) -> str:
-    """A file-name stem: "+min-snr-5" -> "min_snr_5", "recipe, asked" -> "recipe_asked"."""
-    return "_".join("".join(c if c.isalnum() else " " for c in label).split()) or "config"
-
-
-# ------------------------------------------------------------------------------------------
-# Report: per-seed rows, mean and spread over seeds, the plot
-# ------------------------------------------------------------------------------------------
-
+REQUEST_SEED = 4321  # the real shapes whose class, centre and size conditional configurations are asked for
 ROW_COLUMNS = [
     ("config", "config", ""),
     ("seed", "seed", ""),
-    ("minutes", "{point}", "g"),
+    ("minutes", "minutes", "g"),
     ("train_minutes", "minutes trained", ".2f"),
     ("images_seen", "images seen", ""),
     ("sampler", "sampler", ""),
@@ -501,23 +55,191 @@ ROW_COLUMNS = [
     ("size_error", "asked: size error (px)", ".2f"),
     ("loss", "loss (last 50)", ".4f"),
 ]
-REQUEST_KEYS = ("matches", "class_accuracy", "center_error", "size_error")
+SUMMARY_COLUMNS = [
+    ("config", "config", ""),
+    ("minutes", "minutes", "g"),
+    ("seeds", "seeds", ""),
+    ("images_seen_mean", "images seen (mean)", ",.0f"),
+    ("valid_mean", "valid (mean)", "%"),
+    ("valid_spread", "valid (min – max)", ""),
+    ("mid_gray_mean", "mid-gray (mean)", "%"),
+    ("mid_gray_spread", "mid-gray (min – max)", ""),
+    ("circle_share_mean", "circle share (mean)", ".2f"),
+    ("size_w1_mean", "size W1 (mean)", ".2f"),
+    ("position_w1_mean", "position W1 (mean)", ".2f"),
+    ("matches_mean", "asked: matches (mean)", "%"),
+    ("center_error_mean", "asked: centre error (mean)", ".2f"),
+    ("size_error_mean", "asked: size error (mean)", ".2f"),
+]
+SUMMARY_METRICS = ("images_seen", "valid", "mid_gray", "circle_share", "size_w1", "position_w1")
+SUMMARY_METRICS += ("matches", "center_error", "size_error")
 
 
-def point_header(plan: Plan) -> str:
-    return "budget (min)" if plan.mode == "budgets" else "eval at (min)"
+@dataclass
+class Preset:
+    name: str
+    model: du.ModelConfig
+    train: du.TrainConfig
+    evaluations: list[tuple[str, int, int]]  # (row label, DDPM steps, samples)
 
 
-def table_columns(
-    plan: Plan, columns: list[tuple[str, str, str]], request_keys: tuple[str, ...], asked: bool
-) -> list[tuple[str, str, str]]:
-    """A table's columns with the point's header filled in; request_keys only when conditional presets are asked
-    for shapes."""
-    return [
-        (key, header.format(point=point_header(plan)), spec)
-        for key, header, spec in columns
-        if asked or key not in request_keys
+# ------------------------------------------------------------------------------------------
+# Configurations
+# ------------------------------------------------------------------------------------------
+
+
+def ablation_chain(original, target) -> list[tuple[str, du.ModelConfig, du.TrainConfig]]:
+    """The original design plus one change of the target recipe at a time, leaving out steps that change nothing."""
+    (model, train), (target_model, t) = original, target
+    steps = [
+        ("+cosine", {"schedule": target_model.schedule}, {}),
+        ("+v", {"prediction": target_model.prediction}, {}),
+        ("+min-snr-5", {}, {"min_snr_gamma": t.min_snr_gamma, "min_snr_form": "paper"}),
+        ("+time-every-block", {"time_injection": target_model.time_injection}, {}),
+        ("+ema", {}, {"ema_decay": t.ema_decay}),
+        ("+attention", {"bottleneck_attention": target_model.bottleneck_attention}, {}),
+        ("+min-snr-cap", {}, {"min_snr_form": t.min_snr_form}),
+        ("+lr-decay", {}, {"lr_schedule": t.lr_schedule}),
+        ("+conditioning", {"conditional": target_model.conditional}, {"condition_dropout": t.condition_dropout}),
     ]
+    chain = []
+    for name, model_changes, train_changes in steps:
+        changed = dataclasses.replace(model, **model_changes), dataclasses.replace(train, **train_changes)
+        if changed != (model, train):
+            model, train = changed
+            chain.append((name, model, train))
+    if (model, train) != target:
+        raise RuntimeError("the ablation chain no longer ends at du.default_configs('cpu'): update its steps")
+    return chain
+
+
+def build_presets(args, device) -> dict[str, Preset]:
+    """Every named configuration, with the command line's overrides applied."""
+    short = [("{}", du.DEFAULT_STEPS, args.samples)]
+    original = du.original_design_configs()
+    original_evaluations = [("original", 1000, 64)]  # DDPM-1000 is slow: 64 images
+    if args.ablation:  # the sampler alone first, so every later step is scored with DDPM-100
+        original_evaluations.append(("+100-step sampling", du.DEFAULT_STEPS, args.samples))
+    raw = {
+        "original": (*original, original_evaluations),
+        "previous": (*bc.previous_recipe(device), short),
+        "recipe": (*du.default_configs(device), short),
+    }
+    raw |= {name: (model, train, short) for name, model, train in ablation_chain(original, du.default_configs("cpu"))}
+    presets = {}
+    for name, (model, train, evaluations) in raw.items():
+        evaluations = [(label.format(name), steps, n) for label, steps, n in evaluations]
+        presets[name] = Preset(name, *bc.apply_overrides(model, train, args), evaluations)
+    return presets
+
+
+def parse_args(argv):
+    parser = bc.make_parser(__doc__, "runs/benchmarks/time_to_quality")
+    add = parser.add_argument
+    add("--budgets", type=bc.parse_floats, help="minutes: a fresh run per configuration, seed and budget")
+    add("--eval-at", type=bc.parse_floats, help="minutes: evaluation points of one chunked run of --minutes")
+    add("--minutes", type=float, default=15.0, help="--eval-at's run, or the one budget without either (default 15)")
+    add("--seeds", type=bc.parse_ints, help="training seeds, each a run per configuration (default: --seed)")
+    add("--configs", help="comma-separated configurations, in order (default original,recipe, or the ablation)")
+    add("--ablation", action="store_true", help="the cumulative chain from the original design to the recipe")
+    add("--samples", type=int, default=256, help="images per evaluation with 100-step sampling (default 256)")
+    bc.add_model_override_args(parser)
+    args = parser.parse_args(argv)
+    if args.budgets and args.eval_at:
+        parser.error("give --budgets (a fresh run per budget) or --eval-at (one chunked run), not both")
+    if args.eval_at and (max(args.eval_at) > args.minutes + 1e-9 or min(args.eval_at) <= 0):
+        parser.error(f"--eval-at points must lie in (0, --minutes={args.minutes}]")
+    args.seeds = list(dict.fromkeys(args.seeds or [args.seed]))
+    args.points = sorted(set(args.eval_at or args.budgets or [args.minutes]))
+    return args, parser
+
+
+def chosen_names(args, presets: dict[str, Preset], parser) -> list[str]:
+    """The configurations asked for, or a parser error saying what does not fit."""
+    if args.configs:
+        names = args.configs.split(",")
+    elif args.ablation:
+        names = ["original"] + [name for name in presets if name.startswith("+")]
+    else:
+        names = ["original", "recipe"]
+    unknown = [n for n in names if n not in presets]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(presets)}")
+    decaying = [n for n in names if presets[n].train.lr_schedule != "constant"]
+    if args.eval_at and len(args.points) > 1 and decaying:
+        parser.error(f"{', '.join(decaying)} decay(s) the lr over each train() call: use --budgets, not --eval-at")
+    return names
+
+
+# ------------------------------------------------------------------------------------------
+# Training and evaluation
+# ------------------------------------------------------------------------------------------
+
+
+def run_preset(preset: Preset, args, device, rows: list[dict], save) -> None:
+    """Every seed of one configuration: a fresh run per budget, or one chunked run evaluated at each point."""
+    for seed in args.seeds:
+        train = dataclasses.replace(preset.train, seed=seed)
+        trainer, seconds = None, 0.0
+        for point in args.points:
+            if trainer is None or not args.eval_at:
+                trainer, seconds = du.Trainer(preset.model, train, device=device), 0.0
+                print(f"\n## {preset.name}, seed {seed}: {du.describe_model(trainer.model)}", flush=True)
+            seconds += train_for(trainer, point - seconds / 60, device)
+            common = {"seed": seed, "minutes": point, "train_minutes": seconds / 60, "steps_trained": trainer.step}
+            common |= {"images_seen": trainer.images_seen, "loss": bc.mean_tail(trainer.losses)}
+            grids = args.out if point == args.points[-1] and seed == args.seeds[0] else None  # one grid per config
+            for row in evaluate(trainer, preset, grids):
+                rows.append({"config": row.pop("config"), **common, **row})
+                print(bc.markdown_table([rows[-1]], ROW_COLUMNS).splitlines()[-1], flush=True)
+                save()
+        suffix = "" if seed == args.seeds[0] else f"_seed{seed}"
+        du.save_checkpoint(args.out / f"{slug(preset.name)}{suffix}.pt", trainer)
+
+
+def train_for(trainer: du.Trainer, minutes: float, device) -> float:
+    """Train `minutes` more (nothing when <= 0); the seconds it took, the device synced."""
+    if minutes <= 0:
+        return 0.0
+    start = time.perf_counter()
+    trainer.train(minutes=minutes, progress=False)
+    bc.synchronize(device)
+    return time.perf_counter() - start
+
+
+def evaluate(trainer: du.Trainer, preset: Preset, grids) -> list[dict]:
+    """Each evaluation's scores, then (conditional configurations) the scores asked for real shapes."""
+    model, schedule, rows = trainer.sampling_model, trainer.schedule, []
+    for label, steps, n in preset.evaluations:
+        metrics, images = bc.sample_and_evaluate(model, schedule, n, "ddpm", steps, trainer.device)
+        rows.append({"config": label, **metrics})
+        save_grid(grids, label, images, f"{trainer.images_seen} images seen, ddpm {steps} steps", metrics)
+    if preset.model.conditional:  # with the last evaluation's steps and sample count
+        condition = du.make_shapes(n, seed=REQUEST_SEED).condition()
+        options = {"condition": condition, "guidance": du.DEFAULT_GUIDANCE}
+        _, images = bc.sample_and_evaluate(model, schedule, n, "ddpm", steps, trainer.device, **options)
+        metrics = {"sampler": "ddpm", "steps": steps, **du.evaluate_requests(images, condition)}
+        rows.append({"config": f"{label}, asked", **metrics})
+        outline = du.request_matches(images[:32], condition.select(slice(0, 32)))
+        save_grid(grids, f"{label}, asked", images, "asked for real shapes", metrics, outline)
+    return rows
+
+
+def save_grid(folder, label: str, images, what: str, metrics: dict, outline=None) -> None:
+    if folder is not None:
+        score = f"matches {100 * metrics['matches']:.0f}%" if "matches" in metrics else f"valid {metrics['valid']:.0%}"
+        figure = du.plot_grid(images[:32], title=f"{label}: {what}, {score}", outline=outline)
+        du.save_figure(figure, folder / f"samples_{slug(label)}.png")
+
+
+def slug(label: str) -> str:
+    """A file-name stem: "+min-snr-5" -> "min_snr_5", "recipe, asked" -> "recipe_asked"."""
+    return "_".join("".join(c if c.isalnum() else " " for c in label).split()) or "config"
+
+
+# ------------------------------------------------------------------------------------------
+# Report: mean and spread over seeds, the plot
+# ------------------------------------------------------------------------------------------
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -532,47 +254,16 @@ def summarize(rows: list[dict]) -> list[dict]:
             values = [r[key] for r in group if r.get(key) is not None and not math.isnan(r[key])]
             if values:
                 entry |= {f"{key}_mean": float(np.mean(values)), f"{key}_min": min(values), f"{key}_max": max(values)}
+        for key in ("valid", "mid_gray"):
+            if f"{key}_min" in entry:
+                low, high = (bc.format_value(entry[f"{key}_{end}"], "%") for end in ("min", "max"))
+                entry[f"{key}_spread"] = low if low == high else f"{low} – {high}"
         summary.append(entry)
     return summary
 
 
-def spread(entry: dict, key: str, spec: str) -> str:
-    if f"{key}_min" not in entry:
-        return "–"
-    low, high = bc.format_value(entry[f"{key}_min"], spec), bc.format_value(entry[f"{key}_max"], spec)
-    return low if low == high else f"{low} – {high}"
-
-
-SUMMARY_COLUMNS = [
-    ("config", "config", ""),
-    ("minutes", "{point}", "g"),
-    ("seeds", "seeds", ""),
-    ("images_seen_mean", "images seen (mean)", ",.0f"),
-    ("valid_mean", "valid (mean)", "%"),
-    ("valid_spread", "valid (min – max)", ""),
-    ("mid_gray_mean", "mid-gray (mean)", "%"),
-    ("mid_gray_spread", "mid-gray (min – max)", ""),
-    ("circle_share_mean", "circle share (mean)", ".2f"),
-    ("size_w1_mean", "size W1 (mean)", ".2f"),
-    ("position_w1_mean", "position W1 (mean)", ".2f"),
-    ("matches_mean", "asked: matches (mean)", "%"),
-    ("matches_spread", "asked: matches (min – max)", ""),
-    ("center_error_mean", "asked: centre error (mean)", ".2f"),
-    ("size_error_mean", "asked: size error (mean)", ".2f"),
-]
-SUMMARY_REQUEST_KEYS = ("matches_mean", "matches_spread", "center_error_mean", "size_error_mean")
-
-
-def summary_table(plan: Plan, summary: list[dict], asked: bool) -> str:
-    shown = [
-        {**entry, **{f"{key}_spread": spread(entry, key, "%") for key in ("valid", "mid_gray", "matches")}}
-        for entry in summary
-    ]
-    return bc.markdown_table(shown, table_columns(plan, SUMMARY_COLUMNS, SUMMARY_REQUEST_KEYS, asked))
-
-
-def plot_quality(plan: Plan, rows: list[dict], summary: list[dict], device_name: str):
-    """Valid and mid-gray shares against minutes: each configuration's mean, its min-max band, each seed's point."""
+def plot_quality(summary: list[dict], rows: list[dict], seeds: list[int], device_name: str):
+    """Valid and mid-gray shares against minutes: each configuration's mean, min-max band and per-seed points."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
@@ -581,65 +272,50 @@ def plot_quality(plan: Plan, rows: list[dict], summary: list[dict], device_name:
     configs = list(dict.fromkeys(e["config"] for e in summary if "mid_gray_mean" in e))  # not the "asked" rows
     for ax, key, ylabel in zip(axes, ("valid", "mid_gray"), ("valid shapes", "mid-gray pixels")):
         for k, config in enumerate(configs):
-            color = f"C{k % 10}"
             entries = sorted((e for e in summary if e["config"] == config), key=lambda e: e["minutes"])
             xs = [e["minutes"] for e in entries]
-            ax.plot(xs, [e.get(f"{key}_mean", math.nan) for e in entries], "o-", ms=3, color=color, label=config)
-            if plan.seeds[1:]:
-                low = [e.get(f"{key}_min", math.nan) for e in entries]
-                high = [e.get(f"{key}_max", math.nan) for e in entries]
-                ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
-                seeds = [r for r in rows if r["config"] == config and r.get(key) is not None]
-                ax.plot([r["minutes"] for r in seeds], [r[key] for r in seeds], ".", color=color, alpha=0.5)
-        ax.set_xlabel("minutes of training per run" if plan.mode == "budgets" else "minutes of training")
-        ax.set_ylabel(ylabel)
+            ax.plot(xs, [e[f"{key}_mean"] for e in entries], "o-", ms=3, color=f"C{k % 10}", label=config)
+            if len(seeds) > 1:
+                band = [e[f"{key}_min"] for e in entries], [e[f"{key}_max"] for e in entries]
+                ax.fill_between(xs, *band, color=f"C{k % 10}", alpha=0.2, lw=0)
+                points = [(r["minutes"], r[key]) for r in rows if r["config"] == config]
+                ax.plot(*zip(*points), ".", color=f"C{k % 10}", alpha=0.5)
+        ax.set(xlabel="minutes of training", ylabel=ylabel)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylim(0, 1.02)
     axes[1].set_ylim(0, None)
-    seeds = f"mean of {len(plan.seeds)} seeds, band min-max" if plan.seeds[1:] else f"seed {plan.seeds[0]}"
-    fig.suptitle(f"Time to quality on {device_name} ({seeds}; evaluation excluded)")
+    spread = f"mean of {len(seeds)} seeds, band min-max" if len(seeds) > 1 else f"seed {seeds[0]}"
+    fig.suptitle(f"Time to quality on {device_name} ({spread}; evaluation excluded)")
     return fig
 
 
-def write_report(report: Report) -> None:
-    plan, rows = report.plan, report.rows
-    summary = summarize(rows)
-    report.payload["summary"] = summary
-    table = bc.markdown_table(rows, report.columns)
-    means = summary_table(plan, summary, report.asked)
-    text = f"## Results, one row per seed\n\n{table}\n\n## Mean and spread over seeds\n\n{means}"
-    print(f"\n{text}")
-    bc.save_figure(plot_quality(plan, rows, summary, report.env["device_name"]), plan.out_dir / "valid_vs_minutes.png")
-    bc.save_text(
-        plan.out_dir / "time_to_quality.md", f"# Time to quality\n\n{bc.environment_line(report.env)}\n\n{text}\n"
-    )
-    report.save()
-    print(f"\nsaved {plan.out_dir / 'time_to_quality.json'}, time_to_quality.md, valid_vs_minutes.png and sample grids")
-
-
-def describe_plan(plan: Plan, args: argparse.Namespace) -> str:
-    if plan.mode == "budgets":
-        when = f"a fresh run per budget of {', '.join(f'{p:g}' for p in plan.points)} min, evaluated at its end"
-    else:
-        when = f"one run of {args.minutes:g} min per configuration, evaluated at {plan.points} min"
-    return f"{when}; seeds {plan.seeds}; configurations: {', '.join(plan.names)}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args, parser = parse_args(argv)
     device = bc.setup(args)
     presets = build_presets(args, device)
-    plan = make_plan(args, presets, parser)
-    env = bc.environment(device)
-    print(f"# Time to quality\n{bc.environment_line(env)}\n{describe_plan(plan, args)}", flush=True)
-    report = Report(args, plan, presets, env)
-    print("\n" + "\n".join(bc.markdown_table([], report.columns).splitlines()[:2]))
-    for name in plan.names:
-        run_preset(presets[name], args, plan, device, report)
-    write_report(report)
+    names = chosen_names(args, presets, parser)
+    args.out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
+    mode = "eval_at" if args.eval_at else "budgets"
+    print(f"# Time to quality\n{bc.environment_line(env)}\n{mode} {args.points} min; seeds {args.seeds}", flush=True)
+    rows: list[dict] = []
+    payload = {"mode": mode, "points_minutes": args.points, "seeds": args.seeds, "rows": rows}
+    payload["presets"] = {n: {"model": presets[n].model, "train": presets[n].train} for n in names}
+    json_path = args.out / "time_to_quality.json"
+
+    def save() -> None:
+        bc.save_json(json_path, {"benchmark": "time_to_quality", "environment": env, "args": vars(args), **payload})
+
+    for name in names:
+        run_preset(presets[name], args, device, rows, save)
+    payload["summary"] = summary = summarize(rows)
+    sections = [
+        "## Results, one row per seed\n\n" + bc.markdown_table(rows, ROW_COLUMNS),
+        "## Mean and spread over seeds\n\n" + bc.markdown_table(summary, SUMMARY_COLUMNS),
+    ]
+    bc.write_report(args.out, "time_to_quality", "Time to quality", env, sections, args=vars(args), **payload)
+    du.save_figure(plot_quality(summary, rows, args.seeds, env["device_name"]), args.out / "valid_vs_minutes.png")
     return 0
 
 

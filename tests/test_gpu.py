@@ -1,6 +1,6 @@
 """The CUDA paths: mixed precision, no host-device syncs in a training step, checkpoints across
 devices, seeded sampling. They need a GPU, so they are skipped in CI (a CPU machine) and run on
-a GPU machine with `python -m pytest tests/test_gpu.py` (what benchmarks/gpu.py's note says)."""
+a GPU machine with `python -m pytest tests/test_gpu.py`."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Sections 7 and 10: the sampler interface and DPM-Solver++(2M), against oracles no one here wrote.
 
 tests/data/sampler_reference.npz holds Hugging Face diffusers' DPMSolverMultistepScheduler and DDIMScheduler
-trajectories in float64 (written once by benchmarks/reference_samplers.py; diffusers is not needed to run this).
+trajectories in float64 (written once by tests/make_sampler_reference.py; diffusers is not needed to run this).
 """
 
 import math

@@ -10,8 +10,9 @@ unconditionally (the null condition), as the benchmarks' main rows are.
 Why: choosing a fix for the failures (the loss weight, the sampler, the last layer) needs to know what they are;
 benchmarks/RESULTS.md gives the answer for the recipe's 15-minute checkpoint.
 
-Command (the samples are those of DDPM-100 with sampling seed 1):
-    python benchmarks/experiments/failure_modes.py --checkpoint runs/recipe.pt --samples 256 --out DIR
+The analysis of RESULTS.md (the samples are those of DDPM-100 with sampling seed 1):
+    python benchmarks/experiments/failure_modes.py --checkpoint benchmarks/results/time_to_quality/recipe.pt \\
+        --samples 512 --out benchmarks/results/failure_modes
 Without --checkpoint it first trains the device's recipe for --train-minutes (or --train-steps). It writes
 failure_modes.json and failure_modes.md to --out and prints the same.
 Smoke test (seconds):
@@ -29,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _common (which adds the repo root)
 
 import _common as bc  # noqa: E402
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -73,11 +73,7 @@ def failure_kind(reading: du.ShapeReading) -> str:
 
 def mid_gray_split(images: np.ndarray) -> dict[str, float]:
     """The share of all pixels that are mid-gray, and of those within a pixel of a boundary, inside, outside."""
-    mask = images > 127
-    mid = (images > du.MID_GRAY[0]) & (images < du.MID_GRAY[1])
-    kernel = np.ones((3, 3), np.uint8)
-    shapes = mask.astype(np.uint8)
-    edge = np.stack([cv2.dilate(m, kernel) ^ cv2.erode(m, kernel) for m in shapes]).astype(bool)
+    mask, mid, edge = images > 127, du.mid_gray_mask(images), bc.edge_band(images)
     return {
         "mid_gray": float(mid.mean()),
         "at_boundary": float((mid & edge).mean()),
@@ -149,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     out = bc.prepare_out(args.out)
     payload = {"source": source, "args": vars(args), "scores": scores, "failures": kinds, "mid_gray": split}
     bc.save_json(out / "failure_modes.json", {**payload, "one_blob_failures": boxes})
-    bc.save_text(out / "failure_modes.md", text)
+    (out / "failure_modes.md").write_text(text + "\n")
     return 0
 
 

@@ -9,8 +9,8 @@
 Why: mid-gray pixels (between 32 and 223 of 255) are the quality bar the short CPU budgets miss; choosing a fix
 (the loss weight at low noise, the sampler, the last step, the network's last layer) needs to know where they are.
 
-Full run (about 3 minutes):
-    python benchmarks/experiments/mid_gray.py --checkpoint runs/recipe.pt --out benchmarks/results/mid_gray
+Full run (about 3 minutes; failure_modes.py answers the same question's other half, with the same edge band):
+    python benchmarks/experiments/mid_gray.py --checkpoint C --out DIR
 Smoke test (seconds):
     python benchmarks/experiments/mid_gray.py --train-steps 3 --samples 8 --threads 1 --out /tmp/mid_gray_smoke
 """
@@ -41,7 +41,7 @@ def parse_args(argv):
 
 
 def mid_gray(images: np.ndarray) -> float:
-    return float(((images > du.MID_GRAY[0]) & (images < du.MID_GRAY[1])).mean())
+    return float(du.mid_gray_mask(images).mean())
 
 
 @torch.no_grad()
@@ -78,12 +78,9 @@ def samplers(model, schedule, n: int) -> tuple[list[dict], np.ndarray]:
 def where(images: np.ndarray) -> dict:
     """Shares of mid-gray pixels by distance (px) to the band of edge pixels, and mid-gray per class read."""
     distances, by_class = np.zeros(4), {"circle": [], "square": [], "invalid": []}
-    for image in images:
-        mask = (image > 127).astype(np.uint8)
-        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
-        distance = cv2.distanceTransform(1 - edge, cv2.DIST_L2, 3)
-        gray = (image > du.MID_GRAY[0]) & (image < du.MID_GRAY[1])
-        distances += np.histogram(np.minimum(distance[gray], 3), bins=4, range=(0, 4))[0]
+    for image, edge in zip(images, bc.edge_band(images)):
+        distance = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)
+        distances += np.histogram(np.minimum(distance[du.mid_gray_mask(image)], 3), bins=4, range=(0, 4))[0]
         reading = du.read_shape(image)
         by_class[du.CLASS_NAMES[reading.label] if reading.valid else "invalid"].append(mid_gray(image))
     shares = distances / max(distances.sum(), 1)
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     out = bc.prepare_out(args.out)
-    bc.save_text(out / "mid_gray.md", text + "\n")
+    (out / "mid_gray.md").write_text(text + "\n")
     bc.save_json(out / "mid_gray.json", {"denoising": denoising, "samplers": sampled, "where": located})
     return 0
 

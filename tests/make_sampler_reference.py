@@ -8,14 +8,15 @@ the step. Everything runs in float64.
 
 Why: an oracle that no one here wrote, for testing our own samplers at ~1e-10. diffusers stays out of the runtime
 and test requirements: this script runs once, by hand; the tests only read the .npz (plain arrays,
-np.load(path, allow_pickle=False) works).
+np.load(path, allow_pickle=False) works). It is not a test: pytest does not collect it (its name does not start
+with test_) and no test imports it.
 
 How to run (in a separate virtual environment, so diffusers never enters the project's own; diffusion_utils needs
 opencv at import, and is used here for du.cosine_betas only):
     python3 -m venv /tmp/venv-diffusers && . /tmp/venv-diffusers/bin/activate
     pip install torch==2.13.0   # or another CPU build; pin it below so pip keeps it
     pip install -r benchmarks/requirements-diffusers.txt "opencv-python>=4.8" "torch==2.13.0"
-    python benchmarks/reference_samplers.py            # writes tests/data/sampler_reference.npz
+    python tests/make_sampler_reference.py             # writes tests/data/sampler_reference.npz
 It takes a few seconds. Checked with diffusers 0.42.1, torch 2.13.0 (CPU), numpy 2.4.6.
 
 Fixture layout. `betas` (1000,) float64; `diffusers_version`, `torch_version` (0-d str arrays); `case_names` (str);
