@@ -47,8 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 IMAGE_SIZE = 64
-SCHEDULES = ("linear", "cosine")
-PREDICTIONS = ("eps", "v")
+SCHEDULES = ("linear", "cosine", "flow")
+PREDICTIONS = ("eps", "v", "x0", "velocity")
+OBJECTIVES = ("diffusion", "flow")  # the two recipes `default_configs` knows; "flow" = rectified flow
+TIME_SAMPLINGS = ("uniform", "logit-normal")
 TIME_INJECTIONS = ("every_block", "bottleneck")
 MIN_SNR_FORMS = ("cap", "paper")
 LR_SCHEDULES = ("constant", "cosine")
@@ -137,9 +139,9 @@ class ModelConfig:
     The defaults are the CPU recipe (`default_configs("cpu")`); the GPU recipe is wider.
     """
 
-    schedule: str = "cosine"  # "linear" (Ho et al. 2020) or "cosine" (Nichol & Dhariwal 2021)
+    schedule: str = "cosine"  # "linear" (Ho et al. 2020), "cosine" (Nichol & Dhariwal 2021) or "flow" (section 4)
     num_timesteps: int = 1000  # T, the number of noising steps of the forward process
-    prediction: str = "v"  # what the network predicts: "eps" (the noise) or "v" (Salimans & Ho 2022)
+    prediction: str = "v"  # the network's output: "eps" (the noise), "v" (Salimans & Ho 2022), "x0", "velocity"
     base_channels: int = 24  # width of the first U-Net level
     channel_mults: tuple[int, ...] = (1, 2)  # width multiplier per level; each level halves the size
     blocks_per_level: int = 1  # residual blocks per level
@@ -153,6 +155,10 @@ class ModelConfig:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("prediction", self.prediction, PREDICTIONS)
+        if self.schedule == "flow" and self.prediction != "velocity":
+            raise ValueError(
+                f"the flow schedule learns the velocity eps - x_0: prediction 'velocity', got {self.prediction!r}"
+            )
         _check_choice("time_injection", self.time_injection, TIME_INJECTIONS)
         _check_positive_int("num_timesteps", self.num_timesteps)
         _check_positive_int("base_channels", self.base_channels)
@@ -187,6 +193,7 @@ class TrainConfig:
     lr: float = 2e-3  # the peak learning rate, reached after the warm-up
     warmup_steps: int = 200
     lr_schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0 at the end of the budget, or "constant"
+    time_sampling: str = "uniform"  # the flow's training times t: "uniform" or "logit-normal" (Esser et al. 2024)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_snr_gamma: float | None = 5.0  # None = plain MSE (the original design)
@@ -209,6 +216,7 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         _check_choice("min_snr_form", self.min_snr_form, MIN_SNR_FORMS)
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
@@ -228,19 +236,26 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def default_configs(device: torch.device | str) -> tuple[ModelConfig, TrainConfig]:
-    """The project's measured recipe for this kind of device (benchmarks/RESULTS.md).
+def default_configs(device: torch.device | str, objective: str = "diffusion") -> tuple[ModelConfig, TrainConfig]:
+    """The project's measured recipe for this kind of device (benchmarks/RESULTS.md), for an objective.
 
     A CPU is compute-bound, so a narrow network that sees many images per minute wins there; a GPU has compute to
-    spare and takes a wider, deeper one with large batches. MPS takes the CPU recipe (unmeasured).
+    spare and takes a wider, deeper one with large batches. MPS takes the CPU recipe (unmeasured). "diffusion" is the
+    cosine schedule with v and capped min-SNR; "flow" is rectified flow on the same network and optimiser, learning
+    the velocity with plain MSE at logit-normal times, as Stable Diffusion 3 does (sections 4 and 6).
     """
     device = torch.device(device)
+    _check_choice("objective", objective, OBJECTIVES)
     if device.type == "cuda":
         model = ModelConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2, pixel_unshuffle=2)
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
         train = TrainConfig(batch_size=256, lr=1e-3, ema_decay=0.999, channels_last=False, data_workers=workers)
-        return model, train
-    return ModelConfig(), TrainConfig(channels_last=device.type == "cpu")
+    else:
+        model, train = ModelConfig(), TrainConfig(channels_last=device.type == "cpu")
+    if objective == "flow":
+        model = dataclasses.replace(model, schedule="flow", prediction="velocity")
+        train = dataclasses.replace(train, min_snr_gamma=None, time_sampling="logit-normal")
+    return model, train
 
 
 def default_training_minutes(device: torch.device | str, capability: tuple[int, int] | None = None) -> float:
@@ -743,16 +758,21 @@ class NoiseSchedule:
     """The fixed forward process and every table derived from it, precomputed in float64.
 
     Index i = 0 .. len-1 runs from the least to the most noisy step; x_0 is the clean image. `timesteps[i]` is the
-    training timestep the network sees at index i: the identity for the training schedule, the kept timesteps for
-    a respaced one (`respaced`), which samples with fewer steps.
+    time the network sees at index i: the training timestep for DDPM's schedules (the identity for the training
+    schedule, the kept timesteps for a respaced one, `respaced`, which samples with fewer steps), (T - 1) t for the
+    flow. Every table is in variance-preserving form, x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps; a path
+    with other scales, as the flow's, is that path times `input_scales[i]`, the factor its network input takes.
     """
 
-    def __init__(self, betas: torch.Tensor, timesteps: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, betas: torch.Tensor, timesteps: torch.Tensor | None = None, input_scales: torch.Tensor | None = None
+    ) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1)")
         self.betas = betas
-        self.timesteps = torch.arange(len(betas)) if timesteps is None else timesteps.long()
+        self.timesteps = torch.arange(len(betas)) if timesteps is None else timesteps
+        self.input_scales = torch.ones(len(betas), dtype=torch.float64) if input_scales is None else input_scales
         self.alphas = 1 - betas  # alpha_t = 1 - beta_t
         self.alpha_bars = torch.cumprod(self.alphas, 0)  # alpha_bar_t = prod_{s<=t} alpha_s
         self.alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
@@ -773,6 +793,8 @@ class NoiseSchedule:
     def create(cls, kind: str = "cosine", num_timesteps: int = 1000) -> NoiseSchedule:
         _check_choice("schedule", kind, SCHEDULES)
         _check_positive_int("num_timesteps", num_timesteps)
+        if kind == "flow":
+            return flow_schedule(num_timesteps)
         return cls(linear_betas(num_timesteps) if kind == "linear" else cosine_betas(num_timesteps))
 
     def __len__(self) -> int:
@@ -798,7 +820,7 @@ class NoiseSchedule:
             raise ValueError(f"kept indices must be increasing, got {kept.tolist()}")
         kept_alpha_bars = self.alpha_bars[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), kept_alpha_bars[:-1]])
-        return NoiseSchedule(1 - kept_alpha_bars / previous, timesteps=self.timesteps[kept])
+        return NoiseSchedule(1 - kept_alpha_bars / previous, self.timesteps[kept], self.input_scales[kept])
 
     def check_t(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
@@ -839,34 +861,41 @@ class NoiseSchedule:
             self.gather(self.sqrt_alpha_bars, t, x0) * x0 + self.gather(self.sqrt_one_minus_alpha_bars, t, x0) * noise
         )
 
-    # Prediction targets and the exact conversions between x_0, eps and v. With alpha = sqrt(alpha_bar_t),
-    # sigma = sqrt(1 - alpha_bar_t) and alpha^2 + sigma^2 = 1:
-    #   x_t = alpha x_0 + sigma eps,   v = alpha eps - sigma x_0,
-    # so   x_0 = alpha x_t - sigma v   and   eps = sigma x_t + alpha v.
+    # Prediction targets and the exact conversions between x_0, eps, v and the flow velocity u. With
+    # alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t) and alpha^2 + sigma^2 = 1:
+    #   x_t = alpha x_0 + sigma eps,   v = alpha eps - sigma x_0,   u = eps - x_0,
+    # so   x_0 = alpha x_t - sigma v = (x_t - sigma u) / (alpha + sigma)   and   eps = sigma x_t + alpha v.
 
-    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = alpha eps - sigma x_0 (Salimans & Ho 2022, arXiv 2202.00512, section 4)."""
         return (
             self.gather(self.sqrt_alpha_bars, t, x0) * noise - self.gather(self.sqrt_one_minus_alpha_bars, t, x0) * x0
         )
 
     def target(self, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network learns to output: eps itself, or v."""
+        """What the network learns to output: eps itself, v, x_0 itself, or the flow velocity eps - x_0."""
         _check_choice("prediction", prediction, PREDICTIONS)
-        return noise if prediction == "eps" else self.velocity(x0, noise, t)
+        targets = {"eps": lambda: noise, "v": lambda: self.v_target(x0, noise, t), "x0": lambda: x0}
+        return targets.get(prediction, lambda: noise - x0)()
 
     def predict_x0(self, prediction: str, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_0 from a network output: (x_t - sigma eps) / alpha for eps, alpha x_t - sigma v for v."""
+        """x_0 from a network output: (x_t - sigma eps) / alpha for eps, alpha x_t - sigma v for v, the output itself
+        for x0, (x_t - sigma u) / (alpha + sigma) for the velocity u."""
+        if prediction == "x0":
+            return output
         alpha = self.gather(self.sqrt_alpha_bars, t, x_t)
         sigma = self.gather(self.sqrt_one_minus_alpha_bars, t, x_t)
-        return (x_t - sigma * output) / alpha if prediction == "eps" else alpha * x_t - sigma * output
+        if prediction == "eps":
+            return (x_t - sigma * output) / alpha
+        return alpha * x_t - sigma * output if prediction == "v" else (x_t - sigma * output) / (alpha + sigma)
 
     def loss_weights(self, prediction: str, min_snr_gamma: float | None, min_snr_form: str = "cap") -> torch.Tensor:
         """The loss weight w(t) of every timestep, a (T,) table computed once (min-SNR-gamma, arXiv 2303.09556).
 
         Each target's error is an x_0 error in disguise (predict_x0 inverts it):
             ||eps_hat - eps||^2 = SNR ||x0_hat - x_0||^2,   ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2,
-        so plain MSE already weights the x_0 error by lam = SNR (eps) or SNR + 1 (v).
+            ||u_hat - u||^2 = (1 + sqrt(SNR))^2 ||x0_hat - x_0||^2,
+        so plain MSE already weights the x_0 error by lam = SNR (eps), SNR + 1 (v), 1 (x0) or (1 + sqrt(SNR))^2 (u).
         "cap":   w = min(lam, gamma) / lam, an x_0 weight of min(lam, gamma): plain MSE with its weight capped at
                  gamma, so the almost clean steps (lam huge, the task easy) stop dominating and the rest keep theirs.
         "paper": w = min(SNR, gamma) / lam, an x_0 weight of min(SNR, gamma) (Hang et al.'s formula). For v it
@@ -877,9 +906,38 @@ class NoiseSchedule:
         _check_choice("min_snr_form", min_snr_form, MIN_SNR_FORMS)
         if min_snr_gamma is None:
             return torch.ones(len(self), dtype=torch.float64)
-        lam = self.snr if prediction == "eps" else self.snr + 1  # the x_0 weight plain MSE on this target gives
+        lam = x0_weight_of(prediction, self.snr)  # the x_0 weight plain MSE on this target gives
         clipped = (lam if min_snr_form == "cap" else self.snr).clamp(max=min_snr_gamma)
         return clipped / lam
+
+
+def x0_weight_of(prediction: str, snr: torch.Tensor) -> torch.Tensor:
+    """The weight plain MSE on a target puts on the x_0 error, at each signal-to-noise ratio (loss_weights)."""
+    _check_choice("prediction", prediction, PREDICTIONS)
+    weights = {"eps": lambda: snr, "v": lambda: snr + 1, "x0": lambda: torch.ones_like(snr)}
+    return weights.get(prediction, lambda: (1 + snr.sqrt()) ** 2)()
+
+
+# Rectified flow (Liu et al. 2022, arXiv 2209.03003; the objective of Stable Diffusion 3, Esser et al. 2024, arXiv
+# 2403.03206) joins data and noise by a straight line, x_t = (1 - t) x_0 + t eps for t in [0, 1], and learns its
+# velocity u = dx_t/dt = eps - x_0. It is a Gaussian path like DDPM's, with other scales alpha_t = 1 - t and
+# sigma_t = t: divided by c_t = sqrt((1 - t)^2 + t^2) it is the variance-preserving path of alpha_bar =
+# (1 - t)^2 / c_t^2 (Kingma & Gao 2023, arXiv 2303.00848). So the flow is one more NoiseSchedule: its network
+# input is c_t times the variance-preserving x, its time (T - 1) t, and every sampler of sections 7 and 10 runs it.
+
+
+def flow_schedule(num_timesteps: int = 1000) -> NoiseSchedule:
+    """Rectified flow on the grid t_i = (i + 1) / (T + 1), i = 0 .. T-1, in variance-preserving form.
+
+    The grid stops short of t = 0 and t = 1, where the log-SNR is infinite; its ends, SNR 1e6 and 1e-6, lie beyond
+    what a shape needs (the cosine schedule spans 2e4 to 2e-9).
+    """
+    _check_positive_int("num_timesteps", num_timesteps)
+    t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / (num_timesteps + 1)
+    scale = ((1 - t) ** 2 + t**2).sqrt()  # c_t
+    alpha_bars = ((1 - t) / scale) ** 2
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+    return NoiseSchedule(1 - alpha_bars / previous, timesteps=(num_timesteps - 1) * t, input_scales=scale)
 
 
 def _time_spacing(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
@@ -927,7 +985,7 @@ def plot_forward_process(
 
 
 def plot_schedules(num_timesteps: int = 1000):
-    """alpha_bar_t and log SNR for the linear and cosine schedules."""
+    """alpha_bar_t and log SNR for each schedule (the flow's in variance-preserving form, section 4)."""
     fig = _figure(9, 3)
     left, right = fig.subplots(1, 2)
     for kind in SCHEDULES:
@@ -1254,6 +1312,39 @@ def diffusion_loss(
     return (schedule.gather(loss_weights, t, per_image).flatten() * per_image).mean()
 
 
+def flow_matching_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    time_sampling: str = "logit-normal",
+    generator: torch.Generator | None = None,
+    condition: Condition | None = None,
+    num_timesteps: int = 1000,
+) -> torch.Tensor:
+    """The other side of the coin: rectified flow's objective (Liu et al. 2022; Esser et al. 2024, eq. (1)-(3)).
+
+        t ~ p(t),  eps ~ N(0, I),  x_t = (1 - t) x_0 + t eps,  loss = mean || model(x_t, (T - 1) t) - (eps - x_0) ||^2
+    Plain MSE on the velocity, at continuous times t drawn uniformly or logit-normally (training_times); the network
+    sees the time as (T - 1) t, the range of DDPM's timesteps, so one U-Net serves both objectives.
+    """
+    t = training_times(len(x0), time_sampling, generator, x0.device).view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = (1 - t) * x0 + t * noise
+    time = (num_timesteps - 1) * t.flatten()
+    output = model(x_t, time) if condition is None else model(x_t, time, condition)
+    return F.mse_loss(output.float(), (noise - x0).float())
+
+
+def training_times(
+    n: int, sampling: str, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """n times in (0, 1): uniform, or logit-normal, t = sigmoid(m) with m ~ N(0, 1), which trains the middle times
+    (where the velocity is hardest to guess) most (Esser et al. 2024, section 3.1, eq. (19))."""
+    _check_choice("time_sampling", sampling, TIME_SAMPLINGS)
+    if sampling == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+
+
 class EMA:
     """Exponential moving average of the weights, with warm-up: decay_k = min(decay, (1+k)/(10+k)).
 
@@ -1352,6 +1443,7 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.schedule = NoiseSchedule.from_config(self.model_config)
+        _check_objective(self.model_config, cfg)
         weights = self.schedule.loss_weights(self.model_config.prediction, cfg.min_snr_gamma, cfg.min_snr_form)
         self.loss_weights = weights.to(self.device, torch.float32)  # on the device once, like a registered buffer
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -1402,16 +1494,15 @@ class Trainer:
         a batch of clean images x0 (diffusion_loss draws t and eps). Returns the loss, still on the device."""
         x0, condition = self._to_device(x0, condition)
         self.model.train()
+        config = self.model_config
         with self.runtime.autocast():
-            loss = diffusion_loss(
-                self.train_model,
-                self.schedule,
-                x0,
-                self.model_config.prediction,
-                self.loss_weights,
-                self.generator,
-                condition,
-            )
+            if config.schedule == "flow":  # rectified flow, the other side of the coin
+                sampling, steps = self.train_config.time_sampling, len(self.schedule)
+                loss = flow_matching_loss(self.train_model, x0, sampling, self.generator, condition, steps)
+            else:
+                loss = diffusion_loss(
+                    self.train_model, self.schedule, x0, config.prediction, self.loss_weights, self.generator, condition
+                )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # the scaler only scales in fp16 (section B)
         self.scaler.unscale_(self.optimizer)
@@ -1579,6 +1670,15 @@ class Trainer:
         return {**saved, "param_groups": [{**group, "fused": fused} for group in saved["param_groups"]]}
 
 
+def _check_objective(model: ModelConfig, train: TrainConfig) -> None:
+    """The training settings that apply to the model's objective: min-SNR weights DDPM's discrete timesteps, and
+    the time sampling is the flow's, whose times are continuous."""
+    if model.schedule == "flow" and train.min_snr_gamma is not None:
+        raise ValueError("the flow trains on plain MSE: min_snr_gamma must be None (min-SNR weights DDPM's timesteps)")
+    if model.schedule != "flow" and train.time_sampling != "uniform":
+        raise ValueError(f"time_sampling {train.time_sampling!r} is for the flow; DDPM's timesteps are uniform")
+
+
 def progress_bar(total: int, description: str, unit: str, enabled: bool = True, initial: int = 0):
     """A tqdm bar (notebook or terminal, whichever runs) for the long loops: training and sampling."""
     from tqdm.auto import tqdm
@@ -1603,6 +1703,55 @@ def plot_loss_weights(schedule: NoiseSchedule, gamma: float = 5.0):
     ax.set_yscale("log")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("weight on ||x̂_0 - x_0||²")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def implied_weights(num_timesteps: int = 1000, gamma: float = 5.0, span: float = 12.0) -> dict[str, np.ndarray]:
+    """Where each objective spends its effort along the log-SNR lambda = log(alpha^2 / sigma^2): the weight it puts on
+    the noise error ||eps_hat - eps||^2 (the ELBO's own terms) per unit of lambda, as in Kingma & Gao 2023 (fig. 2),
+    on the grid "lambda" from -span to span, each normalised to unit area there.
+
+    It is p(lambda) w lam / SNR: how often training visits lambda, times the loss weight, times the x_0 weight of the
+    target (x0_weight_of), turned into a noise weight (||x0_hat - x_0||^2 = ||eps_hat - eps||^2 / SNR). DDPM's
+    uniform timesteps visit lambda at 1 / |d lambda / d index|; the flow's t, with lambda = 2 log((1 - t) / t),
+    at p(t) t (1 - t) / 2.
+    """
+    grid = np.linspace(-span, span, 481)
+    curves = {"lambda": grid}
+    for name, kind, prediction, gamma_ in (
+        ("DDPM: linear, eps, plain MSE", "linear", "eps", None),
+        (f"recipe: cosine, v, capped min-SNR {gamma:g}", "cosine", "v", gamma),
+    ):
+        schedule = NoiseSchedule.create(kind, num_timesteps)
+        lam = schedule.snr.log().numpy()  # falling with the index
+        weight = schedule.loss_weights(prediction, gamma_) * x0_weight_of(prediction, schedule.snr) / schedule.snr
+        density = weight.numpy() / np.abs(np.gradient(lam))
+        curves[name] = np.interp(grid, lam[::-1], density[::-1], left=0.0, right=0.0)
+    t = 1 / (1 + np.exp(grid / 2))  # the flow's time at each lambda
+    visits = {"rectified flow, uniform t": np.ones_like(t)}
+    visits["rectified flow, logit-normal t (SD3)"] = np.exp(-0.5 * np.log(t / (1 - t)) ** 2) / (t * (1 - t))
+    for name, p_t in visits.items():
+        snr = ((1 - t) / t) ** 2
+        curves[name] = p_t * t * (1 - t) / 2 / t**2 / snr  # x_0 weight of the velocity: 1 / t^2
+    return {
+        name: values if name == "lambda" else values / np.trapezoid(values, grid) for name, values in curves.items()
+    }
+
+
+def plot_implied_weights(num_timesteps: int = 1000, gamma: float = 5.0):
+    """The curves of implied_weights in one picture: DDPM, the recipe and rectified flow side by side."""
+    fig = _figure(6.5, 3.4)
+    ax = fig.subplots()
+    curves = implied_weights(num_timesteps, gamma)
+    grid = curves.pop("lambda")
+    for name, weight in curves.items():
+        ax.plot(grid, weight, label=name)
+    ax.set_yscale("log")
+    ax.set_ylim(1e-4, 1)
+    ax.set_xlabel("log SNR λ (pure noise ← → clean image)")
+    ax.set_ylabel("weight on ||ε̂ - ε||² per unit λ")
+    ax.set_title("Where each objective puts its effort (each curve: unit area)")
     ax.legend(fontsize=8)
     return fig
 
@@ -1647,8 +1796,8 @@ def loss_by_timestep(
     for t_value in ts:
         t = torch.full((n,), int(t_value))
         noise = torch.randn(x0.shape, generator=generator)
-        x_t = schedule.noised(x0, noise, t)
-        output = model(x_t.to(device), t.to(device)).float().cpu()
+        x_t = schedule.noised(x0, noise, t) * float(schedule.input_scales[int(t_value)])  # the network's input
+        output = model(x_t.to(device), schedule.timesteps[t].to(device)).float().cpu()
         error = float(F.mse_loss(output, schedule.target(prediction, x0, noise, t)))
         raw.append(error)
         weighted.append(error * (float(loss_weights[int(t_value)]) if loss_weights is not None else 1.0))
@@ -1775,7 +1924,8 @@ def make_denoiser(
         if x.device not in timesteps:  # the training timestep of each index, on the device once
             timesteps[x.device] = schedule.timesteps.to(x.device)
         index = torch.full((len(x),), i, device=x.device, dtype=torch.long)
-        output = model_output(x, timesteps[x.device][index])
+        scale = float(schedule.input_scales[i])  # 1, but for a path with other scales such as the flow's (section 4)
+        output = model_output(x * scale if scale != 1.0 else x, timesteps[x.device][index])
         # x0_hat = (x_t - sigma eps_hat) / alpha for eps, alpha x_t - sigma v_hat for v (section 4)
         x0_hat = schedule.predict_x0(prediction, x, output, index)
         return x0_hat.clamp(-1, 1) if clip_x0 else x0_hat
@@ -2618,11 +2768,14 @@ def _first_line(error: Exception) -> str:
 # learning rate followed each train() call's own budget). Such a run loads as it was trained; resuming it needs a
 # budget. A /1 file written before its configuration had every one of these fields is refused: guessing the missing
 # values could load it as something it was not trained as.
-_FORMAT_1_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-_FORMAT_1_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"compile_model"} | {
-    "compile",
-    "condition_dropout_all",
-}
+_FORMAT_1_MODEL_FIELDS = set(
+    "schedule num_timesteps prediction base_channels channel_mults blocks_per_level pixel_unshuffle time_injection "
+    "bottleneck_attention conditional dropout".split()
+)
+_FORMAT_1_TRAIN_FIELDS = set(
+    "batch_size lr warmup_steps lr_schedule weight_decay grad_clip min_snr_gamma min_snr_form ema_decay "
+    "condition_dropout condition_dropout_all seed log_every channels_last data_workers compile".split()
+)
 
 
 def _from_format_1(payload: dict, path: Path) -> dict:
@@ -2637,6 +2790,7 @@ def _from_format_1(payload: dict, path: Path) -> dict:
     if train.pop("condition_dropout_all") != 0:
         raise CheckpointError(f"{path}: trained with condition_dropout_all, which this version no longer has")
     train["compile_model"] = train.pop("compile")
+    train["time_sampling"] = "uniform"  # format 1 had DDPM's schedules only, with uniform timesteps
     state = {k: v for k, v in payload["state"].items() if k != "lr_schedule"}
     return {**payload, "format": CHECKPOINT_FORMAT, "model_config": model, "train_config": train, "state": state}
 
@@ -2824,6 +2978,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: the fastest available)")
     train.add_argument("--seed", type=int, help="seed of a new run (default 0); a resumed run keeps its own")
     train.add_argument(
+        "--objective", choices=OBJECTIVES, help="diffusion (DDPM's, the default) or flow (rectified flow, as in SD3)"
+    )
+    train.add_argument(
         "--conditional",
         action=argparse.BooleanOptionalAction,
         help=f"learn requests (class, centre, size) too (default: {'yes' if ModelConfig().conditional else 'no'})",
@@ -2889,7 +3046,7 @@ def _command_train(args: argparse.Namespace) -> None:
         print(f"resuming from {args.resume} at step {trainer.step}")
     else:
         device = pick_device(args.device)
-        model_config, train_config = default_configs(device)
+        model_config, train_config = default_configs(device, args.objective or "diffusion")
         if args.conditional is not None:
             model_config = dataclasses.replace(model_config, conditional=args.conditional)
         seed = 0 if args.seed is None else args.seed
@@ -2918,8 +3075,8 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
         )
-    if args.resume and args.conditional is not None:
-        raise ValueError("a resumed run keeps its own model: drop --conditional / --no-conditional or --resume")
+    if args.resume and (args.conditional is not None or args.objective is not None):
+        raise ValueError("a resumed run keeps its own model: drop --conditional, --objective or --resume")
 
 
 def _command_sample(args: argparse.Namespace) -> None:

@@ -72,10 +72,9 @@ def previous_recipe(device: torch.device | str = "cpu") -> tuple[du.ModelConfig,
         min_snr_form="cap",
         ema_decay=0.998,
         condition_dropout=0.0,
-        condition_dropout_all=0.0,
         channels_last=device.type == "cpu",
         data_workers=0,
-        compile=False,
+        compile_model=False,
     )
     if device.type != "cuda":
         return model, train
@@ -210,6 +209,12 @@ def load_or_train(args: argparse.Namespace, device) -> tuple[du.UNet, du.NoiseSc
 # ------------------------------------------------------------------------------------------
 # Timing, sampling and hardware rates
 # ------------------------------------------------------------------------------------------
+
+
+def train_step(trainer: du.Trainer, batch: tuple) -> torch.Tensor:
+    """One Trainer.train_step with the kernels Trainer.train runs it with (TF32 maths for fp32 on CUDA)."""
+    with trainer.runtime.compute():
+        return trainer.train_step(*batch)
 
 
 def synchronize(device: torch.device | str | None) -> None:

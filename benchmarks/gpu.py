@@ -6,7 +6,7 @@ Measures the recipe for the device (du.default_configs, or --recipe previous: bc
    du.choose_precision picks, the device's other precisions for reference, and each variant's peak GPU memory;
 2. whether data generation keeps up: du.training_batches alone (in this process, and with the config's
    data_workers) against the training rate, and du.Trainer.train end to end (its own data pipeline);
-3. last, as it is slow to build, on CUDA: torch.compile (TrainConfig.compile) in the default precision, its
+3. last, as it is slow to build, on CUDA: torch.compile (TrainConfig.compile_model) in the default precision, its
    compile time apart (--no-compile skips it).
 On a CPU (--device cpu; fp32 only) it answers whether channels_last pays there.
 
@@ -88,7 +88,7 @@ def build(model: du.ModelConfig, train: du.TrainConfig, precision: str | None, b
     start = time.perf_counter()
     trainer = du.Trainer(model, train, device=device, precision=precision)
     for batch in batches[:3]:
-        trainer.train_step(*batch)
+        bc.train_step(trainer, batch)
     bc.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
     return trainer, {"precision": trainer.precision, "ready_seconds": time.perf_counter() - start, "peak_mb": peak}
@@ -103,7 +103,7 @@ def time_variants(model, found, batches, device, seconds: float) -> list[dict]:
         except Exception as error:  # a failed compile or precision must not cost the rest of the run
             failed.append({"variant": name, "error": f"{type(error).__name__}: {error}"[:300]})
     rows = []
-    steps = {name: (lambda batch, t=trainer: t.train_step(*batch)) for name, (trainer, _) in built.items()}
+    steps = {name: (lambda batch, t=trainer: bc.train_step(t, batch)) for name, (trainer, _) in built.items()}
     for name, result in bc.measure_throughput(steps, batches, device, seconds).items():
         rows.append({"variant": name, **built[name][1], **result})
         print(f"{name}: {result['images_per_s']:,.0f} images/s", flush=True)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     training_rate = rows[0].get("images_per_s", math.nan)
     data_rows, verdict = data_supply(model, train, device, min(5.0, args.seconds), training_rate)
     if device.type == "cuda" and not args.no_compile:
-        compiled = dataclasses.replace(train, compile=True)
+        compiled = dataclasses.replace(train, compile_model=True)
         rows += time_variants(model, [("torch.compile", compiled, None)], batches, device, args.seconds)
     for row in rows:
         row["vs_first"] = row.get("images_per_s", math.nan) / training_rate

@@ -67,14 +67,14 @@ def time_data(batch_size: int, count: int = 50) -> float:
 def profile_steps(trainer: du.Trainer, batches: list, warmup: int, device) -> tuple[dict[str, float], float]:
     """(self time in ms per step, per operator group) and the wall time per step in ms."""
     for batch in batches[:warmup]:
-        trainer.train_step(*batch)
+        bc.train_step(trainer, batch)
     bc.synchronize(device)
     profiled = batches[warmup:]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for batch in profiled:
-            trainer.train_step(*batch)
+            bc.train_step(trainer, batch)
         bc.synchronize(device)
     wall_ms = (time.perf_counter() - start) / len(profiled) * 1e3
     groups = dict.fromkeys([*GROUPS, "other"], 0.0)

@@ -444,8 +444,8 @@ def throughput_steps(s: Setup) -> dict[str, Callable]:
             tag = "channels_last" if channels_last else "contiguous"
             steps[f"{name}|{tag}"] = HarnessStep(make(), s.device, s.precision, channels_last, s.args.seed)
     trainer, same_trainer = du.Trainer(s.model, s.train, device=s.device), s.same_network_trainer()
-    steps[f"trainer|{s.layout}"] = lambda batch: trainer.train_step(*batch)
-    steps[f"same-network-trainer|{s.layout}"] = lambda batch: same_trainer.train_step(*batch)
+    steps[f"trainer|{s.layout}"] = lambda batch: bc.train_step(trainer, batch)
+    steps[f"same-network-trainer|{s.layout}"] = lambda batch: bc.train_step(same_trainer, batch)
     steps[f"same-recipe|{s.layout}"] = s.diffusers_run(diffusers_recipes(s)["diffusers-same-recipe"], 1000).train_step
     return steps
 

@@ -80,3 +80,20 @@ def state(noise: torch.Tensor | None = None, eta: float = 0.0, evaluations: int 
         return noise
 
     return du.SamplerState(noise=draw, eta=eta, evaluations=evaluations)
+
+
+class FlowOracle(nn.Module):
+    """A perfect rectified-flow 'network' for known clean images x0: the exact velocity eps - x_0 of any x_t on the
+    path x_t = (1 - t) x_0 + t eps, read from the time (T - 1) t it is given, as a trained U-Net would have to."""
+
+    def __init__(self, x0: torch.Tensor, num_timesteps: int = 1000) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.x0, self.num_timesteps = x0.double(), num_timesteps
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        self.seen.append(time.clone())
+        t = (time.double() / (self.num_timesteps - 1)).view(-1, 1, 1, 1)
+        eps = (x_t.double() - (1 - t) * self.x0) / t
+        return (eps - self.x0).float()

@@ -19,7 +19,15 @@ ROOT = Path(du.__file__).resolve().parent
 @pytest.fixture
 def tiny_defaults(monkeypatch):
     """`train` builds the device's default recipe; make that a tiny model so the CLI runs in seconds."""
-    monkeypatch.setattr(du, "default_configs", lambda device: (tiny_model_config(), tiny_train_config()))
+
+    def tiny(device, objective="diffusion"):
+        if objective == "flow":
+            return tiny_model_config(schedule="flow", prediction="velocity"), tiny_train_config(
+                min_snr_gamma=None, time_sampling="logit-normal"
+            )
+        return tiny_model_config(), tiny_train_config()
+
+    monkeypatch.setattr(du, "default_configs", tiny)
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
@@ -46,7 +54,9 @@ def checkpoint(tmp_path_factory):
     """A checkpoint written by `train --steps 2`, shared by the sample / evaluate tests."""
     path = tmp_path_factory.mktemp("cli") / "run.pt"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(du, "default_configs", lambda device: (tiny_model_config(), tiny_train_config()))
+        patch.setattr(
+            du, "default_configs", lambda device, objective="diffusion": (tiny_model_config(), tiny_train_config())
+        )
         assert du.main(["train", "--steps", "2", "--out", str(path), "--no-progress", "--seed", "4"]) == 0
     return path
 
@@ -388,7 +398,9 @@ def test_sample_with_dpm_solver(checkpoint, tmp_path, capsys):
 def conditional_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "conditional.pt"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(du, "default_configs", lambda device: (tiny_model_config(), tiny_train_config()))
+        patch.setattr(
+            du, "default_configs", lambda device, objective="diffusion": (tiny_model_config(), tiny_train_config())
+        )
         assert du.main(["train", "--steps", "2", "--conditional", "--out", str(path), "--no-progress"]) == 0
     return path
 
@@ -492,3 +504,50 @@ def test_an_interrupted_run_resumed_without_a_budget_ends_where_the_uninterrupte
     status, _, err = run_main(capsys, "train", "--resume", str(run), "--out", str(run), "--no-progress")
     assert_one_line_error(status, err, "this run's plan is complete at step 12")
     assert run.read_bytes() == before  # nothing written
+
+
+def test_train_the_flow_and_sample_it_without_a_flag(tiny_defaults, tmp_path, capsys):
+    path = tmp_path / "flow.pt"
+    status, out, _ = run_main(
+        capsys, "train", "--objective", "flow", "--steps", "2", "--out", str(path), "--no-progress"
+    )
+    assert status == 0
+    trainer = du.load_trainer(path)
+    assert (trainer.model_config.schedule, trainer.model_config.prediction) == ("flow", "velocity")
+    assert trainer.train_config.time_sampling == "logit-normal"
+    samples = tmp_path / "flow.npy"
+    for sampler in du.SAMPLERS:
+        status, out, err = run_main(
+            capsys,
+            "sample",
+            "--checkpoint",
+            str(path),
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--sampler",
+            sampler,
+            "--out",
+            str(samples),
+            "--no-progress",
+        )
+        assert status == 0 and err == "" and np.load(samples).shape == (2, 64, 64), sampler
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["sample", "--checkpoint", "x.pt", "--objective", "flow", "--out", "x.npy"],
+            "unrecognized arguments: --objective",
+        ),
+        (["train", "--objective", "score", "--steps", "2", "--out", "x.pt"], "invalid choice: 'score'"),
+        (["train", "--resume", "x.pt", "--objective", "flow", "--out", "x.pt"], "drop --conditional, --objective"),
+    ],
+)
+def test_objective_errors_are_one_line(tiny_defaults, tmp_path, capsys, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(capsys, *args)
+    assert_one_line_error(status, err, fragment)
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -172,7 +172,7 @@ def test_describe_model_reports_count_and_levels():
     ("field", "value"),
     [
         ("schedule", "quadratic"),
-        ("prediction", "x0"),
+        ("prediction", "score"),
         ("time_injection", "nowhere"),
         ("num_timesteps", 0),
         ("num_timesteps", 2.0),

@@ -77,7 +77,7 @@ def test_plot_losses_adds_a_running_mean_once_there_are_enough_points(n, lines):
 def test_plot_schedules_and_time_embedding():
     fig = du.plot_schedules(100)
     left, right = fig.axes
-    assert [line.get_label() for line in left.lines] == ["linear", "cosine"]
+    assert [line.get_label() for line in left.lines] == ["linear", "cosine", "flow"]
     assert np.allclose(left.lines[1].get_ydata(), du.NoiseSchedule.create("cosine", 100).alpha_bars.numpy())
     heat = du.plot_time_embedding(dim=16, num_timesteps=50)
     assert heat.axes[0].images[0].get_array().shape == (16, 50)

@@ -331,7 +331,7 @@ def test_velocity_is_a_eps_minus_s_x0_and_gives_eps_back(kind, ts, seed):
     x0, noise, t = _random_case(seed, ts)
     ab = schedule.alpha_bars[t].view(-1, 1, 1, 1)
     a, s = ab.sqrt(), (1 - ab).sqrt()
-    v = schedule.velocity(x0, noise, t)
+    v = schedule.v_target(x0, noise, t)
     assert torch.allclose(v, a * noise - s * x0, rtol=0, atol=1e-6)
     assert torch.equal(schedule.target("v", x0, noise, t), v)
     assert torch.equal(schedule.target("eps", x0, noise, t), noise)
@@ -341,8 +341,8 @@ def test_velocity_is_a_eps_minus_s_x0_and_gives_eps_back(kind, ts, seed):
 
 def test_target_rejects_unknown_predictions(cosine):
     x = torch.zeros(1, 1, 8, 8)
-    with pytest.raises(ValueError, match="'x0'"):
-        cosine.target("x0", x, x, torch.tensor([0]))
+    with pytest.raises(ValueError, match="'score'"):
+        cosine.target("score", x, x, torch.tensor([0]))
 
 
 # ------------------------------------------------------------------------------------------

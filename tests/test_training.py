@@ -139,7 +139,7 @@ def test_diffusion_loss_of_a_zero_output_is_the_weighted_target_power():
     assert float(loss) == pytest.approx(float((noise**2).mean()), rel=1e-6)
     cap, paper = schedule.loss_weights("v", 5.0, "cap"), schedule.loss_weights("v", 5.0, "paper")
     v_loss = du.diffusion_loss(Constant(), schedule, x0, "v", cap, torch.Generator().manual_seed(5))
-    v = schedule.velocity(x0, noise, t)
+    v = schedule.v_target(x0, noise, t)
     expected = (cap[t] * (v**2).mean(dim=(1, 2, 3))).mean()
     assert float(v_loss) == pytest.approx(float(expected), rel=1e-5)
     paper_loss = du.diffusion_loss(Constant(), schedule, x0, "v", paper, torch.Generator().manual_seed(5))

@@ -264,8 +264,8 @@ def test_sample_names_save_at_steps_out_of_range(steps, data):
 def test_sample_names_other_bad_arguments():
     with pytest.raises(ValueError, match=r"steps=1001 needs 1001 timesteps of ddim, more than the 1000 of training"):
         du.sample(ORACLE, SCHEDULE, 1, steps=T + 1, sampler="ddim", prediction="eps", progress=False)
-    with pytest.raises(ValueError, match=r"unknown prediction 'x0'"):
-        du.sample(ORACLE, SCHEDULE, 1, steps=2, prediction="x0", progress=False)
+    with pytest.raises(ValueError, match=r"unknown prediction 'score'"):
+        du.sample(ORACLE, SCHEDULE, 1, steps=2, prediction="score", progress=False)
     with pytest.raises(ValueError, match=r"prediction \('eps' or 'v'\) must be given"):
         du.sample(ORACLE, SCHEDULE, 1, steps=2, progress=False)
 

@@ -12,7 +12,6 @@ Variants of the previous recipe (--base previous, bc.previous_recipe: unconditio
     cosine                + the decay, at lr 2e-3
     gamma-20              + the decay at lr 2e-3, min-SNR gamma 20 instead of 5
     conditional           + the decay at lr 2e-3, requests with each field hidden with p = 0.5 (scored unconditionally)
-    conditional-drop-all  + the same, and the whole request hidden for half the images
 The notebook's exercises, each one change to the current recipe (--base recipe, du.default_configs("cpu")):
     recipe, linear (schedule), eps (target), no-ema, constant-lr
 
@@ -20,7 +19,7 @@ The levers table of RESULTS.md (about 10 minutes a run on the 2-core CPU):
     python benchmarks/experiments/levers.py --variants previous,cosine-1e-3,cosine,gamma-20 --seeds 0 \\
         --out benchmarks/results/levers
     python benchmarks/experiments/levers.py --variants cosine --seeds 1,2,3 --out benchmarks/results/levers/seeds
-    python benchmarks/experiments/levers.py --variants conditional,conditional-drop-all --seeds 0,1 \\
+    python benchmarks/experiments/levers.py --variants conditional --seeds 0,1 \\
         --out benchmarks/results/levers/conditional
 The exercises:
     python benchmarks/experiments/levers.py --base recipe --variants recipe,linear,eps,no-ema,constant-lr \\
@@ -51,7 +50,6 @@ VARIANTS: dict[str, list[dict]] = {
     "cosine": [COSINE],
     "gamma-20": [COSINE, {"train": {"min_snr_gamma": 20.0}}],
     "conditional": [COSINE, CONDITIONAL],
-    "conditional-drop-all": [COSINE, CONDITIONAL, {"train": {"condition_dropout_all": 0.5}}],
     # The notebook's exercises (section 12), each one change to the recipe: run them with --base recipe.
     "recipe": [],
     "linear": [{"model": {"schedule": "linear"}}],
