@@ -1,0 +1,145 @@
+"""Diffusion or flow matching? The recipe against rectified flow on the same network (RESULTS.md, "Diffusion or
+flow matching").
+
+Phase "train" runs jobs CONFIG:SEED:STEPS, each a fresh run told its budget in optimiser steps (the two objectives
+cost the same per step, so steps stand for minutes: 5,100 and 16,100 steps are the recipe's 5 and 15 minutes on the
+2-core CPU in "Time to quality"), scored on --samples images with DDPM at 100 steps, unconditionally; the largest
+budget's checkpoint is kept. Phase "samplers" loads those checkpoints and scores every sampler at each number of
+network evaluations per image, and the 1000-step references. Phase "report" joins the rows of --out folders.
+Step budgets make the rows independent of the machine's speed, so jobs may run in parallel (one thread each).
+
+Configurations: recipe (du.default_configs(device)), flow (du.default_configs(device, "flow"): logit-normal t)
+and flow-uniform (the same with uniform t). The commands of RESULTS.md are given there. Smoke test (seconds):
+    python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
+        --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
+    python benchmarks/flow_vs_diffusion.py samplers --evaluations 1,2 --reference 4 --samples 8 --out /tmp/fvd_smoke
+    python benchmarks/flow_vs_diffusion.py report --out /tmp/fvd_smoke
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
+
+import diffusion_utils as du
+
+CONFIGS = ("recipe", "flow", "flow-uniform")
+SCORE_COLUMNS = [
+    ("valid", "valid", "%"),
+    ("mid_gray", "mid-gray", "%"),
+    ("circle_share", "circle share", ".2f"),
+    ("size_w1", "size W1 (px)", ".2f"),
+    ("position_w1", "position W1 (px)", ".2f"),
+]
+TRAIN_COLUMNS = [
+    ("config", "config", ""),
+    ("seed", "seed", ""),
+    ("steps_trained", "steps", ","),
+    ("images_per_s", "train images/s", ".0f"),
+    *SCORE_COLUMNS,
+]
+SAMPLER_COLUMNS = [
+    ("config", "checkpoint", ""),
+    ("sampler", "sampler", ""),
+    ("steps", "evaluations", ""),
+    *SCORE_COLUMNS,
+    ("sample_seconds", "seconds", ".1f"),
+]
+
+
+def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
+    recipe, flow = du.default_configs(device), du.default_configs(device, "flow")
+    found = {
+        "recipe": recipe,
+        "flow": flow,
+        "flow-uniform": (flow[0], dataclasses.replace(flow[1], time_sampling="uniform")),
+    }
+    return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
+
+
+def parse_args(argv):
+    parser = bc.make_parser(__doc__, "runs/benchmarks/flow_vs_diffusion")
+    parser.add_argument("phase", choices=("train", "samplers", "report"))
+    parser.add_argument("--jobs", help="train: CONFIG:SEED:STEPS,... run in this order")
+    parser.add_argument("--samples", type=int, default=512, help="images per score (default 512)")
+    parser.add_argument("--evaluations", type=bc.parse_ints, default=[1, 2, 4, 10, 20, 50])
+    parser.add_argument("--reference", type=int, default=1000, help="evaluations of the reference rows (ddpm, ddim)")
+    parser.add_argument("--folders", help="report: comma-separated --out folders whose rows to join (default --out)")
+    bc.add_model_override_args(parser)
+    return parser.parse_args(argv)
+
+
+def append_row(out: Path, name: str, row: dict) -> None:
+    """One JSON line per result, written as it comes: a long run that stops keeps what it measured."""
+    with open(out / f"{name}.jsonl", "a") as file:
+        file.write(json.dumps(du.to_json(row)) + "\n")
+    print(bc.markdown_table([row], TRAIN_COLUMNS if name == "train" else SAMPLER_COLUMNS).splitlines()[-1], flush=True)
+
+
+def train_phase(args, device, out: Path) -> None:
+    found = configs(device, args)
+    jobs = [(name, int(seed), int(steps)) for name, seed, steps in (job.split(":") for job in args.jobs.split(","))]
+    largest = {(name, seed): max(s for n, sd, s in jobs if (n, sd) == (name, seed)) for name, seed, _ in jobs}
+    for name, seed, steps in jobs:
+        model, train = found[name]
+        trainer = du.Trainer(model, dataclasses.replace(train, seed=seed), device=device)
+        start = time.perf_counter()
+        trainer.train(steps=steps, progress=False)
+        seconds = time.perf_counter() - start
+        scores, _ = bc.sample_and_evaluate(trainer.sampling_model, trainer.schedule, args.samples, "ddpm", 100, device)
+        row = {"config": name, "seed": seed, "steps_trained": steps, "train_seconds": seconds}
+        append_row(out, "train", {**row, "images_per_s": trainer.images_seen / seconds, **scores})
+        if steps == largest[(name, seed)]:
+            du.save_checkpoint(out / f"{name}_seed{seed}.pt", trainer)
+
+
+def samplers_phase(args, device, out: Path) -> None:
+    for path in sorted(out.glob("*_seed*.pt")):
+        model, schedule = du.load_model(path, device=device)
+        cells = [(sampler, e) for sampler in du.SAMPLERS for e in args.evaluations]
+        cells += [(sampler, args.reference) for sampler in ("ddpm", "ddim")]
+        for sampler, evaluations in cells:
+            scores, _ = bc.sample_and_evaluate(model, schedule, args.samples, sampler, evaluations, device)
+            append_row(out, "samplers", {"config": path.stem, **scores})
+
+
+def read_rows(folders: list[Path], name: str) -> list[dict]:
+    rows = []
+    for folder in folders:
+        if (folder / f"{name}.jsonl").exists():
+            rows += [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+    return rows
+
+
+def report_phase(args, device, out: Path) -> None:
+    folders = [Path(f) for f in args.folders.split(",")] if args.folders else [out]
+    trained = sorted(read_rows(folders, "train"), key=lambda r: (CONFIGS.index(r["config"]), r["steps_trained"]))
+    sampled = read_rows(folders, "samplers")
+    sections = ["## Training, one row per run (DDPM-100)\n\n" + bc.markdown_table(trained, TRAIN_COLUMNS)]
+    sections.append("## Samplers on the largest budget's checkpoints\n\n" + bc.markdown_table(sampled, SAMPLER_COLUMNS))
+    env = bc.environment(device, __file__)
+    bc.write_report(
+        out, "flow_vs_diffusion", "Diffusion or flow matching", env, sections, train=trained, samplers=sampled
+    )
+    if sampled:
+        for checkpoint in dict.fromkeys(r["config"] for r in sampled):
+            rows = [r for r in sampled if r["config"] == checkpoint]
+            figure = du.plot_validity_against_evaluations(rows, title=f"{checkpoint}: validity against evaluations")
+            du.save_figure(figure, out / f"samplers_{checkpoint}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = bc.setup(args)
+    out = bc.prepare_out(args.out)
+    {"train": train_phase, "samplers": samplers_phase, "report": report_phase}[args.phase](args, device, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
