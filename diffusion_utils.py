@@ -967,7 +967,25 @@ def _log_snr_spacing(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
     return kept
 
 
-SPACINGS: dict[str, Callable[[NoiseSchedule, int], torch.Tensor]] = {"time": _time_spacing, "logsnr": _log_snr_spacing}
+def _trailing(spacing: Callable[[NoiseSchedule, int], torch.Tensor]) -> Callable[[NoiseSchedule, int], torch.Tensor]:
+    """The grid of num_steps + 1 points without its cleanest: every one of few steps then does work.
+
+    The plain grids always keep index 0, nearly clean already, so their last step is all but wasted; at 2 steps the
+    first one jumps from pure noise to index 0 (Lin et al. 2024, arXiv 2305.08891, section 3.3, "trailing").
+    """
+
+    def trailing(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
+        return spacing(schedule, num_steps) if num_steps >= len(schedule) else spacing(schedule, num_steps + 1)[1:]
+
+    return trailing
+
+
+SPACINGS: dict[str, Callable[[NoiseSchedule, int], torch.Tensor]] = {
+    "time": _time_spacing,
+    "logsnr": _log_snr_spacing,
+    "time-trailing": _trailing(_time_spacing),
+    "logsnr-trailing": _trailing(_log_snr_spacing),
+}
 
 
 def plot_forward_process(
@@ -1911,13 +1929,16 @@ def make_denoiser(
     model_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: NoiseSchedule,
     prediction: str,
-    clip_x0: bool = True,
+    clip_x0: bool | str = True,
 ) -> Denoiser:
     """The denoiser every sampler calls: x0_hat for x at index i, from the network's output at i's timestep.
 
     model_output(x, t) is the network at training timesteps t (with guidance, section 11). x0_hat is clipped to
-    [-1, 1]: the data lie there, so an estimate outside it is surely wrong (clip_x0=False shows why).
+    [-1, 1]: the data lie there, so an estimate outside it is surely wrong (clip_x0=False shows why). clip_x0 may
+    also name another rule of CLIP_RULES, to compare them.
     """
+    rule = {True: "clip", False: "none"}.get(clip_x0, clip_x0)
+    _check_choice("clip_x0", rule, CLIP_RULES)
     timesteps: dict[torch.device, torch.Tensor] = {}
 
     def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -1928,9 +1949,26 @@ def make_denoiser(
         output = model_output(x * scale if scale != 1.0 else x, timesteps[x.device][index])
         # x0_hat = (x_t - sigma eps_hat) / alpha for eps, alpha x_t - sigma v_hat for v (section 4)
         x0_hat = schedule.predict_x0(prediction, x, output, index)
-        return x0_hat.clamp(-1, 1) if clip_x0 else x0_hat
+        return CLIP_RULES[rule](x0_hat, i)
 
     return denoise
+
+
+def _dynamic_threshold(x0_hat: torch.Tensor, quantile: float = 0.995) -> torch.Tensor:
+    """Saharia et al. 2022 (Imagen, arXiv 2205.11487, section 2.3): per image, s = the 99.5th percentile of |x0_hat|,
+    at least 1; clip to [-s, s] and divide by s, so a saturated estimate is pulled in rather than cut."""
+    s = x0_hat.abs().flatten(1).quantile(quantile, dim=1).clamp(min=1).view(-1, 1, 1, 1)
+    return x0_hat.clamp(-s, s) / s
+
+
+# How x0_hat is kept in the data's range, as a function of the estimate and its index: every step (the default),
+# by dynamic thresholding, only at the last step (i = 0, the sample itself), or never.
+CLIP_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "clip": lambda x0_hat, i: x0_hat.clamp(-1, 1),
+    "dynamic": lambda x0_hat, i: _dynamic_threshold(x0_hat),
+    "last": lambda x0_hat, i: x0_hat.clamp(-1, 1) if i == 0 else x0_hat,
+    "none": lambda x0_hat, i: x0_hat,
+}
 
 
 def backward_process(
@@ -2002,7 +2040,7 @@ def sample(
     precision: str | None = None,
     initial_noise: torch.Tensor | None = None,
     spacing: str | None = None,
-    clip_x0: bool = True,
+    clip_x0: bool | str = True,
 ) -> SampleResult:
     """Generate n images from pure noise with `steps` network evaluations per image, for every sampler (Heun makes
     two per step, so it takes steps // 2 + 1 steps), on a grid respaced from the T timesteps of training.
@@ -2012,7 +2050,8 @@ def sample(
     bounded for any n, and each image's noise comes from its own generator: the same seed gives the same images
     whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
     spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced); clip_x0=False leaves x0_hat
-    unclipped, to show why it is clipped. precision: this device's (choose_precision) unless given, as in Trainer.
+    unclipped, to show why it is clipped (or names another of CLIP_RULES). precision: this device's
+    (choose_precision) unless given, as in Trainer.
     """
     method, eta, prediction = _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, batch_size)
     _check_guidance(model, condition, n, guidance)

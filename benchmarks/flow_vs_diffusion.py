@@ -47,6 +47,8 @@ SAMPLER_COLUMNS = [
     ("config", "checkpoint", ""),
     ("sampler", "sampler", ""),
     ("steps", "evaluations", ""),
+    ("spacing", "grid", ""),
+    ("clip", "x0 clip", ""),
     *SCORE_COLUMNS,
     ("sample_seconds", "seconds", ".1f"),
 ]
@@ -69,6 +71,8 @@ def parse_args(argv):
     parser.add_argument("--samples", type=int, default=512, help="images per score (default 512)")
     parser.add_argument("--evaluations", type=bc.parse_ints, default=[1, 2, 4, 10, 20, 50])
     parser.add_argument("--reference", type=int, default=1000, help="evaluations of the reference rows (ddpm, ddim)")
+    parser.add_argument("--checkpoints", help="samplers: comma-separated checkpoints (default: --out's *_seed*.pt)")
+    parser.add_argument("--diagnose", action="store_true", help="samplers: also the grids, clip rules and switches")
     parser.add_argument("--folders", help="report: comma-separated --out folders whose rows to join (default --out)")
     bc.add_model_override_args(parser)
     return parser.parse_args(argv)
@@ -99,13 +103,43 @@ def train_phase(args, device, out: Path) -> None:
 
 
 def samplers_phase(args, device, out: Path) -> None:
-    for path in sorted(out.glob("*_seed*.pt")):
+    paths = [Path(p) for p in args.checkpoints.split(",")] if args.checkpoints else sorted(out.glob("*_seed*.pt"))
+    for path in paths:
         model, schedule = du.load_model(path, device=device)
-        cells = [(sampler, e) for sampler in du.SAMPLERS for e in args.evaluations]
-        cells += [(sampler, args.reference) for sampler in ("ddpm", "ddim")]
-        for sampler, evaluations in cells:
-            scores, _ = bc.sample_and_evaluate(model, schedule, args.samples, sampler, evaluations, device)
-            append_row(out, "samplers", {"config": path.stem, **scores})
+        for sampler, evaluations, options in sampler_cells(args):
+            scores, _ = bc.sample_and_evaluate(model, schedule, args.samples, sampler, evaluations, device, **options)
+            row = {"config": path.stem, "spacing": options.get("spacing", du.SAMPLERS[sampler].spacing)}
+            append_row(out, "samplers", {**row, "clip": options.get("clip_x0", "clip"), **scores})
+
+
+def sampler_cells(args) -> list[tuple[str, int, dict]]:
+    """Every sampler at each evaluation count on its own grid, and the references; with --diagnose, where the
+    deterministic samplers lose validity: trailing grids at few steps, other x0 clip rules, and DDPM switched to
+    DDIM (or the reverse) at a share of a 100-step run."""
+    cells = [(sampler, e, {}) for sampler in du.SAMPLERS for e in args.evaluations]
+    cells += [(sampler, args.reference, {}) for sampler in ("ddpm", "ddim")]
+    if args.diagnose:
+        for sampler in ("ddim", "dpm++", "heun"):
+            trailing = f"{du.SAMPLERS[sampler].spacing}-trailing"
+            cells += [(sampler, e, {"spacing": trailing}) for e in (2, 4, 10)]
+        cells += [(s, 10, {"clip_x0": rule}) for s in ("ddim", "dpm++") for rule in ("dynamic", "last", "none")]
+        cells += [(register_switch(first, then, share), 100, {}) for first, then in SWITCHES for share in SHARES]
+    return cells
+
+
+SWITCHES, SHARES = (("ddpm", "ddim"), ("ddim", "ddpm")), (0.25, 0.5, 0.75)
+
+
+def register_switch(first: str, then: str, share: float) -> str:
+    """A sampler that takes `first`'s steps over the noisiest `share` of the grid and `then`'s over the rest."""
+    name = f"{first}>{then}@{share:g}"
+
+    def step(schedule, i, x_t, denoise, state):
+        noisy = i >= round((1 - share) * len(schedule))
+        return du.SAMPLERS[first if noisy else then].step(schedule, i, x_t, denoise, state)
+
+    du.register_sampler(name)(step)
+    return name
 
 
 def read_rows(folders: list[Path], name: str) -> list[dict]:

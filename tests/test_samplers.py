@@ -327,3 +327,49 @@ def test_heun_without_a_correction_is_the_ddim_step():
         heun = du.heun_step(spaced, i, x_t, constant_denoiser(x0_hat), state(evaluations=6))  # 6 - 6: no correction
         ddim = du.ddim_step(spaced, i, x_t, constant_denoiser(x0_hat), state())
         torch.testing.assert_close(heun, ddim, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Few-step grids and clipping rules (diagnosing the deterministic samplers)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", ["time", "logsnr"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 50])
+def test_a_trailing_grid_starts_at_pure_noise_and_leaves_out_the_cleanest_point(base, steps):
+    schedule = SCHEDULES["cosine"]
+    plain, trailing = du.SPACINGS[base](schedule, steps + 1), du.SPACINGS[f"{base}-trailing"](schedule, steps)
+    assert trailing.tolist() == plain[1:].tolist() and len(trailing) == steps
+    assert int(trailing[-1]) == T - 1 and bool((trailing[1:] > trailing[:-1]).all())
+    if steps > 1:
+        assert int(du.SPACINGS[base](schedule, steps)[0]) == 0 and int(trailing[0]) > 0  # the plain grid wastes it
+
+
+def test_at_two_steps_the_trailing_time_grid_takes_the_midpoint():
+    assert du.SPACINGS["time-trailing"](SCHEDULES["cosine"], 2).tolist() == [500, 999]
+    assert du.SPACINGS["time"](SCHEDULES["cosine"], 2).tolist() == [0, 999]
+    assert len(du.SPACINGS["time-trailing"](SCHEDULES["cosine"], T)) == T  # as many steps as timesteps: all of them
+
+
+def test_the_clip_rules_by_hand():
+    x0_hat = torch.tensor([[[[-3.0, -0.5, 0.5, 2.0]]]])
+    rules = du.CLIP_RULES
+    assert rules["clip"](x0_hat, 5).flatten().tolist() == [-1.0, -0.5, 0.5, 1.0]
+    assert rules["none"](x0_hat, 0).flatten().tolist() == [-3.0, -0.5, 0.5, 2.0]
+    assert rules["last"](x0_hat, 5).flatten().tolist() == [-3.0, -0.5, 0.5, 2.0]  # left alone until the last step
+    assert rules["last"](x0_hat, 0).flatten().tolist() == [-1.0, -0.5, 0.5, 1.0]
+    s = float(torch.tensor([3.0, 0.5, 0.5, 2.0]).quantile(0.995))  # the 99.5th percentile of |x0_hat|
+    expected = (x0_hat.clamp(-s, s) / s).flatten().tolist()
+    assert rules["dynamic"](x0_hat, 5).flatten().tolist() == pytest.approx(expected)
+    inside = torch.tensor([[[[-0.9, 0.2, 0.8, 0.1]]]])
+    assert torch.equal(rules["dynamic"](inside, 5), inside)  # s is at least 1: an estimate in range is untouched
+
+
+@pytest.mark.parametrize("rule", ["clip", "dynamic", "last", "none", True, False])
+def test_every_clip_rule_keeps_a_perfect_predictor_exact(rule, x0):
+    schedule = SCHEDULES["cosine"]
+    oracle = Oracle(schedule, x0, "v")
+    result = du.sample(oracle, schedule, 3, steps=5, sampler="dpm++", prediction="v", clip_x0=rule, progress=False)
+    assert (result.images - x0).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="unknown clip_x0 'sometimes'"):
+        du.sample(oracle, schedule, 3, steps=5, prediction="v", clip_x0="sometimes", progress=False)
