@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -706,19 +707,23 @@ def plot_grid(
     columns: int = 8,
     title: str | None = None,
     outline: Sequence[bool | None] | None = None,
+    row_labels: Sequence[str] | None = None,
 ):
-    """A grid of images in [-1, 1], optionally titled one by one.
+    """A grid of images in [-1, 1], optionally titled one by one, and each row labelled at its left.
 
     outline[k] = True draws a green frame around image k, False a red one, None none (e.g. valid / invalid).
     """
     rows = math.ceil(len(images) / columns)
-    fig = _figure(columns * 1.1, rows * 1.2 + (0.3 if title else 0))
+    label_width = 0.07 * max(map(len, row_labels)) if row_labels else 0  # inches: the layout keeps the labels whole
+    fig = _figure(columns * 1.1 + label_width, rows * 1.2 + (0.3 if title else 0))
     axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         if k >= len(images):
             ax.axis("off")
             continue
         _show(ax, images[k], titles[k] if titles else None)
+        if row_labels and k % columns == 0:
+            ax.set_ylabel(row_labels[k // columns], rotation=0, ha="right", va="center", fontsize=8)
         if outline is not None and outline[k] is not None:
             for spine in ax.spines.values():
                 spine.set_edgecolor("tab:green" if outline[k] else "red")
@@ -1716,8 +1721,8 @@ def plot_loss_weights(schedule: NoiseSchedule, gamma: float = 5.0):
         f"v, capped min-SNR: min(SNR + 1, {gamma:g})": np.minimum(snr + 1, gamma),
         f"v, paper's min-SNR: min(SNR, {gamma:g})": np.minimum(snr, gamma),
     }
-    for label, weight in curves.items():
-        ax.plot(weight, label=label)
+    for k, (label, weight) in enumerate(curves.items()):  # eps runs under v's curve at small t: drawn on top, dashed
+        ax.plot(weight, label=label, **({"ls": "--", "lw": 2.2, "zorder": 3} if k == 0 else {"lw": 1.5}))
     ax.set_yscale("log")
     ax.set_xlabel("timestep t")
     ax.set_ylabel("weight on ||x̂_0 - x_0||²")
@@ -2198,8 +2203,7 @@ class TrainingSnapshots:
     def plot(self):
         """Rows: the snapshots, in training order."""
         images = torch.cat(self.images) if self.images else torch.empty(0, 1, IMAGE_SIZE, IMAGE_SIZE)
-        titles = [label if k == 0 else "" for label in self.labels for k in range(self.n)]
-        return plot_grid(images, titles=titles, columns=self.n, title="Samples during training (same noise)")
+        return plot_grid(images, columns=self.n, title="Samples during training (same noise)", row_labels=self.labels)
 
 
 # ------------------------------------------------------------------------------------------
@@ -2207,21 +2211,23 @@ class TrainingSnapshots:
 # ------------------------------------------------------------------------------------------
 
 
-def plot_backward_process(result: SampleResult, rows: int = 4, show_x0: bool = True):
-    """Samples (rows) at the saved steps (columns): x_t, the network's estimate x0_hat beside it, and the sample.
+def plot_backward_process(result: SampleResult, rows: int | Sequence[int] = 4, show_x0: bool = True) -> object:
+    """Samples (rows: how many, or which) at the saved steps (columns): x_t, the network's estimate x0_hat beside it,
+    and the sample.
 
     The last column is the finished sample, after the last step; every other column is a moment on the way.
     """
+    chosen = list(range(rows)) if isinstance(rows, int) else list(rows)
     columns = len(result.timesteps)
     per_step = 2 if show_x0 else 1
-    fig = _figure((columns * per_step + 1) * 1.0 + 0.5, rows * 1.15 + 0.7)
-    axes = fig.subplots(rows, columns * per_step + 1, squeeze=False)
-    for r in range(rows):
+    fig = _figure((columns * per_step + 1) * 1.0 + 0.5, len(chosen) * 1.15 + 0.7)
+    axes = fig.subplots(len(chosen), columns * per_step + 1, squeeze=False)
+    for row, r in enumerate(chosen):
         for c, t in enumerate(result.timesteps):
-            _show(axes[r, c * per_step], result.x_t[c][r].clamp(-1, 1), f"x_t at t={t}" if r == 0 else None)
+            _show(axes[row, c * per_step], result.x_t[c][r].clamp(-1, 1), f"x_t at t={t}" if row == 0 else None)
             if show_x0:
-                _show(axes[r, c * per_step + 1], result.x0_hat[c][r], f"x̂_0 at t={t}" if r == 0 else None)
-        _show(axes[r, -1], result.images[r], "sample" if r == 0 else None)
+                _show(axes[row, c * per_step + 1], result.x0_hat[c][r], f"x̂_0 at t={t}" if row == 0 else None)
+        _show(axes[row, -1], result.images[r], "sample" if row == 0 else None)
     fig.suptitle("Backward process: from pure noise (left) to a shape (right); x̂_0 is the network's estimate of x_0")
     return fig
 
@@ -2400,6 +2406,23 @@ def train_and_evaluate(
     trainer.train(minutes=minutes)
     result = sample(trainer.sampling_model, trainer.schedule, n, steps=steps, sampler=sampler, seed=seed)
     return {"steps_trained": trainer.step, **evaluate_samples(result.images)}
+
+
+def percent_with_error(share: float, n: int) -> str:
+    """A share of n samples as "97.3 ± 1.0 %": the ± is its standard error, sqrt(p (1 - p) / n), so two figures
+    whose difference is within about twice their errors are not told apart by n samples."""
+    if math.isnan(share):
+        return "-"
+    return f"{100 * share:.1f} ± {100 * math.sqrt(share * (1 - share) / n):.1f} %"
+
+
+def mixed_classes(images: torch.Tensor | np.ndarray, k: int) -> list[int]:
+    """Indices of k samples taking the classes in turn (circle, square, ...) among the valid ones, in order, filled
+    up with the first others: rows for a picture that should not happen to show one class only."""
+    readings = [read_shape(image) for image in _as_uint8_images(images)]
+    by_class = [[j for j, r in enumerate(readings) if r.valid and r.label == c] for c in range(len(SHAPES))]
+    chosen = [j for group in itertools.zip_longest(*by_class) for j in group if j is not None][:k]
+    return chosen + [j for j in range(len(readings)) if j not in chosen][: k - len(chosen)]
 
 
 def outline_valid(images: torch.Tensor | np.ndarray) -> list[bool]:

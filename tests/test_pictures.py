@@ -81,3 +81,37 @@ def test_plot_schedules_and_time_embedding():
     assert np.allclose(left.lines[1].get_ydata(), du.NoiseSchedule.create("cosine", 100).alpha_bars.numpy())
     heat = du.plot_time_embedding(dim=16, num_timesteps=50)
     assert heat.axes[0].images[0].get_array().shape == (16, 50)
+
+
+def test_the_backward_figure_shows_the_chosen_rows_and_the_rows_take_the_classes_in_turn():
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    batch = du.make_shapes(8, seed=3)
+    result = du.sample(
+        Oracle(schedule, batch.images, "v"),
+        schedule,
+        8,
+        steps=3,
+        sampler="ddim",
+        prediction="v",
+        save_at=(0,),
+        progress=False,
+    )
+    rows = du.mixed_classes(result.images, 4)
+    labels = [int(batch.labels[j]) for j in rows]
+    assert len(set(rows)) == 4 and labels[:2] in ([0, 1], [1, 0]) and labels[2:] in ([0, 1], [1, 0])
+    fig = du.plot_backward_process(result, rows=rows)
+    assert len(fig.axes) == 4 * 3
+    shown = fig.axes[2].images[0].get_array()  # the first row's finished sample
+    assert np.allclose(shown, result.images[rows[0]].squeeze().numpy())
+
+
+def test_row_labels_sit_at_the_left_of_each_row():
+    fig = du.plot_grid(torch.zeros(6, 1, 64, 64), columns=3, row_labels=["a long label for row one", "two"])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["a long label for row one", "", "", "two", "", ""]
+    assert fig.get_size_inches()[0] > 3 * 1.1  # wider than the images alone, so the labels are not cut
+
+
+def test_percent_with_error_is_the_binomial_standard_error():
+    assert du.percent_with_error(0.97, 64) == "97.0 ± 2.1 %"  # sqrt(0.97 * 0.03 / 64) = 0.0213
+    assert du.percent_with_error(1.0, 256) == "100.0 ± 0.0 %"
+    assert du.percent_with_error(float("nan"), 10) == "-"
