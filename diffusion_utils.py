@@ -1965,6 +1965,18 @@ def guided_output(
     return uncond + guidance * (cond - uncond)
 
 
+def runtime_output(
+    model: nn.Module, runtime: Runtime, condition: Condition | None, guidance: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_output(x, t) for make_denoiser: the (guided) network output in the runtime's precision, as float32."""
+
+    def model_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            return guided_output(model, x, t, condition, guidance).float()
+
+    return model_output
+
+
 def _check_guidance(model: nn.Module, condition: Condition | None, n: int, guidance: float) -> None:
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a number >= 0, got {guidance}")
@@ -2003,6 +2015,7 @@ def sample(
     initial_noise: torch.Tensor | None = None,
     spacing: str | None = None,
     clip_x0: bool = True,
+    editing: Edit | None = None,
 ) -> SampleResult:
     """Generate n images from pure noise with `steps` network evaluations per image, for every sampler (Heun makes
     two per step, so it takes steps // 2 + 1 steps), on a grid respaced from the T timesteps of training.
@@ -2013,18 +2026,25 @@ def sample(
     whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
     spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced); clip_x0=False leaves x0_hat
     unclipped, to show why it is clipped. precision: this device's (choose_precision) unless given, as in Trainer.
+    editing (section 12) makes it an edit of given images: it may cut the grid to start from a noised image part of
+    the way down (SDEdit), and wrap the sampler's step to keep known pixels (inpainting); the loop stays this one.
     """
     method, eta, prediction = _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, batch_size)
     _check_guidance(model, condition, n, guidance)
+    if editing is not None:
+        editing.check(n)
     if initial_noise is not None and tuple(initial_noise.shape) != (n, 1, IMAGE_SIZE, IMAGE_SIZE):
         shape = tuple(initial_noise.shape)
         raise ValueError(f"initial_noise must have shape ({n}, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {shape}")
     runtime = setup(next(model.parameters()).device, precision)
     spaced = schedule.respaced(method.grid_steps(steps), spacing or method.spacing)
+    evaluations = steps
+    if editing is not None:  # the grid from the edit's start, and the evaluations it spends there
+        spaced, evaluations = editing.grid(spaced), editing.evaluations(method, spaced, steps)
     snapshots = _Snapshots(spaced, save_at)
     result = SampleResult(torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE), timesteps=snapshots.timesteps())
     chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    bar = progress_bar(steps * len(chunks), f"sampling ({sampler}, {steps} evaluations)", "eval", progress)
+    bar = progress_bar(evaluations * len(chunks), f"sampling ({sampler}, {evaluations} evaluations)", "eval", progress)
     was_training = model.training
     model.eval()
     try:
@@ -2036,16 +2056,17 @@ def sample(
                 x_T = next(_noise_per_image(generators, runtime.device, 1))  # x_T ~ N(0, I), one per image
                 if initial_noise is not None:
                     x_T = initial_noise[start:stop].to(runtime.device, torch.float32)
-                noise = _noise_per_image(generators, runtime.device, len(spaced) - 1)  # drawn as steps ask
+                draws = (len(spaced) - 1) * (editing.resample if editing is not None else 1)  # RePaint retakes steps
+                noise = _noise_per_image(generators, runtime.device, draws)  # drawn as steps ask
                 chunk_condition = condition.select(slice(start, stop)).to(runtime.device) if condition else None
-
-                def model_output(x: torch.Tensor, t: torch.Tensor, chunk_condition=chunk_condition) -> torch.Tensor:
-                    with runtime.autocast():
-                        return guided_output(model, x, t, chunk_condition, guidance).float()
-
+                model_output = runtime_output(model, runtime, chunk_condition, guidance)
                 denoise = snapshots.watch(make_denoiser(model_output, spaced, prediction, clip_x0), bar)
                 state = SamplerState(noise=lambda noise=noise: next(noise), eta=eta, evaluations=steps)
-                result.images[start:stop] = backward_process(x_T, spaced, method, denoise, state).clamp(-1, 1).cpu()
+                walk = method
+                if editing is not None:  # start from the edited images, keep their known pixels at every step
+                    x_T = editing.start(x_T, slice(start, stop), spaced)
+                    walk = editing.sampler(method, slice(start, stop), generators)
+                result.images[start:stop] = backward_process(x_T, spaced, walk, denoise, state).clamp(-1, 1).cpu()
     finally:
         bar.close()
         model.train(was_training)
@@ -2694,6 +2715,315 @@ def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: f
         s.matches and not any(score > tolerance_px for score in s.scores.values() if not isinstance(score, bool))
         for s in score_requests(samples, condition)
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# 12. Editing: from a sketch, around a mask, back to the noise
+# ------------------------------------------------------------------------------------------
+#
+# A trained model edits images with no new training, through the same sampling loop (section 7):
+# - SDEdit (Meng et al. 2021, arXiv 2108.01073): noise an image to an intermediate time with q(x_t | x_0) and denoise
+#   it from there. Noise washes out the details (a wobbly stroke, a wrong aspect) but not the layout, so the sample
+#   keeps what the image says at that scale and the model redraws the rest as data. The strength, the share of the
+#   time span to start from, trades faithfulness (low) for realism (high); strength 1 is plain sampling.
+# - Inpainting by replacement: after every step, the known pixels are overwritten by the original noised to the new
+#   time, so the model only ever fills in the unknown ones. RePaint (Lugmayr et al. 2022, arXiv 2201.09865) adds
+#   resampling: the replaced x_{t-1} is an unlikely mix of two halves that never saw each other, so it is pushed back
+#   to x_t with the one-step forward process q(x_t | x_{t-1}) and denoised again, r times, letting the two agree.
+# - DDIM inversion (Song et al. 2021, arXiv 2010.02502, section 4.3; Dhariwal & Nichol 2021, arXiv 2105.05233): the
+#   deterministic sampler is an ODE solver (section 10), so it runs backwards too, from an image to the noise that
+#   the forward ODE would take to it; decoding that noise with DDIM gives the image back, up to the solver's error.
+
+DEFAULT_STRENGTH = 0.6  # the command line's SDEdit strength for a sketch (benchmarks/editing.py measures others)
+DEFAULT_RESAMPLE = 5  # RePaint's resamplings per step for `inpaint` (1: plain replacement)
+
+
+class Edit:
+    """What turns `sample` into an edit of given images: where it starts, and which pixels every step keeps.
+
+    images    (N, 1, 64, 64) in [-1, 1]: the sketches to clean up, or the images to complete
+    strength  in (0, 1]: start at the grid index whose time is nearest strength times the grid's last; at the last
+              index sampling starts from its own pure noise x_T, as `sample` does, so strength 1 is plain sampling
+    mask      (N or 1, 1, 64, 64) bool, True at the pixels to keep; None keeps none (SDEdit)
+    resample  RePaint's r: each step is taken r times, jumping back with q(x_i | x_{i-1}) in between; 1 is plain
+              replacement
+    """
+
+    def __init__(
+        self, images: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None, resample: int = 1
+    ) -> None:
+        validate_images(images)
+        _check_strength(strength)
+        _check_positive_int("resample", resample)
+        self.images, self.strength, self.resample = images, float(strength), resample
+        self.mask = None if mask is None else _checked_mask(mask, len(images))
+
+    def check(self, n: int) -> None:
+        if len(self.images) != n:
+            raise ValueError(f"the edit holds {len(self.images)} images for {n} samples")
+
+    def start_index(self, spaced: NoiseSchedule) -> int:
+        """The grid index to start from: its time is the nearest to strength times the grid's last."""
+        times = spaced.timesteps.double()
+        return int((times - self.strength * times[-1]).abs().argmin())
+
+    def grid(self, spaced: NoiseSchedule) -> NoiseSchedule:
+        """The sampler's grid cut at the start: NoiseSchedule.at keeps alpha_bar, so its last index is the start."""
+        top = self.start_index(spaced)
+        return spaced if top == len(spaced) - 1 else spaced.at(torch.arange(top + 1))
+
+    def evaluations(self, method: Sampler, spaced: NoiseSchedule, steps: int) -> int:
+        """Network evaluations per image on the cut grid: each step but the last taken `resample` times."""
+        grid = self.grid(spaced)
+        return max(1, round(steps / len(spaced) * ((len(grid) - 1) * self.resample + 1)))
+
+    def start(self, x_T: torch.Tensor, chunk: slice, grid: NoiseSchedule) -> torch.Tensor:
+        """x at the grid's last index: x_T itself at the top of the full grid, else the images noised there by
+        q(x_t | x_0) with x_T as the noise (so the same seed means the same noise at every strength)."""
+        top = len(grid) - 1
+        if self.start_index(grid) == top and self.strength == 1.0:
+            return x_T
+        images = self.images[chunk].to(x_T.device, x_T.dtype)
+        return grid.noised(images, x_T, torch.full((len(x_T),), top, device=x_T.device))
+
+    def sampler(self, method: Sampler, chunk: slice, generators: list[torch.Generator]) -> Sampler:
+        """The sampler itself, or (with a mask) its step wrapped to keep the known pixels and resample."""
+        if self.mask is None:
+            return method
+        device = generators[0].device
+        known = self.images[chunk].to(device)
+        keep = self.mask[chunk].to(device)
+        noise = _noise_per_image(generators, device, 1 << 30)  # drawn as the steps ask
+        step = _keeping_step(method.step, known, keep, lambda: next(noise), self.resample)
+        return dataclasses.replace(method, step=step)
+
+
+def _keeping_step(inner: Callable, known: torch.Tensor, keep: torch.Tensor, draw: Callable, resample: int) -> Callable:
+    """inner's step, then the known pixels replaced by the original noised to the new index (the clean original
+    after the last step, so they come out bit for bit); with resample r > 1, RePaint's loop (Algorithm 1): r times,
+    step down and replace, then (but the last time) jump back up with q(x_i | x_{i-1}) = N(sqrt(1 - beta_i) x_{i-1},
+    beta_i I), the grid's own one-step forward process."""
+
+    def replaced(grid: NoiseSchedule, x: torch.Tensor, index: int) -> torch.Tensor:
+        if index < 0:
+            return torch.where(keep, known, x)
+        noised = grid.noised(known, draw(), torch.full((len(x),), index, device=x.device))
+        return torch.where(keep, noised, x)
+
+    def step(grid: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState) -> torch.Tensor:
+        memory = dict(state.memory)  # a multistep solver's memory as it was before this step, for every retry
+        for attempt in range(resample if i > 0 else 1):
+            state.memory = dict(memory)
+            x_prev = replaced(grid, inner(grid, i, x_t, denoise, state), i - 1)
+            if attempt == resample - 1 or i == 0:
+                return x_prev
+            beta = float(grid.betas[i])
+            x_t = math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * draw()
+        return x_prev
+
+    return step
+
+
+def _check_strength(strength: float) -> None:
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
+        raise ValueError(f"strength must be in (0, 1] (1: plain sampling from pure noise), got {strength}")
+
+
+def _checked_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """mask as (N, 1, 64, 64) bool, or a ValueError; one that keeps every pixel or none of an image is refused."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True: keep the pixel), got {getattr(mask, 'dtype', mask)!r}")
+    if mask.ndim != 4 or tuple(mask.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE) or len(mask) not in (1, n):
+        raise ValueError(
+            f"mask must have shape ({n} or 1, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) like the images, got {tuple(mask.shape)}"
+        )
+    kept = mask.flatten(1).sum(1)
+    for k, count in enumerate(kept.tolist()):
+        which = f"mask {k}" if len(mask) > 1 else "the mask"
+        if count == IMAGE_SIZE * IMAGE_SIZE:
+            raise ValueError(f"{which} keeps every pixel: there is nothing to inpaint")
+        if count == 0:
+            raise ValueError(f"{which} keeps no pixel: that is sampling, not inpainting")
+    return mask.expand(n, -1, -1, -1)
+
+
+def edit(
+    model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, strength: float = DEFAULT_STRENGTH, **options
+) -> SampleResult:
+    """SDEdit: each image noised to `strength` of the grid's time span, then denoised by `sample` from there.
+
+    options are sample's (steps, sampler, seed, condition, guidance, ...): with a request, the sketch is steered
+    towards it. `steps` sets the full grid; an edit walks its first strength share of it (about strength * steps
+    network evaluations). Strength 1 is `sample` itself, with the same noise.
+    """
+    return sample(model, schedule, len(images), editing=Edit(images, strength), **options)
+
+
+def inpaint(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    resample: int = DEFAULT_RESAMPLE,
+    strength: float = 1.0,
+    **options,
+) -> SampleResult:
+    """Fill the pixels where mask is False, keeping those where it is True bit for bit (RePaint, resample r).
+
+    resample=1 is plain replacement; r > 1 spends about r times the network evaluations. strength < 1 starts from
+    the image noised part of the way (the hidden pixels then start from what the image holds there). options are
+    sample's.
+    """
+    return sample(model, schedule, len(images), editing=Edit(images, strength, mask, resample), **options)
+
+
+def ddim_inversion_step(schedule: NoiseSchedule, i: int, x: torch.Tensor, denoise: Denoiser) -> torch.Tensor:
+    """One DDIM step run backwards, from index i - 1 (the clean image when i = 0) up to index i.
+
+    Decoding from i to i - 1 needs eps_hat at x_i, which is not known yet; inversion takes it at x_{i-1} instead
+    (the ODE's slope barely changes over a step): x_i = sqrt(ab_i) x0_hat + sqrt(1 - ab_i) eps_hat. From the clean
+    image, x0_hat is the image itself and eps_hat the network's there at index 0.
+    """
+    at = max(i - 1, 0)
+    ab, ab_at = float(schedule.alpha_bars[i]), float(schedule.alpha_bars[at])
+    estimate = denoise(x, at)
+    eps_hat = (x - math.sqrt(ab_at) * estimate) / math.sqrt(1 - ab_at)
+    x0_hat = x if i == 0 else estimate
+    return math.sqrt(ab) * x0_hat + math.sqrt(1 - ab) * eps_hat
+
+
+@torch.no_grad()
+def invert(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    steps: int = 50,
+    condition: Condition | None = None,
+    guidance: float = DEFAULT_GUIDANCE,
+    prediction: str | None = None,
+    spacing: str = "time",
+    batch_size: int = 256,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """DDIM inversion: the noise x_T (N, 1, 64, 64) that the deterministic DDIM sampler of `steps` steps decodes
+    back into each image, `sample(..., sampler="ddim", steps=steps, spacing=spacing, initial_noise=x_T)`.
+
+    One network evaluation per step, as decoding. The round trip is exact for a network whose eps_hat does not
+    change along the path, and close for a good one at enough steps (benchmarks/editing.py measures it).
+    """
+    validate_images(images)
+    n = len(images)
+    _, _, prediction = _check_sample_args(model, schedule, n, steps, "ddim", None, prediction, batch_size)
+    _check_guidance(model, condition, n, guidance)
+    runtime = setup(next(model.parameters()).device, precision)
+    grid = schedule.respaced(steps, spacing)
+    latents = torch.empty_like(images, dtype=torch.float32, device="cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with runtime.compute():
+            for start in range(0, n, batch_size):
+                chunk = slice(start, min(n, start + batch_size))
+                chunk_condition = condition.select(chunk).to(runtime.device) if condition else None
+                denoise = make_denoiser(runtime_output(model, runtime, chunk_condition, guidance), grid, prediction)
+                x = images[chunk].to(runtime.device, torch.float32)
+                for i in range(len(grid)):  # from the clean image up to the noisiest index
+                    x = ddim_inversion_step(grid, i, x, denoise)
+                latents[chunk] = x.cpu()
+    finally:
+        model.train(was_training)
+    return latents
+
+
+# Sketches and masks to edit: what a person would draw, or hide, with the shape it stands for known, so an edit can
+# be scored against the intention (class, centre, size) and not only for looking clean.
+
+SKETCH_STYLES = ("fill", "outline", "hatch")
+MASK_KINDS = ("half", "box", "strokes")
+
+
+def make_sketches(n: int, seed: int | Sequence[int] = 0) -> ShapeBatch:
+    """n rough, hand-drawn-like shapes: make_shapes(n, seed)'s classes, centres and sizes (the intention, in the
+    ShapeBatch) drawn with a wobbly outline, a slightly wrong aspect and tilt, in one of SKETCH_STYLES: filled,
+    an outline with gaps, or an outline with hatching. Reproducible from the seed."""
+    intended = make_shapes(n, seed)
+    rng = np.random.default_rng([*np.ravel(seed).tolist(), 0x5EED])
+    images = np.stack(
+        [
+            _draw_sketch(_sketch_outline(int(label), center, float(size), rng), rng)
+            for label, center, size in zip(intended.labels, intended.centers, intended.sizes)
+        ]
+    )
+    return dataclasses.replace(intended, images=uint8_to_model(images))
+
+
+def _sketch_outline(label: int, center: np.ndarray, size: float, rng: np.random.Generator) -> np.ndarray:
+    """(M, 2) points of a wobbly closed outline around the intended shape: a wrong aspect of up to 12 %, a tilt of
+    up to 7 degrees, a slow radial wobble and a jitter of half a pixel."""
+    if SHAPES[label].name == "circle":
+        theta = np.linspace(0, 2 * np.pi, 36, endpoint=False)
+        unit = np.stack([np.cos(theta), np.sin(theta)], 1)
+    else:
+        u = np.linspace(-1, 1, 9)[:-1]
+        sides = [(u, -np.ones(8)), (np.ones(8), u), (-u, np.ones(8)), (-np.ones(8), -u)]
+        unit = np.concatenate([np.stack(side, 1) for side in sides])
+    phase = np.arctan2(unit[:, 1], unit[:, 0])
+    wobble = 1 + 0.04 * np.sin(2 * phase + rng.uniform(0, 2 * np.pi)) + 0.03 * np.sin(3 * phase + rng.uniform(0, 6))
+    aspect, tilt = rng.uniform(-0.12, 0.12), rng.uniform(-0.12, 0.12)
+    points = unit * wobble[:, None] * (size / 2) * np.array([1 + aspect, 1 - aspect])
+    rotation = np.array([[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]])
+    return points @ rotation.T + center + rng.normal(0, 0.5, points.shape)
+
+
+def _draw_sketch(outline: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 image of an outline in a random SKETCH_STYLES style, anti-aliased as a pen would be."""
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    fixed = np.round(outline * 16).astype(np.int32)  # OpenCV's sub-pixel points: 4 fractional bits
+    style = SKETCH_STYLES[rng.integers(len(SKETCH_STYLES))]
+    ink = int(rng.integers(200, 256))
+    if style == "fill":
+        cv2.fillPoly(image, [fixed], ink, lineType=cv2.LINE_AA, shift=4)
+        return image
+    if style == "hatch":
+        inside = np.zeros_like(image)
+        cv2.fillPoly(inside, [fixed], 255, lineType=cv2.LINE_8, shift=4)
+        spacing, slope = int(rng.integers(3, 5)), rng.choice([-1, 1])
+        for offset in range(-IMAGE_SIZE, 2 * IMAGE_SIZE, spacing):
+            cv2.line(image, (offset, 0), (offset + slope * IMAGE_SIZE, IMAGE_SIZE), ink, 1, cv2.LINE_AA)
+        image[inside == 0] = 0
+        cv2.polylines(image, [fixed], True, ink, 1, cv2.LINE_AA, shift=4)
+        return image
+    gaps = set(rng.choice(len(fixed), size=int(rng.integers(1, 4)), replace=False).tolist())  # pen lifted there
+    thickness = int(rng.integers(1, 3))
+    for k in range(len(fixed)):
+        if k not in gaps:
+            cv2.line(image, tuple(fixed[k]), tuple(fixed[(k + 1) % len(fixed)]), ink, thickness, cv2.LINE_AA, 4)
+    return image
+
+
+def make_masks(batch: ShapeBatch, kind: str = "half", seed: int = 0) -> torch.Tensor:
+    """(N, 1, 64, 64) bool masks, True at the pixels to keep, hiding part of each shape of `batch`:
+    "half"     the frame's half beyond a line through the shape's centre (left, right, top or bottom)
+    "box"      a box 60-90 % of the shape's size across, near its centre
+    "strokes"  three to five thick random strokes through the shape's box
+    Each keeps some pixels and hides some, so every mask is a real inpainting task."""
+    _check_choice("kind", kind, MASK_KINDS)
+    rng = np.random.default_rng([seed, MASK_KINDS.index(kind)])
+    masks = np.ones((len(batch), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    for mask, (cx, cy), size in zip(masks, batch.centers, batch.sizes):
+        if kind == "half":
+            side = int(rng.integers(4))
+            coordinate, middle = (_GRID_X, cx) if side < 2 else (_GRID_Y, cy)
+            mask[(coordinate >= middle) if side % 2 == 0 else (coordinate < middle)] = 0
+        elif kind == "box":
+            half = rng.uniform(0.3, 0.45) * size
+            x, y = cx + rng.uniform(-size / 3, size / 3), cy + rng.uniform(-size / 3, size / 3)
+            cv2.rectangle(mask, (int(x - half), int(y - half)), (int(x + half), int(y + half)), 0, -1)
+        else:
+            for _ in range(int(rng.integers(3, 6))):
+                a, b = rng.uniform(-size / 2, size / 2, (2, 2)) + (cx, cy)
+                cv2.line(mask, tuple(a.astype(int)), tuple(b.astype(int)), 0, int(rng.integers(3, 7)))
+    return torch.from_numpy(masks.astype(bool)).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------
