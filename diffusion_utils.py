@@ -3275,7 +3275,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 # ------------------------------------------------------------------------------------------
-# C. Command line: python diffusion_utils.py {train, sample, evaluate}
+# C. Command line: python diffusion_utils.py {train, sample, edit, inpaint, evaluate}
 # ------------------------------------------------------------------------------------------
 
 
@@ -3295,7 +3295,7 @@ def _parse_center(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="diffusion_utils.py", description="Train, sample and evaluate the shapes DDPM.")
+    parser = _ArgumentParser(prog="diffusion_utils.py", description="Train, sample, edit and evaluate the shapes DDPM.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     precision_help = "default: the device's best (fp32, TF32 maths on Ampere+; fp16 on older GPUs)"
 
@@ -3323,32 +3323,61 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd = commands.add_parser("sample", help="generate images from a checkpoint")
     sample_cmd.add_argument("--checkpoint", required=True)
     sample_cmd.add_argument("--n", type=int, default=64)
-    sample_cmd.add_argument(
-        "--steps",
+    _add_sampling_args(sample_cmd, precision_help)
+
+    input_help = "a 64x64 grayscale PNG, or a .npy of one or many images (uint8, or floats in [0, 1] or [-1, 1])"
+    edit_cmd = commands.add_parser("edit", help="turn rough sketches into clean shapes (SDEdit)")
+    edit_cmd.add_argument("--checkpoint", required=True)
+    edit_cmd.add_argument("--input", required=True, help=input_help)
+    edit_cmd.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help=f"how far to noise the input, in (0, 1]: low keeps it, 1 ignores it (default {DEFAULT_STRENGTH})",
+    )
+    _add_sampling_args(edit_cmd, precision_help)
+
+    inpaint_cmd = commands.add_parser("inpaint", help="fill in the hidden pixels of images (RePaint)")
+    inpaint_cmd.add_argument("--checkpoint", required=True)
+    inpaint_cmd.add_argument("--input", required=True, help=input_help)
+    inpaint_cmd.add_argument(
+        "--mask",
+        required=True,
+        help="the same kind of file, white (or true) at the pixels to keep; one or one per image",
+    )
+    inpaint_cmd.add_argument(
+        "--resample",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS})",
+        default=DEFAULT_RESAMPLE,
+        help=f"RePaint's resamplings per step; 1 is plain replacement (default {DEFAULT_RESAMPLE})",
     )
-    sample_cmd.add_argument(
-        "--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}"
-    )
-    sample_cmd.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
-    _add_request_args(sample_cmd)
-    sample_cmd.add_argument(
-        "--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})"
-    )
-    sample_cmd.add_argument("--seed", type=int, default=0)
-    sample_cmd.add_argument("--batch-size", type=int, default=256)
-    sample_cmd.add_argument("--device")
-    sample_cmd.add_argument("--precision", choices=PRECISIONS, help=precision_help)
-    sample_cmd.add_argument("--out", required=True, help="a .npy file of uint8 images (N, 64, 64)")
-    sample_cmd.add_argument("--png", help="also save a grid of (up to 64) samples as a PNG")
-    sample_cmd.add_argument("--no-progress", action="store_true")
+    _add_sampling_args(inpaint_cmd, precision_help)
 
     evaluate = commands.add_parser("evaluate", help="print shape metrics of a samples .npy as JSON")
     evaluate.add_argument("samples")
     _add_request_args(evaluate, "also score how well the samples obey this request")
     return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, precision_help: str) -> None:
+    """sample's flags, which edit and inpaint take too: the sampler, the request, the seed, the device, the output."""
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS})",
+    )
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}")
+    parser.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
+    _add_request_args(parser)
+    parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device")
+    parser.add_argument("--precision", choices=PRECISIONS, help=precision_help)
+    parser.add_argument("--out", required=True, help="a .npy file of uint8 images (N, 64, 64)")
+    parser.add_argument("--png", help="also save a grid of (up to 64) images as a PNG")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _add_request_args(parser: argparse.ArgumentParser, note: str = "ask a conditional model for") -> None:
@@ -3410,58 +3439,155 @@ def _check_train_args(args: argparse.Namespace) -> None:
 
 
 def _command_sample(args: argparse.Namespace) -> None:
-    if not args.out.endswith(".npy"):
-        raise ValueError(f"--out must end in .npy, got {args.out!r}")
+    _check_out(args.out)
     _check_positive_int("--n", args.n)
-    condition = _request_from(args, args.n)
+    condition, guidance = _request_and_guidance(args, args.n)
+    model, schedule = load_model(args.checkpoint, device=args.device)
+    result = sample(model, schedule, args.n, condition=condition, guidance=guidance, **_sampling_options(args))
+    _save_images(args, result.images, condition, f"{args.sampler}, {args.steps} steps", "samples")
+
+
+def _command_edit(args: argparse.Namespace) -> None:
+    _check_out(args.out)
+    _check_strength(args.strength)
+    images = uint8_to_model(read_images(args.input))
+    condition, guidance = _request_and_guidance(args, len(images))
+    model, schedule = load_model(args.checkpoint, device=args.device)
+    result = edit(
+        model, schedule, images, args.strength, condition=condition, guidance=guidance, **_sampling_options(args)
+    )
+    _save_images(args, result.images, condition, f"edited at strength {args.strength:g}, {args.sampler}")
+
+
+def _command_inpaint(args: argparse.Namespace) -> None:
+    _check_out(args.out)
+    _check_positive_int("--resample", args.resample)
+    images = uint8_to_model(read_images(args.input))
+    mask = torch.from_numpy(read_images(args.mask, "mask") > 127).unsqueeze(1)
+    if len(mask) not in (1, len(images)):
+        raise ValueError(f"{args.mask}: {len(mask)} masks for {len(images)} images; give one, or one per image")
+    try:
+        mask = _checked_mask(mask, len(images))
+    except ValueError as error:  # keeps every pixel or none: name the file
+        raise ValueError(f"{args.mask}: {error}") from None
+    condition, guidance = _request_and_guidance(args, len(images))
+    model, schedule = load_model(args.checkpoint, device=args.device)
+    options = {"condition": condition, "guidance": guidance, **_sampling_options(args)}
+    result = inpaint(model, schedule, images, mask, args.resample, **options)
+    _save_images(args, result.images, condition, f"inpainted, resample {args.resample}, {args.sampler}")
+
+
+def _check_out(out: str) -> None:
+    if not out.endswith(".npy"):
+        raise ValueError(f"--out must end in .npy, got {out!r}")
+
+
+def _request_and_guidance(args: argparse.Namespace, n: int) -> tuple[Condition | None, float]:
+    condition = _request_from(args, n)
     if args.guidance is not None and condition is None:
         raise ValueError("--guidance steers towards a request: give --shape, --size or --center too")
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    model, schedule = load_model(args.checkpoint, device=args.device)
-    result = sample(
-        model,
-        schedule,
-        args.n,
-        steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-        seed=args.seed,
-        condition=condition,
-        guidance=guidance,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        precision=args.precision,
-    )
-    images = model_to_uint8(result.images)
+    return condition, DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """sample's keyword arguments from the flags of _add_sampling_args."""
+    return {
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "progress": not args.no_progress,
+        "precision": args.precision,
+    }
+
+
+def _save_images(
+    args: argparse.Namespace, images: torch.Tensor, condition: Condition | None, title: str, noun: str = "images"
+) -> None:
+    """--out (and --png), and the request's scores when one was asked."""
+    as_uint8 = model_to_uint8(images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, images)
-    print(f"saved {len(images)} samples to {args.out}")
+    np.save(args.out, as_uint8)
+    print(f"saved {len(as_uint8)} {noun} to {args.out}")
     if condition is not None:
-        print(json.dumps(to_json(evaluate_requests(images, condition))))
+        print(json.dumps(to_json(evaluate_requests(as_uint8, condition))))
     if args.png:
-        title = f"{args.sampler}, {args.steps} steps" + (
-            f", {describe_request(condition)}" if condition is not None else ""
-        )
-        plot_grid(result.images[:64], title=title).savefig(args.png, dpi=100)
+        title += f", {describe_request(condition)}" if condition is not None else ""
+        plot_grid(images[:64], title=title).savefig(args.png, dpi=100)
         print(f"saved a grid to {args.png}")
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
-    path = Path(args.samples)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        images = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as error:  # pickled, empty, truncated or not .npy at all
-        raise ValueError(f"{path}: not a plain .npy array ({error})") from None
-    if not isinstance(images, np.ndarray):  # np.load opens a zip (.npz, or a checkpoint) as an archive
-        images.close()
-        raise ValueError(f"{path}: not a samples .npy array but a zip archive (a checkpoint or an .npz?)")
+    images = read_images(args.samples, "samples")
     metrics = evaluate_samples(images)
     condition = _request_from(args, len(images))
     if condition is not None:
         metrics["request"] = evaluate_requests(images, condition)
     print(json.dumps(to_json(metrics), indent=2))
+
+
+def read_images(path: str | os.PathLike, what: str = "input") -> np.ndarray:
+    """(N, 64, 64) uint8 images from a grayscale PNG or a .npy of one image (64, 64) or many ((N, 64, 64) or
+    (N, 1, 64, 64)): uint8 (or bool, white for True), or floats in [0, 1] or in [-1, 1] (read so when any value is
+    negative). A pickled .npy is refused unread, as is colour, another size, or values outside those ranges; each
+    with one ValueError naming the file and, as `what`, the role it plays."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as file:
+        head = file.read(8)
+    numpy_like = head.startswith((b"\x93NUMPY", b"PK")) or path.suffix == ".npy"  # PK: a zip (.npz, checkpoint)
+    array = _read_npy(path, what) if numpy_like else _read_png(path, what)
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or len(array) == 0:
+        raise ValueError(f"{path}: {what} must be one 64x64 image or (N, 64, 64) images, got shape {array.shape}")
+    if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        height, width = array.shape[1:]
+        raise ValueError(
+            f"{path}: the {what} is {width}x{height} pixels, not the {IMAGE_SIZE}x{IMAGE_SIZE} of the images"
+        )
+    return _as_uint8(array, path, what)
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:  # pickled, empty, truncated or not .npy at all
+        raise ValueError(f"{path}: not a plain .npy array ({_first_line(error)})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens a zip (.npz, or a checkpoint) as an archive
+        array.close()
+        raise ValueError(f"{path}: not a {what} .npy array but a zip archive (a checkpoint or an .npz?)")
+    return array
+
+
+def _read_png(path: Path, what: str) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # unchanged: a colour file stays colour, to be refused
+    if image is None:
+        raise ValueError(f"{path}: not an image OpenCV can read (a PNG) nor a .npy array")
+    if image.ndim == 3:
+        raise ValueError(f"{path}: a colour image ({image.shape[2]} channels); the {what} must be grayscale")
+    if image.dtype == np.uint16:  # a 16-bit grayscale PNG
+        image = np.round(image / 257.0).astype(np.uint8)
+    return image
+
+
+def _as_uint8(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """uint8 from uint8, bool (True as 255) or floats in [0, 1] or [-1, 1]."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: {what} must be uint8 in [0, 255] or floats in [0, 1] or [-1, 1], got {array.dtype}")
+    low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -1 or high > 1:
+        raise ValueError(f"{path}: float {what} must lie in [0, 1] or [-1, 1], got values in [{low:.7g}, {high:.7g}]")
+    scaled = (array.astype(np.float64) + 1) * 127.5 if low < 0 else array.astype(np.float64) * 255
+    return np.round(scaled).astype(np.uint8)
 
 
 def to_json(value: object) -> object:
@@ -3486,7 +3612,14 @@ def to_json(value: object) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": _command_train, "sample": _command_sample, "evaluate": _command_evaluate}[args.command]
+    commands = {
+        "train": _command_train,
+        "sample": _command_sample,
+        "edit": _command_edit,
+        "inpaint": _command_inpaint,
+        "evaluate": _command_evaluate,
+    }
+    command = commands[args.command]
     try:
         command(args)
     except (ValueError, TypeError, OSError) as error:  # bad input: arguments, files, paths
