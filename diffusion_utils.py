@@ -13,9 +13,10 @@ Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipy
 9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
 10. Fewer steps           DPM-Solver++(2M) and Heun on the probability-flow ODE, spherical interpolation of noise
 11. Asking for a shape    class and attribute requests, classifier-free guidance, and whether samples obey
+12. Editing               SDEdit from a sketch, inpainting (replacement, RePaint), DDIM inversion; sketches and masks
 A. Saving and loading     atomic checkpoints with the run's plan, safe loads (no unpickling), clear errors
 B. Running fast           device, precision, TF32 and fused-optimiser policy
-C. Command line           train / sample / evaluate without Jupyter
+C. Command line           train / sample / edit / inpaint / evaluate without Jupyter
 
 The schedule (section 4), the network (section 5) and the samplers (sections 7 and 10) are kept apart, as in Hugging
 Face diffusers, so each can be read and swapped alone. Measured figures behind the defaults are in
