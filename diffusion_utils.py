@@ -13,9 +13,10 @@ Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipy
 9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
 10. Fewer steps           DPM-Solver++(2M) and Heun on the probability-flow ODE, spherical interpolation of noise
 11. Asking for a shape    class and attribute requests, classifier-free guidance, and whether samples obey
+12. Editing               SDEdit from a sketch, inpainting (replacement, RePaint), DDIM inversion; sketches and masks
 A. Saving and loading     atomic checkpoints with the run's plan, safe loads (no unpickling), clear errors
 B. Running fast           device, precision, TF32 and fused-optimiser policy
-C. Command line           train / sample / evaluate without Jupyter
+C. Command line           train / sample / edit / inpaint / evaluate without Jupyter
 
 The schedule (section 4), the network (section 5) and the samplers (sections 7 and 10) are kept apart, as in Hugging
 Face diffusers, so each can be read and swapped alone. Measured figures behind the defaults are in
@@ -2008,6 +2009,18 @@ def guided_output(
     return uncond + guidance * (cond - uncond)
 
 
+def runtime_output(
+    model: nn.Module, runtime: Runtime, condition: Condition | None, guidance: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model_output(x, t) for make_denoiser: the (guided) network output in the runtime's precision, as float32."""
+
+    def model_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            return guided_output(model, x, t, condition, guidance).float()
+
+    return model_output
+
+
 def _check_guidance(model: nn.Module, condition: Condition | None, n: int, guidance: float) -> None:
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a number >= 0, got {guidance}")
@@ -2046,6 +2059,7 @@ def sample(
     initial_noise: torch.Tensor | None = None,
     spacing: str | None = None,
     clip_x0: bool | str = True,
+    editing: Edit | None = None,
 ) -> SampleResult:
     """Generate n images from pure noise with `steps` network evaluations per image, for every sampler (Heun makes
     two per step, so it takes steps // 2 + 1 steps), on a grid respaced from the T timesteps of training.
@@ -2056,19 +2070,26 @@ def sample(
     whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
     spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced); clip_x0=False leaves x0_hat
     unclipped, to show why it is clipped (or names another of CLIP_RULES). precision: this device's
-    (choose_precision) unless given, as in Trainer.
+    (choose_precision) unless given, as in Trainer. editing (section 12) makes it an edit of given images: it may cut
+    the grid to start from a noised image part of the way down (SDEdit), and wrap the sampler's step to keep known
+    pixels (inpainting); the loop stays this one.
     """
     method, eta, prediction = _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, batch_size)
     _check_guidance(model, condition, n, guidance)
+    if editing is not None:
+        editing.check(n)
     if initial_noise is not None and tuple(initial_noise.shape) != (n, 1, IMAGE_SIZE, IMAGE_SIZE):
         shape = tuple(initial_noise.shape)
         raise ValueError(f"initial_noise must have shape ({n}, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {shape}")
     runtime = setup(next(model.parameters()).device, precision)
     spaced = schedule.respaced(method.grid_steps(steps), spacing or method.spacing)
+    evaluations = steps
+    if editing is not None:  # the grid from the edit's start, and the evaluations it spends there
+        spaced, evaluations = editing.grid(spaced), editing.evaluations(method, spaced, steps)
     snapshots = _Snapshots(spaced, save_at)
     result = SampleResult(torch.empty(n, 1, IMAGE_SIZE, IMAGE_SIZE), timesteps=snapshots.timesteps())
     chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    bar = progress_bar(steps * len(chunks), f"sampling ({sampler}, {steps} evaluations)", "eval", progress)
+    bar = progress_bar(evaluations * len(chunks), f"sampling ({sampler}, {evaluations} evaluations)", "eval", progress)
     was_training = model.training
     model.eval()
     try:
@@ -2080,16 +2101,17 @@ def sample(
                 x_T = next(_noise_per_image(generators, runtime.device, 1))  # x_T ~ N(0, I), one per image
                 if initial_noise is not None:
                     x_T = initial_noise[start:stop].to(runtime.device, torch.float32)
-                noise = _noise_per_image(generators, runtime.device, len(spaced) - 1)  # drawn as steps ask
+                draws = (len(spaced) - 1) * (editing.resample if editing is not None else 1)  # RePaint retakes steps
+                noise = _noise_per_image(generators, runtime.device, draws)  # drawn as steps ask
                 chunk_condition = condition.select(slice(start, stop)).to(runtime.device) if condition else None
-
-                def model_output(x: torch.Tensor, t: torch.Tensor, chunk_condition=chunk_condition) -> torch.Tensor:
-                    with runtime.autocast():
-                        return guided_output(model, x, t, chunk_condition, guidance).float()
-
+                model_output = runtime_output(model, runtime, chunk_condition, guidance)
                 denoise = snapshots.watch(make_denoiser(model_output, spaced, prediction, clip_x0), bar)
                 state = SamplerState(noise=lambda noise=noise: next(noise), eta=eta, evaluations=steps)
-                result.images[start:stop] = backward_process(x_T, spaced, method, denoise, state).clamp(-1, 1).cpu()
+                walk = method
+                if editing is not None:  # start from the edited images, keep their known pixels at every step
+                    x_T = editing.start(x_T, slice(start, stop), spaced)
+                    walk = editing.sampler(method, slice(start, stop), generators)
+                result.images[start:stop] = backward_process(x_T, spaced, walk, denoise, state).clamp(-1, 1).cpu()
     finally:
         bar.close()
         model.train(was_training)
@@ -2759,6 +2781,315 @@ def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: f
 
 
 # ------------------------------------------------------------------------------------------
+# 12. Editing: from a sketch, around a mask, back to the noise
+# ------------------------------------------------------------------------------------------
+#
+# A trained model edits images with no new training, through the same sampling loop (section 7):
+# - SDEdit (Meng et al. 2021, arXiv 2108.01073): noise an image to an intermediate time with q(x_t | x_0) and denoise
+#   it from there. Noise washes out the details (a wobbly stroke, a wrong aspect) but not the layout, so the sample
+#   keeps what the image says at that scale and the model redraws the rest as data. The strength, the share of the
+#   time span to start from, trades faithfulness (low) for realism (high); strength 1 is plain sampling.
+# - Inpainting by replacement: after every step, the known pixels are overwritten by the original noised to the new
+#   time, so the model only ever fills in the unknown ones. RePaint (Lugmayr et al. 2022, arXiv 2201.09865) adds
+#   resampling: the replaced x_{t-1} is an unlikely mix of two halves that never saw each other, so it is pushed back
+#   to x_t with the one-step forward process q(x_t | x_{t-1}) and denoised again, r times, letting the two agree.
+# - DDIM inversion (Song et al. 2021, arXiv 2010.02502, section 4.3; Dhariwal & Nichol 2021, arXiv 2105.05233): the
+#   deterministic sampler is an ODE solver (section 10), so it runs backwards too, from an image to the noise that
+#   the forward ODE would take to it; decoding that noise with DDIM gives the image back, up to the solver's error.
+
+DEFAULT_STRENGTH = 0.6  # the command line's SDEdit strength for a sketch (benchmarks/editing.py measures others)
+DEFAULT_RESAMPLE = 5  # RePaint's resamplings per step for `inpaint` (1: plain replacement)
+
+
+class Edit:
+    """What turns `sample` into an edit of given images: where it starts, and which pixels every step keeps.
+
+    images    (N, 1, 64, 64) in [-1, 1]: the sketches to clean up, or the images to complete
+    strength  in (0, 1]: start at the grid index whose time is nearest strength times the grid's last; at the last
+              index sampling starts from its own pure noise x_T, as `sample` does, so strength 1 is plain sampling
+    mask      (N or 1, 1, 64, 64) bool, True at the pixels to keep; None keeps none (SDEdit)
+    resample  RePaint's r: each step is taken r times, jumping back with q(x_i | x_{i-1}) in between; 1 is plain
+              replacement
+    """
+
+    def __init__(
+        self, images: torch.Tensor, strength: float = 1.0, mask: torch.Tensor | None = None, resample: int = 1
+    ) -> None:
+        validate_images(images)
+        _check_strength(strength)
+        _check_positive_int("resample", resample)
+        self.images, self.strength, self.resample = images, float(strength), resample
+        self.mask = None if mask is None else _checked_mask(mask, len(images))
+
+    def check(self, n: int) -> None:
+        if len(self.images) != n:
+            raise ValueError(f"the edit holds {len(self.images)} images for {n} samples")
+
+    def start_index(self, spaced: NoiseSchedule) -> int:
+        """The grid index to start from: its time is the nearest to strength times the grid's last."""
+        times = spaced.timesteps.double()
+        return int((times - self.strength * times[-1]).abs().argmin())
+
+    def grid(self, spaced: NoiseSchedule) -> NoiseSchedule:
+        """The sampler's grid cut at the start: NoiseSchedule.at keeps alpha_bar, so its last index is the start."""
+        top = self.start_index(spaced)
+        return spaced if top == len(spaced) - 1 else spaced.at(torch.arange(top + 1))
+
+    def evaluations(self, method: Sampler, spaced: NoiseSchedule, steps: int) -> int:
+        """Network evaluations per image on the cut grid: each step but the last taken `resample` times."""
+        grid = self.grid(spaced)
+        return max(1, round(steps / len(spaced) * ((len(grid) - 1) * self.resample + 1)))
+
+    def start(self, x_T: torch.Tensor, chunk: slice, grid: NoiseSchedule) -> torch.Tensor:
+        """x at the grid's last index: x_T itself at the top of the full grid, else the images noised there by
+        q(x_t | x_0) with x_T as the noise (so the same seed means the same noise at every strength)."""
+        top = len(grid) - 1
+        if self.start_index(grid) == top and self.strength == 1.0:
+            return x_T
+        images = self.images[chunk].to(x_T.device, x_T.dtype)
+        return grid.noised(images, x_T, torch.full((len(x_T),), top, device=x_T.device))
+
+    def sampler(self, method: Sampler, chunk: slice, generators: list[torch.Generator]) -> Sampler:
+        """The sampler itself, or (with a mask) its step wrapped to keep the known pixels and resample."""
+        if self.mask is None:
+            return method
+        device = generators[0].device
+        known = self.images[chunk].to(device)
+        keep = self.mask[chunk].to(device)
+        noise = _noise_per_image(generators, device, 1 << 30)  # drawn as the steps ask
+        step = _keeping_step(method.step, known, keep, lambda: next(noise), self.resample)
+        return dataclasses.replace(method, step=step)
+
+
+def _keeping_step(inner: Callable, known: torch.Tensor, keep: torch.Tensor, draw: Callable, resample: int) -> Callable:
+    """inner's step, then the known pixels replaced by the original noised to the new index (the clean original
+    after the last step, so they come out bit for bit); with resample r > 1, RePaint's loop (Algorithm 1): r times,
+    step down and replace, then (but the last time) jump back up with q(x_i | x_{i-1}) = N(sqrt(1 - beta_i) x_{i-1},
+    beta_i I), the grid's own one-step forward process."""
+
+    def replaced(grid: NoiseSchedule, x: torch.Tensor, index: int) -> torch.Tensor:
+        if index < 0:
+            return torch.where(keep, known, x)
+        noised = grid.noised(known, draw(), torch.full((len(x),), index, device=x.device))
+        return torch.where(keep, noised, x)
+
+    def step(grid: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState) -> torch.Tensor:
+        memory = dict(state.memory)  # a multistep solver's memory as it was before this step, for every retry
+        for attempt in range(resample if i > 0 else 1):
+            state.memory = dict(memory)
+            x_prev = replaced(grid, inner(grid, i, x_t, denoise, state), i - 1)
+            if attempt == resample - 1 or i == 0:
+                return x_prev
+            beta = float(grid.betas[i])
+            x_t = math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * draw()
+        return x_prev
+
+    return step
+
+
+def _check_strength(strength: float) -> None:
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
+        raise ValueError(f"strength must be in (0, 1] (1: plain sampling from pure noise), got {strength}")
+
+
+def _checked_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """mask as (N, 1, 64, 64) bool, or a ValueError; one that keeps every pixel or none of an image is refused."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True: keep the pixel), got {getattr(mask, 'dtype', mask)!r}")
+    if mask.ndim != 4 or tuple(mask.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE) or len(mask) not in (1, n):
+        raise ValueError(
+            f"mask must have shape ({n} or 1, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) like the images, got {tuple(mask.shape)}"
+        )
+    kept = mask.flatten(1).sum(1)
+    for k, count in enumerate(kept.tolist()):
+        which = f"mask {k}" if len(mask) > 1 else "the mask"
+        if count == IMAGE_SIZE * IMAGE_SIZE:
+            raise ValueError(f"{which} keeps every pixel: there is nothing to inpaint")
+        if count == 0:
+            raise ValueError(f"{which} keeps no pixel: that is sampling, not inpainting")
+    return mask.expand(n, -1, -1, -1)
+
+
+def edit(
+    model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, strength: float = DEFAULT_STRENGTH, **options
+) -> SampleResult:
+    """SDEdit: each image noised to `strength` of the grid's time span, then denoised by `sample` from there.
+
+    options are sample's (steps, sampler, seed, condition, guidance, ...): with a request, the sketch is steered
+    towards it. `steps` sets the full grid; an edit walks its first strength share of it (about strength * steps
+    network evaluations). Strength 1 is `sample` itself, with the same noise.
+    """
+    return sample(model, schedule, len(images), editing=Edit(images, strength), **options)
+
+
+def inpaint(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    resample: int = DEFAULT_RESAMPLE,
+    strength: float = 1.0,
+    **options,
+) -> SampleResult:
+    """Fill the pixels where mask is False, keeping those where it is True bit for bit (RePaint, resample r).
+
+    resample=1 is plain replacement; r > 1 spends about r times the network evaluations. strength < 1 starts from
+    the image noised part of the way (the hidden pixels then start from what the image holds there). options are
+    sample's.
+    """
+    return sample(model, schedule, len(images), editing=Edit(images, strength, mask, resample), **options)
+
+
+def ddim_inversion_step(schedule: NoiseSchedule, i: int, x: torch.Tensor, denoise: Denoiser) -> torch.Tensor:
+    """One DDIM step run backwards, from index i - 1 (the clean image when i = 0) up to index i.
+
+    Decoding from i to i - 1 needs eps_hat at x_i, which is not known yet; inversion takes it at x_{i-1} instead
+    (the ODE's slope barely changes over a step): x_i = sqrt(ab_i) x0_hat + sqrt(1 - ab_i) eps_hat. From the clean
+    image, x0_hat is the image itself and eps_hat the network's there at index 0.
+    """
+    at = max(i - 1, 0)
+    ab, ab_at = float(schedule.alpha_bars[i]), float(schedule.alpha_bars[at])
+    estimate = denoise(x, at)
+    eps_hat = (x - math.sqrt(ab_at) * estimate) / math.sqrt(1 - ab_at)
+    x0_hat = x if i == 0 else estimate
+    return math.sqrt(ab) * x0_hat + math.sqrt(1 - ab) * eps_hat
+
+
+@torch.no_grad()
+def invert(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    steps: int = 50,
+    condition: Condition | None = None,
+    guidance: float = DEFAULT_GUIDANCE,
+    prediction: str | None = None,
+    spacing: str = "time",
+    batch_size: int = 256,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """DDIM inversion: the noise x_T (N, 1, 64, 64) that the deterministic DDIM sampler of `steps` steps decodes
+    back into each image, `sample(..., sampler="ddim", steps=steps, spacing=spacing, initial_noise=x_T)`.
+
+    One network evaluation per step, as decoding. The round trip is exact for a network whose eps_hat does not
+    change along the path, and close for a good one at enough steps (benchmarks/editing.py measures it).
+    """
+    validate_images(images)
+    n = len(images)
+    _, _, prediction = _check_sample_args(model, schedule, n, steps, "ddim", None, prediction, batch_size)
+    _check_guidance(model, condition, n, guidance)
+    runtime = setup(next(model.parameters()).device, precision)
+    grid = schedule.respaced(steps, spacing)
+    latents = torch.empty_like(images, dtype=torch.float32, device="cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with runtime.compute():
+            for start in range(0, n, batch_size):
+                chunk = slice(start, min(n, start + batch_size))
+                chunk_condition = condition.select(chunk).to(runtime.device) if condition else None
+                denoise = make_denoiser(runtime_output(model, runtime, chunk_condition, guidance), grid, prediction)
+                x = images[chunk].to(runtime.device, torch.float32)
+                for i in range(len(grid)):  # from the clean image up to the noisiest index
+                    x = ddim_inversion_step(grid, i, x, denoise)
+                latents[chunk] = x.cpu()
+    finally:
+        model.train(was_training)
+    return latents
+
+
+# Sketches and masks to edit: what a person would draw, or hide, with the shape it stands for known, so an edit can
+# be scored against the intention (class, centre, size) and not only for looking clean.
+
+SKETCH_STYLES = ("fill", "outline", "hatch")
+MASK_KINDS = ("half", "box", "strokes")
+
+
+def make_sketches(n: int, seed: int | Sequence[int] = 0) -> ShapeBatch:
+    """n rough, hand-drawn-like shapes: make_shapes(n, seed)'s classes, centres and sizes (the intention, in the
+    ShapeBatch) drawn with a wobbly outline, a slightly wrong aspect and tilt, in one of SKETCH_STYLES: filled,
+    an outline with gaps, or an outline with hatching. Reproducible from the seed."""
+    intended = make_shapes(n, seed)
+    rng = np.random.default_rng([*np.ravel(seed).tolist(), 0x5EED])
+    images = np.stack(
+        [
+            _draw_sketch(_sketch_outline(int(label), center, float(size), rng), rng)
+            for label, center, size in zip(intended.labels, intended.centers, intended.sizes)
+        ]
+    )
+    return dataclasses.replace(intended, images=uint8_to_model(images))
+
+
+def _sketch_outline(label: int, center: np.ndarray, size: float, rng: np.random.Generator) -> np.ndarray:
+    """(M, 2) points of a wobbly closed outline around the intended shape: a wrong aspect of up to 12 %, a tilt of
+    up to 7 degrees, a slow radial wobble and a jitter of half a pixel."""
+    if SHAPES[label].name == "circle":
+        theta = np.linspace(0, 2 * np.pi, 36, endpoint=False)
+        unit = np.stack([np.cos(theta), np.sin(theta)], 1)
+    else:
+        u = np.linspace(-1, 1, 9)[:-1]
+        sides = [(u, -np.ones(8)), (np.ones(8), u), (-u, np.ones(8)), (-np.ones(8), -u)]
+        unit = np.concatenate([np.stack(side, 1) for side in sides])
+    phase = np.arctan2(unit[:, 1], unit[:, 0])
+    wobble = 1 + 0.04 * np.sin(2 * phase + rng.uniform(0, 2 * np.pi)) + 0.03 * np.sin(3 * phase + rng.uniform(0, 6))
+    aspect, tilt = rng.uniform(-0.12, 0.12), rng.uniform(-0.12, 0.12)
+    points = unit * wobble[:, None] * (size / 2) * np.array([1 + aspect, 1 - aspect])
+    rotation = np.array([[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]])
+    return points @ rotation.T + center + rng.normal(0, 0.5, points.shape)
+
+
+def _draw_sketch(outline: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 image of an outline in a random SKETCH_STYLES style, anti-aliased as a pen would be."""
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    fixed = np.round(outline * 16).astype(np.int32)  # OpenCV's sub-pixel points: 4 fractional bits
+    style = SKETCH_STYLES[rng.integers(len(SKETCH_STYLES))]
+    ink = int(rng.integers(200, 256))
+    if style == "fill":
+        cv2.fillPoly(image, [fixed], ink, lineType=cv2.LINE_AA, shift=4)
+        return image
+    if style == "hatch":
+        inside = np.zeros_like(image)
+        cv2.fillPoly(inside, [fixed], 255, lineType=cv2.LINE_8, shift=4)
+        spacing, slope = int(rng.integers(3, 5)), rng.choice([-1, 1])
+        for offset in range(-IMAGE_SIZE, 2 * IMAGE_SIZE, spacing):
+            cv2.line(image, (offset, 0), (offset + slope * IMAGE_SIZE, IMAGE_SIZE), ink, 1, cv2.LINE_AA)
+        image[inside == 0] = 0
+        cv2.polylines(image, [fixed], True, ink, 1, cv2.LINE_AA, shift=4)
+        return image
+    gaps = set(rng.choice(len(fixed), size=int(rng.integers(1, 4)), replace=False).tolist())  # pen lifted there
+    thickness = int(rng.integers(1, 3))
+    for k in range(len(fixed)):
+        if k not in gaps:
+            cv2.line(image, tuple(fixed[k]), tuple(fixed[(k + 1) % len(fixed)]), ink, thickness, cv2.LINE_AA, 4)
+    return image
+
+
+def make_masks(batch: ShapeBatch, kind: str = "half", seed: int = 0) -> torch.Tensor:
+    """(N, 1, 64, 64) bool masks, True at the pixels to keep, hiding part of each shape of `batch`:
+    "half"     the frame's half beyond a line through the shape's centre (left, right, top or bottom)
+    "box"      a box 60-90 % of the shape's size across, near its centre
+    "strokes"  three to five thick random strokes through the shape's box
+    Each keeps some pixels and hides some, so every mask is a real inpainting task."""
+    _check_choice("kind", kind, MASK_KINDS)
+    rng = np.random.default_rng([seed, MASK_KINDS.index(kind)])
+    masks = np.ones((len(batch), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    for mask, (cx, cy), size in zip(masks, batch.centers, batch.sizes):
+        if kind == "half":
+            side = int(rng.integers(4))
+            coordinate, middle = (_GRID_X, cx) if side < 2 else (_GRID_Y, cy)
+            mask[(coordinate >= middle) if side % 2 == 0 else (coordinate < middle)] = 0
+        elif kind == "box":
+            half = rng.uniform(0.3, 0.45) * size
+            x, y = cx + rng.uniform(-size / 3, size / 3), cy + rng.uniform(-size / 3, size / 3)
+            cv2.rectangle(mask, (int(x - half), int(y - half)), (int(x + half), int(y + half)), 0, -1)
+        else:
+            for _ in range(int(rng.integers(3, 6))):
+                a, b = rng.uniform(-size / 2, size / 2, (2, 2)) + (cx, cy)
+                cv2.line(mask, tuple(a.astype(int)), tuple(b.astype(int)), 0, int(rng.integers(3, 7)))
+    return torch.from_numpy(masks.astype(bool)).unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------
 # A. Saving and loading: atomic writes, safe loads, clear errors
 # ------------------------------------------------------------------------------------------
 
@@ -3007,7 +3338,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 # ------------------------------------------------------------------------------------------
-# C. Command line: python diffusion_utils.py {train, sample, evaluate}
+# C. Command line: python diffusion_utils.py {train, sample, edit, inpaint, evaluate}
 # ------------------------------------------------------------------------------------------
 
 
@@ -3027,7 +3358,7 @@ def _parse_center(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="diffusion_utils.py", description="Train, sample and evaluate the shapes DDPM.")
+    parser = _ArgumentParser(prog="diffusion_utils.py", description="Train, sample, edit and evaluate the shapes DDPM.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     precision_help = "default: the device's best (fp32, TF32 maths on Ampere+; fp16 on older GPUs)"
 
@@ -3055,32 +3386,61 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd = commands.add_parser("sample", help="generate images from a checkpoint")
     sample_cmd.add_argument("--checkpoint", required=True)
     sample_cmd.add_argument("--n", type=int, default=64)
-    sample_cmd.add_argument(
-        "--steps",
+    _add_sampling_args(sample_cmd, precision_help)
+
+    input_help = "a 64x64 grayscale PNG, or a .npy of one or many images (uint8, or floats in [0, 1] or [-1, 1])"
+    edit_cmd = commands.add_parser("edit", help="turn rough sketches into clean shapes (SDEdit)")
+    edit_cmd.add_argument("--checkpoint", required=True)
+    edit_cmd.add_argument("--input", required=True, help=input_help)
+    edit_cmd.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help=f"how far to noise the input, in (0, 1]: low keeps it, 1 ignores it (default {DEFAULT_STRENGTH})",
+    )
+    _add_sampling_args(edit_cmd, precision_help)
+
+    inpaint_cmd = commands.add_parser("inpaint", help="fill in the hidden pixels of images (RePaint)")
+    inpaint_cmd.add_argument("--checkpoint", required=True)
+    inpaint_cmd.add_argument("--input", required=True, help=input_help)
+    inpaint_cmd.add_argument(
+        "--mask",
+        required=True,
+        help="the same kind of file, white (or true) at the pixels to keep; one or one per image",
+    )
+    inpaint_cmd.add_argument(
+        "--resample",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS})",
+        default=DEFAULT_RESAMPLE,
+        help=f"RePaint's resamplings per step; 1 is plain replacement (default {DEFAULT_RESAMPLE})",
     )
-    sample_cmd.add_argument(
-        "--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}"
-    )
-    sample_cmd.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
-    _add_request_args(sample_cmd)
-    sample_cmd.add_argument(
-        "--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})"
-    )
-    sample_cmd.add_argument("--seed", type=int, default=0)
-    sample_cmd.add_argument("--batch-size", type=int, default=256)
-    sample_cmd.add_argument("--device")
-    sample_cmd.add_argument("--precision", choices=PRECISIONS, help=precision_help)
-    sample_cmd.add_argument("--out", required=True, help="a .npy file of uint8 images (N, 64, 64)")
-    sample_cmd.add_argument("--png", help="also save a grid of (up to 64) samples as a PNG")
-    sample_cmd.add_argument("--no-progress", action="store_true")
+    _add_sampling_args(inpaint_cmd, precision_help)
 
     evaluate = commands.add_parser("evaluate", help="print shape metrics of a samples .npy as JSON")
     evaluate.add_argument("samples")
     _add_request_args(evaluate, "also score how well the samples obey this request")
     return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, precision_help: str) -> None:
+    """sample's flags, which edit and inpaint take too: the sampler, the request, the seed, the device, the output."""
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS})",
+    )
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}")
+    parser.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
+    _add_request_args(parser)
+    parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device")
+    parser.add_argument("--precision", choices=PRECISIONS, help=precision_help)
+    parser.add_argument("--out", required=True, help="a .npy file of uint8 images (N, 64, 64)")
+    parser.add_argument("--png", help="also save a grid of (up to 64) images as a PNG")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _add_request_args(parser: argparse.ArgumentParser, note: str = "ask a conditional model for") -> None:
@@ -3142,58 +3502,155 @@ def _check_train_args(args: argparse.Namespace) -> None:
 
 
 def _command_sample(args: argparse.Namespace) -> None:
-    if not args.out.endswith(".npy"):
-        raise ValueError(f"--out must end in .npy, got {args.out!r}")
+    _check_out(args.out)
     _check_positive_int("--n", args.n)
-    condition = _request_from(args, args.n)
+    condition, guidance = _request_and_guidance(args, args.n)
+    model, schedule = load_model(args.checkpoint, device=args.device)
+    result = sample(model, schedule, args.n, condition=condition, guidance=guidance, **_sampling_options(args))
+    _save_images(args, result.images, condition, f"{args.sampler}, {args.steps} steps", "samples")
+
+
+def _command_edit(args: argparse.Namespace) -> None:
+    _check_out(args.out)
+    _check_strength(args.strength)
+    images = uint8_to_model(read_images(args.input))
+    condition, guidance = _request_and_guidance(args, len(images))
+    model, schedule = load_model(args.checkpoint, device=args.device)
+    result = edit(
+        model, schedule, images, args.strength, condition=condition, guidance=guidance, **_sampling_options(args)
+    )
+    _save_images(args, result.images, condition, f"edited at strength {args.strength:g}, {args.sampler}")
+
+
+def _command_inpaint(args: argparse.Namespace) -> None:
+    _check_out(args.out)
+    _check_positive_int("--resample", args.resample)
+    images = uint8_to_model(read_images(args.input))
+    mask = torch.from_numpy(read_images(args.mask, "mask") > 127).unsqueeze(1)
+    if len(mask) not in (1, len(images)):
+        raise ValueError(f"{args.mask}: {len(mask)} masks for {len(images)} images; give one, or one per image")
+    try:
+        mask = _checked_mask(mask, len(images))
+    except ValueError as error:  # keeps every pixel or none: name the file
+        raise ValueError(f"{args.mask}: {error}") from None
+    condition, guidance = _request_and_guidance(args, len(images))
+    model, schedule = load_model(args.checkpoint, device=args.device)
+    options = {"condition": condition, "guidance": guidance, **_sampling_options(args)}
+    result = inpaint(model, schedule, images, mask, args.resample, **options)
+    _save_images(args, result.images, condition, f"inpainted, resample {args.resample}, {args.sampler}")
+
+
+def _check_out(out: str) -> None:
+    if not out.endswith(".npy"):
+        raise ValueError(f"--out must end in .npy, got {out!r}")
+
+
+def _request_and_guidance(args: argparse.Namespace, n: int) -> tuple[Condition | None, float]:
+    condition = _request_from(args, n)
     if args.guidance is not None and condition is None:
         raise ValueError("--guidance steers towards a request: give --shape, --size or --center too")
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    model, schedule = load_model(args.checkpoint, device=args.device)
-    result = sample(
-        model,
-        schedule,
-        args.n,
-        steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-        seed=args.seed,
-        condition=condition,
-        guidance=guidance,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        precision=args.precision,
-    )
-    images = model_to_uint8(result.images)
+    return condition, DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """sample's keyword arguments from the flags of _add_sampling_args."""
+    return {
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "progress": not args.no_progress,
+        "precision": args.precision,
+    }
+
+
+def _save_images(
+    args: argparse.Namespace, images: torch.Tensor, condition: Condition | None, title: str, noun: str = "images"
+) -> None:
+    """--out (and --png), and the request's scores when one was asked."""
+    as_uint8 = model_to_uint8(images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, images)
-    print(f"saved {len(images)} samples to {args.out}")
+    np.save(args.out, as_uint8)
+    print(f"saved {len(as_uint8)} {noun} to {args.out}")
     if condition is not None:
-        print(json.dumps(to_json(evaluate_requests(images, condition))))
+        print(json.dumps(to_json(evaluate_requests(as_uint8, condition))))
     if args.png:
-        title = f"{args.sampler}, {args.steps} steps" + (
-            f", {describe_request(condition)}" if condition is not None else ""
-        )
-        plot_grid(result.images[:64], title=title).savefig(args.png, dpi=100)
+        title += f", {describe_request(condition)}" if condition is not None else ""
+        plot_grid(images[:64], title=title).savefig(args.png, dpi=100)
         print(f"saved a grid to {args.png}")
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
-    path = Path(args.samples)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        images = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as error:  # pickled, empty, truncated or not .npy at all
-        raise ValueError(f"{path}: not a plain .npy array ({error})") from None
-    if not isinstance(images, np.ndarray):  # np.load opens a zip (.npz, or a checkpoint) as an archive
-        images.close()
-        raise ValueError(f"{path}: not a samples .npy array but a zip archive (a checkpoint or an .npz?)")
+    images = read_images(args.samples, "samples")
     metrics = evaluate_samples(images)
     condition = _request_from(args, len(images))
     if condition is not None:
         metrics["request"] = evaluate_requests(images, condition)
     print(json.dumps(to_json(metrics), indent=2))
+
+
+def read_images(path: str | os.PathLike, what: str = "input") -> np.ndarray:
+    """(N, 64, 64) uint8 images from a grayscale PNG or a .npy of one image (64, 64) or many ((N, 64, 64) or
+    (N, 1, 64, 64)): uint8 (or bool, white for True), or floats in [0, 1] or in [-1, 1] (read so when any value is
+    negative). A pickled .npy is refused unread, as is colour, another size, or values outside those ranges; each
+    with one ValueError naming the file and, as `what`, the role it plays."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as file:
+        head = file.read(8)
+    numpy_like = head.startswith((b"\x93NUMPY", b"PK")) or path.suffix == ".npy"  # PK: a zip (.npz, checkpoint)
+    array = _read_npy(path, what) if numpy_like else _read_png(path, what)
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or len(array) == 0:
+        raise ValueError(f"{path}: {what} must be one 64x64 image or (N, 64, 64) images, got shape {array.shape}")
+    if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        height, width = array.shape[1:]
+        raise ValueError(
+            f"{path}: the {what} is {width}x{height} pixels, not the {IMAGE_SIZE}x{IMAGE_SIZE} of the images"
+        )
+    return _as_uint8(array, path, what)
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:  # pickled, empty, truncated or not .npy at all
+        raise ValueError(f"{path}: not a plain .npy array ({_first_line(error)})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens a zip (.npz, or a checkpoint) as an archive
+        array.close()
+        raise ValueError(f"{path}: not a {what} .npy array but a zip archive (a checkpoint or an .npz?)")
+    return array
+
+
+def _read_png(path: Path, what: str) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # unchanged: a colour file stays colour, to be refused
+    if image is None:
+        raise ValueError(f"{path}: not an image OpenCV can read (a PNG) nor a .npy array")
+    if image.ndim == 3:
+        raise ValueError(f"{path}: a colour image ({image.shape[2]} channels); the {what} must be grayscale")
+    if image.dtype == np.uint16:  # a 16-bit grayscale PNG
+        image = np.round(image / 257.0).astype(np.uint8)
+    return image
+
+
+def _as_uint8(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """uint8 from uint8, bool (True as 255) or floats in [0, 1] or [-1, 1]."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: {what} must be uint8 in [0, 255] or floats in [0, 1] or [-1, 1], got {array.dtype}")
+    low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -1 or high > 1:
+        raise ValueError(f"{path}: float {what} must lie in [0, 1] or [-1, 1], got values in [{low:.7g}, {high:.7g}]")
+    scaled = (array.astype(np.float64) + 1) * 127.5 if low < 0 else array.astype(np.float64) * 255
+    return np.round(scaled).astype(np.uint8)
 
 
 def to_json(value: object) -> object:
@@ -3218,7 +3675,14 @@ def to_json(value: object) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": _command_train, "sample": _command_sample, "evaluate": _command_evaluate}[args.command]
+    commands = {
+        "train": _command_train,
+        "sample": _command_sample,
+        "edit": _command_edit,
+        "inpaint": _command_inpaint,
+        "evaluate": _command_evaluate,
+    }
+    command = commands[args.command]
     try:
         command(args)
     except (ValueError, TypeError, OSError) as error:  # bad input: arguments, files, paths

@@ -289,9 +289,11 @@ def test_sample_from_a_bad_checkpoint(checkpoint, tmp_path, capsys, kind):
 @pytest.mark.parametrize(
     ("array", "fragment"),
     [
-        (np.zeros((2, 64, 64), np.float64), "uint8 in [0, 255], got dtype float64"),
-        (np.zeros((2, 1, 64, 64), np.uint8), "shape (N, 64, 64) with N >= 1, got (2, 1, 64, 64)"),
-        (np.zeros((64, 64), np.uint8), "got (64, 64)"),
+        (np.full((2, 64, 64), 255.0), "must lie in [0, 1] or [-1, 1], got values in [255, 255]"),
+        (np.zeros((2, 64, 64), np.int64), "uint8 in [0, 255] or floats in [0, 1] or [-1, 1], got int64"),
+        (np.zeros((2, 3, 64, 64), np.uint8), "(N, 64, 64) images, got shape (2, 3, 64, 64)"),
+        (np.zeros((2, 32, 32), np.uint8), "is 32x32 pixels, not the 64x64 of the images"),
+        (np.zeros((0, 64, 64), np.uint8), "got shape (0, 64, 64)"),
         (np.array([{"a": 1}], dtype=object), "not a plain .npy array"),
     ],
 )
@@ -313,7 +315,7 @@ def test_evaluate_a_file_that_is_not_an_array(tmp_path, capsys, content):
 
 def test_the_script_itself_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.npy"
-    np.save(bad, np.zeros((3, 64, 64), np.float32))
+    np.save(bad, np.full((3, 64, 64), 2.0, np.float32))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "diffusion_utils.py"), "evaluate", str(bad)],
@@ -326,7 +328,7 @@ def test_the_script_itself_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "diffusion_utils.py evaluate: error: a samples array must be uint8 in [0, 255], got dtype float32"
+        f"diffusion_utils.py evaluate: error: {bad}: float samples must lie in [0, 1] or [-1, 1], got values in [2, 2]"
     ]
 
 
