@@ -3352,6 +3352,116 @@ def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: f
     ]
 
 
+# Prompts are scored as requests are, word by word: each kind of word a prompt holds (PROMPT_GROUPS) is checked
+# against what the reader sees in the sample. A word is right or wrong (the class, the size word, the half, the
+# quadrant, the centre); an exact size or place is an error in pixels against the request drawn as the data would be.
+PROMPT_METRICS = {
+    "class": "class_accuracy",
+    "size word": "size_word_accuracy",
+    "size": "size_error",
+    "half": "half_accuracy",
+    "quadrant": "quadrant_accuracy",
+    "centre": "centre_accuracy",
+    "place": "center_error",
+}
+
+
+@dataclass
+class PromptScore:
+    """How one sample obeys its prompt: valid, and per kind of word the prompt holds (PROMPT_METRICS' keys), right
+    (bool) or an error in px; an invalid sample's are left out."""
+
+    valid: bool
+    scores: dict[str, object]
+
+    @property
+    def matches(self) -> bool:
+        """Valid, and right in every word that is right or wrong."""
+        return self.valid and all(score is not False for score in self.scores.values())
+
+
+def score_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence[str] | Prompt) -> list[PromptScore]:
+    """Each sample against its prompt (one text for all, or one each), read by the same reader as evaluate_samples.
+    A real image scores right and 0 px against its own caption."""
+    images = _as_uint8_images(samples)
+    texts = _prompt_texts(prompts, len(images))
+    asks = {text: read_prompt(text) for text in set(texts)}
+    return [_prompt_score(read_shape(image), asks[text]) for image, text in zip(images, texts)]
+
+
+def _prompt_texts(prompts: str | Sequence[str] | Prompt, n: int) -> list[str]:
+    texts = [prompts] * n if isinstance(prompts, str) else list(getattr(prompts, "texts", prompts))
+    if len(texts) != n:
+        raise ValueError(f"{len(texts)} prompts for {n} samples")
+    return texts
+
+
+def _prompt_score(reading: ShapeReading, ask: PromptAsk) -> PromptScore:
+    if not reading.valid:
+        return PromptScore(False, {})
+    scores: dict[str, object] = {}
+    if ask.label is not None:
+        scores["class"] = reading.label == ask.label
+    if ask.size_word is not None:
+        scores["size word"] = size_word(drawn_size(reading)) == ask.size_word
+    if ask.half is not None:
+        scores["half"] = HALVES[ask.half](*reading.center)
+    if ask.quadrant is not None:
+        scores["quadrant"] = quadrant_of(reading.center) == ask.quadrant
+    if ask.centre:
+        scores["centre"] = is_centre(reading.center)
+    exact = {"class": ask.label, "size": ask.size, "center": ask.center}
+    if ask.size is not None or ask.center is not None:
+        reference = _drawn_request({k: v for k, v in exact.items() if v is not None}, reading)
+        if ask.size is not None:
+            scores["size"] = abs(reading.size - reference.size)
+        if ask.center is not None:
+            scores["place"] = math.dist(reading.center, reference.center)
+    return PromptScore(True, scores)
+
+
+_DRAWN_SIZES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def drawn_size(reading: ShapeReading) -> int:
+    """The size a valid shape was most likely drawn at: the one of its class whose drawing reads closest to its
+    reading (the reader's size of a small pixel circle is not quite its diameter, and a size word's bounds are
+    whole pixels)."""
+    shape = SHAPES[reading.label]
+    if shape.name not in _DRAWN_SIZES:
+        sizes = np.array([s for s in range(3, IMAGE_SIZE - 2 * MARGIN + 1) if shape.drawable_size(s) == s])
+        middle = IMAGE_SIZE // 2 - 1
+        read = np.array([read_shape(draw_shape(reading.label, (middle, middle), int(s))).size for s in sizes])
+        _DRAWN_SIZES[shape.name] = (sizes, read)
+    sizes, read = _DRAWN_SIZES[shape.name]
+    return int(sizes[np.argmin(np.abs(read - reading.size))])
+
+
+def evaluate_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence[str] | Prompt) -> dict[str, float]:
+    """How well samples obey their prompts (score_prompts), over the batch: per kind of word, the share obeyed.
+
+    valid                share of samples with one valid shape
+    matches              share of all samples that are valid and right in every word that is right or wrong
+    class_accuracy       among valid samples whose prompt names a class, the share that show it
+    size_word_accuracy   ... that say small, medium or large, the share of that size
+    size_error           mean error (px) of an exact size ("25 px")
+    half_accuracy        ... that name a half (left, right, top, bottom), the share whose centre is in it
+    quadrant_accuracy    ... that name a quadrant (top left, ...), the share whose centre is in it
+    centre_accuracy      ... that say centre, center or middle, the share within CENTRE_RADIUS px of the frame's
+    center_error         mean distance (px) from an exact place ("at 30, 40")
+    Real data with its own captions scores 100 % and 0 px; NaN where no prompt holds that kind of word.
+    """
+    scores = score_prompts(samples, prompts)
+
+    def mean(values: list) -> float:
+        return float(np.mean(values)) if values else math.nan
+
+    metrics = {"n": len(scores), "valid": mean([s.valid for s in scores]), "matches": mean([s.matches for s in scores])}
+    for kind, metric in PROMPT_METRICS.items():
+        metrics[metric] = mean([s.scores[kind] for s in scores if kind in s.scores])
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------
 # A. Saving and loading: atomic writes, safe loads, clear errors
 # ------------------------------------------------------------------------------------------
@@ -3641,6 +3751,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help=f"learn requests (class, centre, size) too (default: {'yes' if ModelConfig().conditional else 'no'})",
     )
+    train.add_argument(
+        "--conditioning",
+        choices=CONDITIONINGS,
+        help="what a conditional model reads: request (three numbers, the default) or prompt (words, cross-attention)",
+    )
     train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     train.add_argument("--compile", dest="compile_model", action="store_true", help="torch.compile the model (GPU)")
     train.add_argument("--precision", choices=PRECISIONS, help=precision_help)
@@ -3660,6 +3775,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample_cmd.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
     _add_request_args(sample_cmd)
+    _add_prompt_arg(sample_cmd, 'ask a model trained with --conditioning prompt, e.g. "a small circle on the left"')
     sample_cmd.add_argument(
         "--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})"
     )
@@ -3674,7 +3790,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="print shape metrics of a samples .npy as JSON")
     evaluate.add_argument("samples")
     _add_request_args(evaluate, "also score how well the samples obey this request")
+    _add_prompt_arg(evaluate, "also score, word by word, how well the samples obey this prompt")
     return parser
+
+
+def _add_prompt_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--prompt", metavar="TEXT", help=f"{help_text} (instead of the request flags)")
+
+
+def _prompt_from(args: argparse.Namespace, condition: Condition | None) -> str | None:
+    """The --prompt text, checked (read_prompt, prompt_tokens), or None; never with the request flags."""
+    if args.prompt is None:
+        return None
+    if condition is not None:
+        flags = "/".join(f"--{f.argument}" for f in REQUEST_FIELDS)
+        raise ValueError(f"give --prompt or the request flags ({flags}), not both")
+    prompt_tokens(args.prompt)
+    return args.prompt
 
 
 def _add_request_args(parser: argparse.ArgumentParser, note: str = "ask a conditional model for") -> None:
@@ -3705,6 +3837,8 @@ def _command_train(args: argparse.Namespace) -> None:
         model_config, train_config = default_configs(device, args.objective or "diffusion")
         if args.conditional is not None:
             model_config = dataclasses.replace(model_config, conditional=args.conditional)
+        if args.conditioning is not None:
+            model_config = dataclasses.replace(model_config, conditioning=args.conditioning)
         seed = 0 if args.seed is None else args.seed
         train_config = dataclasses.replace(train_config, seed=seed, compile_model=args.compile_model)
         trainer = Trainer(model_config, train_config, device=device, precision=args.precision)
@@ -3731,8 +3865,10 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
         )
-    if args.resume and (args.conditional is not None or args.objective is not None):
-        raise ValueError("a resumed run keeps its own model: drop --conditional, --objective or --resume")
+    if args.resume and (args.conditional is not None or args.objective is not None or args.conditioning is not None):
+        raise ValueError(
+            "a resumed run keeps its own model: drop --conditional, --objective, --conditioning or --resume"
+        )
 
 
 def _command_sample(args: argparse.Namespace) -> None:
@@ -3740,8 +3876,9 @@ def _command_sample(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must end in .npy, got {args.out!r}")
     _check_positive_int("--n", args.n)
     condition = _request_from(args, args.n)
-    if args.guidance is not None and condition is None:
-        raise ValueError("--guidance steers towards a request: give --shape, --size or --center too")
+    prompt = _prompt_from(args, condition)
+    if args.guidance is not None and condition is None and prompt is None:
+        raise ValueError("--guidance steers towards a request: give --shape, --size, --center or --prompt too")
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     model, schedule = load_model(args.checkpoint, device=args.device)
     result = sample(
@@ -3753,6 +3890,7 @@ def _command_sample(args: argparse.Namespace) -> None:
         eta=args.eta,
         seed=args.seed,
         condition=condition,
+        prompt=prompt,
         guidance=guidance,
         batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -3764,10 +3902,11 @@ def _command_sample(args: argparse.Namespace) -> None:
     print(f"saved {len(images)} samples to {args.out}")
     if condition is not None:
         print(json.dumps(to_json(evaluate_requests(images, condition))))
+    if prompt is not None:
+        print(json.dumps(to_json(evaluate_prompts(images, prompt))))
     if args.png:
-        title = f"{args.sampler}, {args.steps} steps" + (
-            f", {describe_request(condition)}" if condition is not None else ""
-        )
+        asked = describe_request(condition) if condition is not None else repr(prompt) if prompt is not None else ""
+        title = f"{args.sampler}, {args.steps} steps" + (f", {asked}" if asked else "")
         plot_grid(result.images[:64], title=title).savefig(args.png, dpi=100)
         print(f"saved a grid to {args.png}")
 
@@ -3783,10 +3922,13 @@ def _command_evaluate(args: argparse.Namespace) -> None:
     if not isinstance(images, np.ndarray):  # np.load opens a zip (.npz, or a checkpoint) as an archive
         images.close()
         raise ValueError(f"{path}: not a samples .npy array but a zip archive (a checkpoint or an .npz?)")
-    metrics = evaluate_samples(images)
     condition = _request_from(args, len(images))
+    prompt = _prompt_from(args, condition)
+    metrics = evaluate_samples(images)
     if condition is not None:
         metrics["request"] = evaluate_requests(images, condition)
+    if prompt is not None:
+        metrics["prompt"] = evaluate_prompts(images, prompt)
     print(json.dumps(to_json(metrics), indent=2))
 
 
