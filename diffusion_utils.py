@@ -4,15 +4,15 @@ Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipy
 
 1. Setup                  which device, precision and kernels (`setup`, once per Trainer or sampling call)
 2. Configuration          two dataclasses hold every choice; `default_configs` is the measured recipe per device
-3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], and what was drawn
+3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], what was drawn, and captions
 4. The forward process    beta_t, alpha_bar_t and the closed form of q(x_t | x_0); eps, v and x_0
-5. The U-Net              a time- (and optionally request-) conditioned network that predicts eps or v
+5. The U-Net              a time- (and optionally request- or prompt-) conditioned network that predicts eps or v
 6. Training               the weighted MSE, one training step (Algorithm 1), EMA, and a plan in steps or minutes
 7. Sampling               the sampling loop (Algorithm 2), the denoiser, DDPM and DDIM steps, the sampler registry
 8. The backward process   pictures and an animation of x_t and x_0_hat along the way
 9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
 10. Fewer steps           DPM-Solver++(2M) and Heun on the probability-flow ODE, spherical interpolation of noise
-11. Asking for a shape    class and attribute requests, classifier-free guidance, and whether samples obey
+11. Asking for a shape    requests and prompts, classifier-free guidance, and whether samples obey (word by word)
 A. Saving and loading     atomic checkpoints with the run's plan, safe loads (no unpickling), clear errors
 B. Running fast           device, precision, TF32 and fused-optimiser policy
 C. Command line           train / sample / evaluate without Jupyter
@@ -156,6 +156,7 @@ class ModelConfig:
     conditioning: str = "request"  # what a conditional model reads: "request" (three numbers) or "prompt" (words)
     text_width: int = 64  # a prompt model's text encoder: the width of its token vectors (section 5)
     text_layers: int = 2  # and its transformer layers
+    cross_attention_levels: int | None = None  # decoder levels, from the coarsest, that read the prompt; None: all
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -189,6 +190,11 @@ class ModelConfig:
         _check_choice("conditioning", self.conditioning, CONDITIONINGS)
         _check_positive_int("text_layers", self.text_layers)
         _check_positive_int("text_width", self.text_width)
+        if self.cross_attention_levels is not None and not 0 <= self.cross_attention_levels <= len(self.channel_mults):
+            raise ValueError(
+                f"cross_attention_levels must be None or 0-{len(self.channel_mults)} (the decoder's levels), "
+                f"got {self.cross_attention_levels}"
+            )
         if self.text_width % TEXT_HEADS:
             raise ValueError(
                 f"text_width must be a multiple of {TEXT_HEADS} (its attention heads), got {self.text_width}"
@@ -659,8 +665,7 @@ def _known(word: str) -> bool:
 
 
 def _vocabulary_line() -> str:
-    words = [token for token in VOCABULARY[1:FIRST_NUMBER_ID]]
-    return f"it knows: {' '.join(words)}, and numbers of pixels (whole or half: 30, 30.5)"
+    return f"it knows: {' '.join(VOCABULARY[1:FIRST_NUMBER_ID])}, and numbers of pixels (whole or half: 30, 30.5)"
 
 
 # The kinds of words a prompt may hold, and what each tells: one of each group at most.
@@ -1467,7 +1472,7 @@ def plot_schedules(num_timesteps: int = 1000):
 
 
 # ------------------------------------------------------------------------------------------
-# 5. The U-Net: predicts eps (or v) from x_t, the timestep and, optionally, a request
+# 5. The U-Net: predicts eps (or v) from x_t, the timestep and, optionally, a request or a prompt
 # ------------------------------------------------------------------------------------------
 
 
@@ -1669,15 +1674,21 @@ class CrossAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request.
+    """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request or a
+    prompt.
 
     Encoder: each level runs residual blocks, keeps its output for the decoder (the skip), then halves the
     resolution with a strided conv. Bottleneck: two residual blocks, with self-attention between them. Decoder: the
     mirror image, concatenating each level's skip before its blocks and doubling the resolution with nearest-neighbour
     upsampling + conv. The timestep goes through a sinusoidal embedding and a small MLP, then is added in every
     residual block or only at the bottleneck (the original design). A conditional U-Net adds the request's embedding
-    to it. A pixel-unshuffle stem folds 2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16),
-    4x (16x) cheaper, and a pixel-shuffle head undoes it.
+    to it; one that reads prompts (ModelConfig.conditioning "prompt") adds the mean of the prompt's token vectors
+    (TextEncoder) instead, as SDXL adds its pooled text vector (Podell et al. 2023, arXiv 2307.01952), and reads the
+    words with cross-attention (CrossAttention) after the bottleneck's self-attention and after each decoder level's
+    blocks (the coarsest `cross_attention_levels` of them: fewer is cheaper on a CPU): every pixel looks at every
+    word, on maps coarse enough for it to be cheap and fine enough to place a shape. A pixel-unshuffle stem folds
+    2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16), 4x (16x) cheaper, and a pixel-shuffle
+    head undoes it.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -1724,7 +1735,11 @@ class UNet(nn.Module):
             nn.init.zeros_(self.prompt_pool.weight)
             nn.init.zeros_(self.prompt_pool.bias)
             self.mid_cross = CrossAttention(widths[-1], config.text_width)
-            self.up_cross = nn.ModuleList(CrossAttention(width, config.text_width) for width in reversed(widths))
+            reading = len(widths) if config.cross_attention_levels is None else config.cross_attention_levels
+            self.up_cross = nn.ModuleList(
+                CrossAttention(width, config.text_width) if k < reading else nn.Identity()
+                for k, width in enumerate(reversed(widths))
+            )
 
         head_conv = nn.Conv2d(channels, factor * factor, 3, padding=1)
         self.head = nn.Sequential(_group_norm(channels), nn.SiLU(), head_conv, nn.PixelShuffle(factor))
@@ -1760,7 +1775,7 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
                 h = block(h, time)
-            if text is not None:
+            if text is not None and isinstance(self.up_cross[level], CrossAttention):
                 h = self.up_cross[level](h, *text)
             h = upsample(h)
         return self.head(h)
@@ -3183,6 +3198,11 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
 # Guiding the v output is the same as guiding eps or x0_hat: at a given x_t each is an affine function of the
 # network output with the same coefficients (eps = sigma x_t + alpha v, x0_hat = alpha x_t - sigma v), and an affine
 # map commutes with u + s (c - u). `guided_output` (with the sampling loop, section 7) computes it.
+#
+# A prompt (Prompt, section 3) is asked the same way: training leaves each part of a caption out at random, the empty
+# prompt is the unconditional model, and guidance extrapolates from it. ModelConfig.conditioning chooses what a
+# model reads; a request given to a prompt model is written as a prompt (prompt_of_request), so both ways in share
+# one mechanism, and `evaluate_prompts` scores samples word by word as `evaluate_requests` scores them field by field.
 
 
 def request(n: int, *values: object, **asked: object) -> Condition:

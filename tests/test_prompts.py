@@ -413,3 +413,13 @@ def test_a_request_checkpoint_refuses_a_prompt(checkpoints, tmp_path, capsys):
     np.save(out, du.model_to_uint8(du.make_shapes(2).images))
     status, _, err = run_main(capsys, "evaluate", str(out), "--prompt", "a circle", "--size", "20")
     assert_one_line_error(status, err, "not both")
+
+
+def test_cross_attention_levels_choose_the_decoder_levels_that_read_the_prompt():
+    def reading(levels):
+        model = du.UNet(prompt_config(cross_attention_levels=levels))
+        return [isinstance(layer, du.CrossAttention) for layer in model.up_cross]
+
+    assert reading(None) == [True, True] and reading(1) == [True, False] and reading(0) == [False, False]
+    with pytest.raises(ValueError, match="cross_attention_levels must be None or 0-2"):
+        prompt_config(cross_attention_levels=3)
