@@ -4,15 +4,15 @@ Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipy
 
 1. Setup                  which device, precision and kernels (`setup`, once per Trainer or sampling call)
 2. Configuration          two dataclasses hold every choice; `default_configs` is the measured recipe per device
-3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], and what was drawn
+3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], what was drawn, and captions
 4. The forward process    beta_t, alpha_bar_t and the closed form of q(x_t | x_0); eps, v and x_0
-5. The U-Net              a time- (and optionally request-) conditioned network that predicts eps or v
+5. The U-Net              a time- (and optionally request- or prompt-) conditioned network that predicts eps or v
 6. Training               the weighted MSE, one training step (Algorithm 1), EMA, and a plan in steps or minutes
 7. Sampling               the sampling loop (Algorithm 2), the denoiser, DDPM and DDIM steps, the sampler registry
 8. The backward process   pictures and an animation of x_t and x_0_hat along the way
 9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
 10. Fewer steps           DPM-Solver++(2M) and Heun on the probability-flow ODE, spherical interpolation of noise
-11. Asking for a shape    class and attribute requests, classifier-free guidance, and whether samples obey
+11. Asking for a shape    requests and prompts, classifier-free guidance, and whether samples obey (word by word)
 12. Editing               SDEdit from a sketch, inpainting (replacement, RePaint), DDIM inversion; sketches and masks
 A. Saving and loading     atomic checkpoints with the run's plan, safe loads (no unpickling), clear errors
 B. Running fast           device, precision, TF32 and fused-optimiser policy
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import tempfile
 import time
@@ -57,6 +58,8 @@ TIME_INJECTIONS = ("every_block", "bottleneck")
 MIN_SNR_FORMS = ("cap", "paper")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+CONDITIONINGS = ("request", "prompt")  # what a conditional model reads: three numbers, or words (section 11)
+TEXT_HEADS = 4  # attention heads of the text encoder and of the U-Net's cross-attention
 CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
 # Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
 # classifier-free guidance scale for requests (section 11)
@@ -150,8 +153,12 @@ class ModelConfig:
     pixel_unshuffle: int = 4  # 1 = the full 64x64 input; 2 = a 32x32x4 stem; 4 = 16x16x16 (16x cheaper)
     time_injection: str = "every_block"  # where the time embedding enters; "bottleneck" = the original design
     bottleneck_attention: bool = True  # self-attention between the two bottleneck blocks (global context)
-    conditional: bool = True  # also take a request (class, centre, size), see section 11
+    conditional: bool = True  # also take a request (class, centre, size) or a prompt, see section 11
     dropout: float = 0.0
+    conditioning: str = "request"  # what a conditional model reads: "request" (three numbers) or "prompt" (words)
+    text_width: int = 64  # a prompt model's text encoder: the width of its token vectors (section 5)
+    text_layers: int = 2  # and its transformer layers
+    cross_attention_levels: int | None = None  # decoder levels, from the coarsest, that read the prompt; None: all
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -182,6 +189,18 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_choice("conditioning", self.conditioning, CONDITIONINGS)
+        _check_positive_int("text_layers", self.text_layers)
+        _check_positive_int("text_width", self.text_width)
+        if self.cross_attention_levels is not None and not 0 <= self.cross_attention_levels <= len(self.channel_mults):
+            raise ValueError(
+                f"cross_attention_levels must be None or 0-{len(self.channel_mults)} (the decoder's levels), "
+                f"got {self.cross_attention_levels}"
+            )
+        if self.text_width % TEXT_HEADS:
+            raise ValueError(
+                f"text_width must be a multiple of {TEXT_HEADS} (its attention heads), got {self.text_width}"
+            )
 
 
 @dataclass
@@ -488,6 +507,10 @@ class ShapeBatch:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def select(self, index: np.ndarray | slice) -> ShapeBatch:
+        """The images at `index`, with what was drawn in each."""
+        return ShapeBatch(self.images[index], self.labels[index], self.centers[index], self.sizes[index])
+
     def condition(self) -> Condition:
         """The request that each image answers: every field of REQUEST_FIELDS, as drawn (section 11)."""
         return Condition(*(torch.as_tensor(getattr(self, f.attribute), dtype=f.dtype) for f in REQUEST_FIELDS))
@@ -573,6 +596,405 @@ class Condition:
         return Condition(*kept)
 
 
+# Prompts: the data in words. Stable Diffusion reads a prompt (Rombach et al. 2022, arXiv 2112.10752); here every
+# training image gets a short English caption written from what was drawn, in varied templates and word orders, with
+# each part (class, size, place) left out at random: that is condition dropout for classifier-free guidance, and the
+# empty prompt is the unconditional model. The language is small enough to parse exactly (`read_prompt`), so the
+# captions can be checked against their shapes and the samples scored word by word (section 11).
+
+PROMPT_LENGTH = 16  # tokens a prompt may hold; the longest caption has 14 (a half pixel is a token: "30.5" = 30 .5)
+FRAME_CENTER = (IMAGE_SIZE - 1) / 2  # 31.5: the frame's centre in pixel coordinates
+CENTRE_RADIUS = 6.0  # px: a centre within this distance of the frame's is in the "centre"
+# The size words and the largest size each covers: small <= 22 px, medium 23-31 px, large >= 32 px.
+SIZE_WORDS = {"small": 22, "medium": 31, "large": IMAGE_SIZE}
+# The half-frame words and the test on a centre (x, y) each stands for; a quadrant is a vertical and a horizontal one.
+HALVES: dict[str, Callable[[float, float], bool]] = {
+    "left": lambda x, y: x < FRAME_CENTER,
+    "right": lambda x, y: x > FRAME_CENTER,
+    "top": lambda x, y: y < FRAME_CENTER,
+    "bottom": lambda x, y: y > FRAME_CENTER,
+}
+CENTRE_WORDS = ("centre", "center", "middle")
+SIZE_UNITS = ("pixels", "px")
+GLUE_WORDS = ("a", "an", "the", "in", "at", "on", "near", "of", "and", "corner", "frame", "image", "shape", "wide", ",")
+HALF_PIXEL = ".5"  # the token that follows a number's whole part when it ends in .5: "30.5" = "30" ".5"
+PAD = "<pad>"
+# Every token, by id: the padding (id 0), the words, the whole numbers 0-63 in pixels and the half pixel.
+VOCABULARY = (
+    PAD,
+    *CLASS_NAMES,
+    *SIZE_WORDS,
+    *HALVES,
+    *CENTRE_WORDS,
+    *SIZE_UNITS,
+    *GLUE_WORDS,
+    *(str(k) for k in range(IMAGE_SIZE)),
+    HALF_PIXEL,
+)
+TOKEN_IDS = {token: k for k, token in enumerate(VOCABULARY)}
+FIRST_NUMBER_ID = TOKEN_IDS["0"]  # ids FIRST_NUMBER_ID + k are the numbers k = 0..63 (the encoder reads their value)
+
+
+def size_word(size: float) -> str:
+    """The size word of a diameter or side in pixels: small, medium or large."""
+    return next(word for word, largest in SIZE_WORDS.items() if size <= largest + 0.5)
+
+
+def is_centre(center: tuple[float, float]) -> bool:
+    """Whether a centre (x, y) is in the frame's centre: within CENTRE_RADIUS px of it."""
+    return math.dist(center, (FRAME_CENTER, FRAME_CENTER)) <= CENTRE_RADIUS
+
+
+def quadrant_of(center: tuple[float, float]) -> str | None:
+    """ "top left", ... for a centre (x, y), None on a middle line (it is in no quadrant)."""
+    vertical = [word for word in ("top", "bottom") if HALVES[word](*center)]
+    horizontal = [word for word in ("left", "right") if HALVES[word](*center)]
+    return f"{vertical[0]} {horizontal[0]}" if vertical and horizontal else None
+
+
+def prompt_words(text: str) -> list[str]:
+    """A prompt's words, lower-cased: runs of letters, numbers (with their decimals) and single marks such as commas.
+    "A 25px circle, top-left" -> ["a", "25", "px", "circle", ",", "top", "-", "left"]."""
+    return re.findall(r"\d+(?:\.\d*)?|[a-z]+|[^\s\w]", text.lower())
+
+
+def _is_number(word: str) -> bool:
+    return word[:1].isdigit()
+
+
+def _known(word: str) -> bool:
+    return word in TOKEN_IDS or _is_number(word)
+
+
+def _vocabulary_line() -> str:
+    return f"it knows: {' '.join(VOCABULARY[1:FIRST_NUMBER_ID])}, and numbers of pixels (whole or half: 30, 30.5)"
+
+
+# The kinds of words a prompt may hold, and what each tells: one of each group at most.
+PROMPT_GROUPS = {
+    "class": "class",
+    "size word": "size",
+    "size": "size",
+    "half": "place",
+    "quadrant": "place",
+    "centre": "place",
+    "place": "place",
+}
+
+
+@dataclass(frozen=True)
+class PromptAsk:
+    """What a prompt asks for, read word by word; None (or False) where it says nothing of that kind.
+
+    `order` lists the kinds of words in the order they are written ("size word", "class", "quadrant"), which tells a
+    template's word order (held-out phrasings are word orders training never shows).
+    """
+
+    label: int | None = None  # "circle", "square": an index into SHAPES
+    size_word: str | None = None  # "small", "medium", "large"
+    size: float | None = None  # "25 px", "25 pixels wide": the exact size
+    half: str | None = None  # "left", "right", "top", "bottom"
+    quadrant: str | None = None  # "top left", ... ("corner" may follow)
+    centre: bool = False  # "centre", "center", "middle"
+    center: tuple[float, float] | None = None  # "at 30, 40": the exact centre
+    order: tuple[str, ...] = ()
+
+
+def read_prompt(text: str) -> PromptAsk:
+    """Parse a prompt into what it asks (PromptAsk); a ValueError names an unknown word, a part asked twice, or a
+    size or place the data cannot show (outside SIZE_RANGE, or a centre that puts the shape outside the frame)."""
+    words = prompt_words(text)
+    unknown = next((word for word in words if not _known(word)), None)
+    if unknown is not None:
+        raise ValueError(f"unknown word {unknown!r} in the prompt {text!r}; {_vocabulary_line()}")
+    asked: dict[str, object] = {}
+    order: list[str] = []
+
+    def ask(kind: str, key: str, value: object) -> None:
+        group = PROMPT_GROUPS[kind]
+        if group in {PROMPT_GROUPS[seen] for seen in order}:
+            raise ValueError(f"the prompt {text!r} asks for two {group}s; ask for each thing once")
+        asked[key] = value
+        order.append(kind)
+
+    i = 0
+    while i < len(words):
+        word, after = words[i], words[i + 1 : i + 3]
+        if _is_number(word):
+            i = _read_number(text, words, i, ask)
+            continue
+        if word in CLASS_NAMES:
+            ask("class", "label", CLASS_NAMES.index(word))
+        elif word in SIZE_WORDS:
+            ask("size word", "size_word", word)
+        elif word in ("top", "bottom") and after[:1] and after[0] in ("left", "right"):
+            ask("quadrant", "quadrant", f"{word} {after[0]}")
+            i += 1
+        elif word in HALVES:
+            ask("half", "half", word)
+        elif word in CENTRE_WORDS:
+            ask("centre", "centre", True)
+        i += 1
+    if "center" in asked:
+        _check_center(asked["center"], {"size": asked.get("size")})
+    return PromptAsk(**asked, order=tuple(order))
+
+
+def _read_number(text: str, words: list[str], i: int, ask: Callable[[str, str, object], None]) -> int:
+    """Read the size ("25 px", "25 pixels wide") or the place ("at 30, 40") that starts or sits at words[i]; the index
+    after it."""
+    value = _pixels(text, words[i])
+    if words[i + 1 : i + 2] and words[i + 1] in SIZE_UNITS:
+        ask("size", "size", _check_size(value))
+        return i + 2
+    if i > 0 and words[i - 1] == "at" and words[i + 1 : i + 2] == [","] and words[i + 2 : i + 3]:
+        if _is_number(words[i + 2]):
+            ask("place", "center", (value, _pixels(text, words[i + 2])))
+            return i + 3
+    raise ValueError(f"the number {words[i]} in the prompt {text!r} is neither a size (25 px) nor a place (at 30, 40)")
+
+
+def _pixels(text: str, word: str) -> float:
+    value = float(word)
+    if value * 2 != int(value * 2):
+        raise ValueError(f"the number {word} in the prompt {text!r} is not a whole or half pixel (30 or 30.5)")
+    return value
+
+
+def prompt_tokens(text: str) -> list[int]:
+    """The token ids of a prompt, checked: every word known (read_prompt), and at most PROMPT_LENGTH tokens."""
+    read_prompt(text)
+    tokens = _token_ids(text)
+    if len(tokens) > PROMPT_LENGTH:
+        raise ValueError(f"the prompt {text!r} is {len(tokens)} tokens long, more than the encoder's {PROMPT_LENGTH}")
+    return tokens
+
+
+def _token_ids(text: str) -> list[int]:
+    """Token ids of known words, unchecked (the captions are written from the vocabulary): a number is its whole
+    part, then HALF_PIXEL if it ends in .5."""
+    tokens = []
+    for word in prompt_words(text):
+        if _is_number(word):
+            value = float(word)
+            tokens.append(TOKEN_IDS[str(int(value))])
+            if value != int(value):
+                tokens.append(TOKEN_IDS[HALF_PIXEL])
+        else:
+            tokens.append(TOKEN_IDS[word])
+    return tokens
+
+
+def prompt_token_names(text: str) -> list[str]:
+    """The tokens of a prompt, as the encoder reads them: "at 30.5, 40" -> ["at", "30", ".5", ",", "40"]."""
+    return [VOCABULARY[k] for k in prompt_tokens(text)]
+
+
+class Prompt:
+    """A batch of prompts as the U-Net reads them: (N, PROMPT_LENGTH) token ids, padded with 0, and their texts.
+
+    It has the small interface of a Condition (null, given, select, cat, to, pin_memory, dropped), so training,
+    sampling and guidance carry either one unchanged. The empty prompt (no tokens) asks for any shape.
+    """
+
+    def __init__(self, tokens: torch.Tensor, texts: Sequence[str]) -> None:
+        if tokens.dim() != 2 or tokens.shape[1] != PROMPT_LENGTH or len(tokens) != len(texts):
+            raise ValueError(f"a Prompt holds (N, {PROMPT_LENGTH}) token ids and N texts, got {tuple(tokens.shape)}")
+        self.tokens, self.texts = tokens, tuple(texts)
+
+    @classmethod
+    def of(cls, texts: Sequence[str], checked: bool = True) -> Prompt:
+        """Prompts from their texts, each checked (prompt_tokens) unless they are captions written from the data."""
+        tokens = torch.zeros(len(texts), PROMPT_LENGTH, dtype=torch.long)
+        for k, text in enumerate(texts):
+            ids = prompt_tokens(text) if checked else _token_ids(text)
+            tokens[k, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return cls(tokens, texts)
+
+    @classmethod
+    def null(cls, n: int, device: torch.device | str = "cpu") -> Prompt:
+        """n empty prompts: "draw any shape"."""
+        return cls(torch.zeros(n, PROMPT_LENGTH, dtype=torch.long, device=device), [""] * n)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __repr__(self) -> str:
+        return f"Prompt({list(self.texts)!r})"
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return (self.tokens != 0).sum(1)
+
+    def given(self) -> dict[str, torch.Tensor]:
+        """A (N,) bool mask of the prompts that say something."""
+        return {"prompt": self.lengths > 0}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Prompt:
+        return Prompt(self.tokens.to(device, non_blocking=non_blocking), self.texts)
+
+    def pin_memory(self) -> Prompt:  # called by DataLoader(pin_memory=True)
+        return Prompt(self.tokens.pin_memory(), self.texts)
+
+    def select(self, index: torch.Tensor | slice) -> Prompt:
+        texts = self.texts[index] if isinstance(index, slice) else [self.texts[int(k)] for k in index]
+        return Prompt(self.tokens[index], texts)
+
+    def cat(self, other: Prompt) -> Prompt:
+        return Prompt(torch.cat([self.tokens, other.tokens]), self.texts + other.texts)
+
+    def dropped(self, p: float, generator: torch.Generator | None = None) -> Prompt:
+        """The prompts themselves: a caption already leaves each part out with probability p when it is written
+        (`caption`), from the batch's own seed, so this draws nothing."""
+        return self
+
+
+def caption(
+    label: int,
+    size: float,
+    center: tuple[float, float],
+    rng: np.random.Generator,
+    dropout: float = 0.0,
+    held_out: bool = False,
+) -> str:
+    """A prompt for one drawn shape in one of the training templates (or, held_out, of HELD_OUT_TEMPLATES, every
+    part given), each part (class, size, place) left out with probability `dropout`; all left out: "".
+
+    "a small circle in the top left corner", "large square, bottom right", "in the middle a medium circle",
+    "square 25 px wide at 30, 40". The words are true of the shape: its size word or exact size, and its half,
+    quadrant, centre or exact centre, one of those true of it.
+    """
+    keep = np.ones(3, bool) if held_out else rng.random(3) >= dropout
+    parts = {
+        "noun": CLASS_NAMES[label] if keep[0] else "shape",
+        "size": _size_part(size, rng) if keep[1] else None,
+        "place": _place_part(center, rng) if keep[2] else None,
+        "size_value": size,
+    }
+    if not keep.any():
+        return ""
+    templates = HELD_OUT_TEMPLATES if held_out else TEMPLATES
+    words = templates[int(rng.integers(len(templates)))](parts, rng)
+    return " ".join(word for word in words if word).replace(" ,", ",")
+
+
+def _size_part(size: float, rng: np.random.Generator) -> tuple[str, str]:
+    """("word", "small") or ("exact", "25 px wide")."""
+    if rng.random() < 0.5:
+        return "word", size_word(size)
+    unit = ("px", "pixels wide", "px wide")[int(rng.integers(3))]
+    return "exact", f"{size:g} {unit}"
+
+
+def _place_part(center: tuple[float, float], rng: np.random.Generator) -> tuple[str, str]:
+    """(the place with a preposition, the place bare): one of the place words true of the centre, or "at X, Y"."""
+    x, y = float(center[0]), float(center[1])
+    options = ["exact"] + (["half"] if any(test(x, y) for test in HALVES.values()) else [])
+    options += (["quadrant"] if quadrant_of((x, y)) else []) + (["centre"] if is_centre((x, y)) else [])
+    kind = options[int(rng.integers(len(options)))]
+    if kind == "exact":
+        return f"at {x:g}, {y:g}", f"at {x:g}, {y:g}"
+    suffix = ("", "", "of the frame", "of the image")[int(rng.integers(4))]
+    if kind == "half":
+        halves = [word for word, test in HALVES.items() if test(x, y)]
+        place = halves[int(rng.integers(len(halves)))]
+    elif kind == "quadrant":
+        place = quadrant_of((x, y)) + ("", " corner")[int(rng.integers(2))]
+    else:
+        place = CENTRE_WORDS[int(rng.integers(len(CENTRE_WORDS)))]
+    preposition = ("in the", "on the", "at the", "near the")[int(rng.integers(4))]
+    return f"{preposition} {place} {suffix}".strip(), f"{place} {suffix}".strip()
+
+
+def _noun_phrase(parts: dict, rng: np.random.Generator, article: bool = True) -> list[str]:
+    """[a|the] [size word] noun [exact size]: "a small circle", "the square 25 px wide"."""
+    kind, words = parts["size"] or (None, "")
+    determiner = ("a", "the", "")[int(rng.integers(3))] if article else ""
+    return [determiner, words if kind == "word" else "", parts["noun"], words if kind == "exact" else ""]
+
+
+def _place(parts: dict, bare: bool = False) -> str:
+    return "" if parts["place"] is None else parts["place"][1 if bare else 0]
+
+
+# The training templates: each writes the parts (noun, size, place) in one word order; a part left out is skipped.
+TEMPLATES: tuple[Callable[[dict, np.random.Generator], list[str]], ...] = (
+    # "a small circle in the top left corner", "an image of the square 25 px at 30, 40"
+    lambda parts, rng: [("", "an image of")[int(rng.integers(2))], *_noun_phrase(parts, rng), _place(parts)],
+    # "large square, bottom right"
+    lambda parts, rng: [*_noun_phrase(parts, rng, article=False), "," if parts["place"] else "", _place(parts, True)],
+    # "in the middle a medium circle"
+    lambda parts, rng: [_place(parts), *_noun_phrase(parts, rng)],
+    # "a circle, small and near the bottom of the frame"
+    lambda parts, rng: [
+        ("a", "the")[int(rng.integers(2))],
+        parts["noun"],
+        "," if parts["size"] else "",
+        parts["size"][1] if parts["size"] else "",
+        "and" if parts["size"] and parts["place"] else "",
+        _place(parts),
+    ],
+)
+# Phrasings training never shows, in word orders it never shows, for measuring whether the model learned the words
+# rather than the templates (`held_out_prompts`).
+HELD_OUT_TEMPLATES: tuple[Callable[[dict, np.random.Generator], list[str]], ...] = (
+    # class, place, size: "a circle on the left, 25 pixels wide"
+    lambda parts, rng: ["a", parts["noun"], _place(parts), ",", parts["size"][1]],
+    # exact size before the noun: "a 25 px square in the top right corner"
+    lambda parts, rng: ["a", f"{parts['size_value']:g} px", parts["noun"], _place(parts)],
+    # place, class, size word: "bottom left, the square, large"
+    lambda parts, rng: [_place(parts, True), ",", "the", parts["noun"], ",", size_word(parts["size_value"])],
+)
+
+
+def captions(batch: ShapeBatch, rng: np.random.Generator, dropout: float = 0.0, held_out: bool = False) -> list[str]:
+    """A caption (`caption`) for every image of a batch."""
+    return [
+        caption(int(label), float(size), (float(center[0]), float(center[1])), rng, dropout, held_out)
+        for label, size, center in zip(batch.labels, batch.sizes, batch.centers)
+    ]
+
+
+def caption_seed(seed: int | Sequence[int]) -> tuple[int, ...]:
+    """The seed of a batch's captions: apart from the batch's own (make_shapes), so captioning takes no random
+    number from the drawing of shapes, and the request recipe's stream stays the one measured."""
+    return (*np.atleast_1d(seed).tolist(), 1)
+
+
+def held_out_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts in held-out phrasings (every part given), describing the shapes of make_shapes(n, seed): to
+    measure a prompt model on word orders it never saw. `seen_prompts(n, seed)` describes the same shapes in
+    training templates."""
+    return captions(make_shapes(n, seed), np.random.default_rng(caption_seed(seed)), held_out=True)
+
+
+def seen_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts in training templates with every part given, for the shapes of make_shapes(n, seed)."""
+    return captions(make_shapes(n, seed), np.random.default_rng(caption_seed(seed)))
+
+
+def prompt_of_request(condition: Condition) -> list[str]:
+    """Each request as a prompt in exact words, rounded to half pixels: "circle 25 px wide at 30, 40" ("" asks for
+    anything): so a prompt model takes a structured request through the same way in."""
+    given = condition.given()
+    texts = []
+    for k in range(len(condition)):
+        words = []
+        if bool(given["class"][k]):
+            words.append(CLASS_NAMES[int(condition.labels[k])])
+        if bool(given["size"][k]):
+            words.append(f"{_half_pixels(float(condition.sizes[k]))} px wide")
+        if bool(given["center"][k]):
+            x, y = (_half_pixels(float(v)) for v in condition.centers[k])
+            words.append(f"at {x}, {y}")
+        texts.append(" ".join(words))
+    return texts
+
+
+def _half_pixels(value: float) -> str:
+    return f"{round(value * 2) / 2:g}"
+
+
 def draw_shape(label: int, center: tuple[int, int], size: int) -> np.ndarray:
     """One 64x64 uint8 image: a filled, hard-edged (no anti-aliasing) white shape of class SHAPES[label] on black,
     drawn around the anchor pixel `center` (ShapeClass says how)."""
@@ -607,27 +1029,49 @@ class ShapeStream(torch.utils.data.IterableDataset):
 
     Batch k is always make_shapes(batch_size, seed=(seed, k)): the stream is reproducible and resumes exactly from
     any step. With DataLoader workers, worker w draws steps w, w + W, ... and the loader interleaves them back in
-    order, so a GPU never waits for OpenCV. Each item is (images, the Condition they answer).
+    order, so a GPU never waits for OpenCV. Each item is (images, the Condition they answer), or with
+    conditioning "prompt", (images, their captions as a Prompt), each part of a caption left out with probability
+    `dropout` (`caption`, drawn from the batch's caption_seed).
     """
 
-    def __init__(self, batch_size: int, seed: int = 0, start_step: int = 0) -> None:
+    def __init__(
+        self, batch_size: int, seed: int = 0, start_step: int = 0, conditioning: str = "request", dropout: float = 0.0
+    ) -> None:
         _check_positive_int("batch_size", batch_size)
+        _check_choice("conditioning", conditioning, CONDITIONINGS)
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
+        self.conditioning, self.dropout = conditioning, dropout
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Condition]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Condition | Prompt]]:
         worker = torch.utils.data.get_worker_info()
         step, stride = (self.start_step, 1) if worker is None else (self.start_step + worker.id, worker.num_workers)
         while True:
             batch = make_shapes(self.batch_size, seed=(self.seed, step))
-            yield batch.images, batch.condition()
+            yield batch.images, batch_condition(batch, (self.seed, step), self.conditioning, self.dropout)
             step += stride
 
 
+def batch_condition(
+    batch: ShapeBatch, seed: int | Sequence[int], conditioning: str = "request", dropout: float = 0.0
+) -> Condition | Prompt:
+    """What a model learns to read from a batch: the request each image answers, or a caption of it."""
+    if conditioning == "request":
+        return batch.condition()
+    texts = captions(batch, np.random.default_rng(caption_seed(seed)), dropout)
+    return Prompt.of(texts, checked=False)
+
+
 def training_batches(
-    batch_size: int, seed: int = 0, start_step: int = 0, workers: int = 0, pin_memory: bool = False
-) -> Iterator[tuple[torch.Tensor, Condition]]:
+    batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+    conditioning: str = "request",
+    dropout: float = 0.0,
+) -> Iterator[tuple[torch.Tensor, Condition | Prompt]]:
     """Iterate over a ShapeStream, in `workers` background processes when workers > 0."""
-    stream = ShapeStream(batch_size, seed, start_step)
+    stream = ShapeStream(batch_size, seed, start_step, conditioning, dropout)
     if workers == 0:
         return iter(stream)
     loader = torch.utils.data.DataLoader(
@@ -637,11 +1081,17 @@ def training_batches(
 
 
 def fixed_batches(
-    data: torch.Tensor | ShapeBatch, batch_size: int, seed: int = 0, start_step: int = 0
-) -> Iterator[tuple[torch.Tensor, Condition | None]]:
+    data: torch.Tensor | ShapeBatch,
+    batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    conditioning: str = "request",
+    dropout: float = 0.0,
+) -> Iterator[tuple[torch.Tensor, Condition | Prompt | None]]:
     """Random mini-batches from a fixed set (the classic epoch-based dataset), resumable by step.
 
-    `data` is a ShapeBatch, or plain images (then there is no request to learn from: the Condition is None).
+    `data` is a ShapeBatch, or plain images (then there is no request to learn from: the Condition is None). With
+    conditioning "prompt", each batch's images get fresh captions (batch_condition).
     """
     images = data.images if isinstance(data, ShapeBatch) else data
     validate_images(images)
@@ -649,7 +1099,10 @@ def fixed_batches(
     step = start_step
     while True:
         index = torch.from_numpy(np.random.default_rng((seed, step)).integers(0, len(images), batch_size))
-        yield images[index], condition.select(index) if condition is not None else None
+        if condition is not None and conditioning == "prompt":
+            yield images[index], batch_condition(data.select(index.numpy()), (seed, step), conditioning, dropout)
+        else:
+            yield images[index], condition.select(index) if condition is not None else None
         step += 1
 
 
@@ -1025,7 +1478,7 @@ def plot_schedules(num_timesteps: int = 1000):
 
 
 # ------------------------------------------------------------------------------------------
-# 5. The U-Net: predicts eps (or v) from x_t, the timestep and, optionally, a request
+# 5. The U-Net: predicts eps (or v) from x_t, the timestep and, optionally, a request or a prompt
 # ------------------------------------------------------------------------------------------
 
 
@@ -1147,16 +1600,101 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
 
 
+class TextEncoder(nn.Module):
+    """A prompt's tokens as vectors that know their neighbours: a token embedding, a learned position, and a few
+    pre-norm transformer layers (Vaswani et al. 2017, arXiv 1706.03762), trained with the U-Net from scratch, as a
+    small stand-in for Stable Diffusion's frozen CLIP text encoder (Rombach et al. 2022, arXiv 2112.10752).
+
+    Why this size: the language has under 100 tokens and prompts of at most 16; what a word means depends only on a
+    few neighbours ("top" before "left" is a quadrant, a number before "px" is a size, after "at" a place). One layer
+    lets each token see its neighbours and a second composes "at X , Y"; 64 wide with 4 heads is ~80 k parameters,
+    a quarter of the CPU U-Net's, and its cost (17 tokens) is nothing beside a convolution over a feature map. A number
+    token also gets sinusoidal features of its value, so "25" lies between "24" and "26" from the start. A learned
+    start vector leads every prompt: the empty prompt is that vector alone, and attention always has a key.
+    """
+
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.width = width
+        self.tokens = nn.Embedding(len(VOCABULARY), width, padding_idx=0)
+        self.numbers = nn.Linear(width, width)
+        self.start = nn.Parameter(torch.randn(width) * 0.02)
+        self.positions = nn.Parameter(torch.randn(PROMPT_LENGTH + 1, width) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, TEXT_HEADS, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1 + PROMPT_LENGTH, width) token vectors, the start vector first, and the (N, 1 + PROMPT_LENGTH) bool
+        mask of those that are there (not padding)."""
+        ids = prompt.tokens
+        n = len(ids)
+        values = (ids - FIRST_NUMBER_ID).clamp(0, IMAGE_SIZE - 1).flatten()
+        is_number = ((ids >= FIRST_NUMBER_ID) & (ids < FIRST_NUMBER_ID + IMAGE_SIZE))[..., None]
+        number_features = sinusoidal_embedding(values, self.width, max_period=ATTRIBUTE_PERIOD).view(n, -1, self.width)
+        words = self.tokens(ids) + is_number * self.numbers(number_features)
+        h = torch.cat([self.start.expand(n, 1, self.width), words], 1) + self.positions
+        present = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=ids.device), ids != 0], 1)
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=~present)
+        return self.norm(h), present
+
+
+class CrossAttention(nn.Module):
+    """Every pixel looks at every word: queries from the feature map, keys and values from the prompt's token
+    vectors, softmax(Q K^T / sqrt(d)) V over the tokens that are there, with a residual connection (Rombach et al.
+    2022, section 3.3). It starts as the identity (zero output projection), like the other blocks."""
+
+    def __init__(self, channels: int, text_width: int, heads: int = TEXT_HEADS) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = _group_norm(channels)
+        self.query = nn.Conv2d(channels, channels, 1)
+        self.key_value = nn.Linear(text_width, 2 * channels)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self._projections(x, text)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=present[:, None, None, :])
+        return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
+
+    def weights(self, x: torch.Tensor, text: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(N, heads, H*W, tokens): how much each pixel attends to each token (rows sum to 1), written out."""
+        q, k, _ = self._projections(x, text)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        return scores.masked_fill(~present[:, None, None, :], -math.inf).softmax(-1)
+
+    def _projections(self, x: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q (N, heads, H*W, d) from the pixels; K and V (N, heads, tokens, d) from the token vectors."""
+        n, c, h, w = x.shape
+        q = self.query(self.norm(x)).reshape(n, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        k, v = self.key_value(text).view(n, text.shape[1], 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+
 class UNet(nn.Module):
-    """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request.
+    """Encoder-decoder with skip connections that predicts eps (or v) from (x_t, t) and, optionally, a request or a
+    prompt.
 
     Encoder: each level runs residual blocks, keeps its output for the decoder (the skip), then halves the
     resolution with a strided conv. Bottleneck: two residual blocks, with self-attention between them. Decoder: the
     mirror image, concatenating each level's skip before its blocks and doubling the resolution with nearest-neighbour
     upsampling + conv. The timestep goes through a sinusoidal embedding and a small MLP, then is added in every
     residual block or only at the bottleneck (the original design). A conditional U-Net adds the request's embedding
-    to it. A pixel-unshuffle stem folds 2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16),
-    4x (16x) cheaper, and a pixel-shuffle head undoes it.
+    to it; one that reads prompts (ModelConfig.conditioning "prompt") adds the mean of the prompt's token vectors
+    (TextEncoder) instead, as SDXL adds its pooled text vector (Podell et al. 2023, arXiv 2307.01952), and reads the
+    words with cross-attention (CrossAttention) after the bottleneck's self-attention and after each decoder level's
+    blocks (the coarsest `cross_attention_levels` of them: fewer is cheaper on a CPU): every pixel looks at every
+    word, on maps coarse enough for it to be cheap and fine enough to place a shape. A pixel-unshuffle stem folds
+    2x2 (or 4x4) pixels into channels, so the network runs at 32x32 (16x16), 4x (16x) cheaper, and a pixel-shuffle
+    head undoes it.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -1167,7 +1705,10 @@ class UNet(nn.Module):
         block_time = time_dim if config.time_injection == "every_block" else None
         factor = config.pixel_unshuffle
         self.time_mlp = _mlp(config.base_channels, time_dim)
-        self.condition_embedding = ConditionEmbedding(config.base_channels, time_dim) if config.conditional else None
+        reads_prompts = config.conditional and config.conditioning == "prompt"
+        reads_requests = config.conditional and not reads_prompts
+        self.condition_embedding = ConditionEmbedding(config.base_channels, time_dim) if reads_requests else None
+        self.text_encoder = TextEncoder(config.text_width, config.text_layers) if reads_prompts else None
         self.stem = nn.Sequential(nn.PixelUnshuffle(factor), nn.Conv2d(factor * factor, widths[0], 3, padding=1))
 
         self.down_blocks, self.downsamplers = nn.ModuleList(), nn.ModuleList()
@@ -1195,18 +1736,35 @@ class UNet(nn.Module):
             self.upsamplers.append(nn.Identity() if level == 0 else _upsampler(width, widths[level - 1]))
             channels = width if level == 0 else widths[level - 1]
 
+        if reads_prompts:  # the prompt's mean vector joins the time embedding; cross-attention reads its words
+            self.prompt_pool = nn.Linear(config.text_width, time_dim)
+            nn.init.zeros_(self.prompt_pool.weight)
+            nn.init.zeros_(self.prompt_pool.bias)
+            self.mid_cross = CrossAttention(widths[-1], config.text_width)
+            reading = len(widths) if config.cross_attention_levels is None else config.cross_attention_levels
+            self.up_cross = nn.ModuleList(
+                CrossAttention(width, config.text_width) if k < reading else nn.Identity()
+                for k, width in enumerate(reversed(widths))
+            )
+
         head_conv = nn.Conv2d(channels, factor * factor, 3, padding=1)
         self.head = nn.Sequential(_group_norm(channels), nn.SiLU(), head_conv, nn.PixelShuffle(factor))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
-        """The prediction for x_t at training timesteps t; condition None = unconditional (all fields null)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: Condition | Prompt | None = None) -> torch.Tensor:
+        """The prediction for x_t at training timesteps t; condition None = unconditional (all fields null, or the
+        empty prompt)."""
         time = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
-        if self.condition_embedding is not None:
+        text = None
+        self._check_condition(condition)
+        if self.text_encoder is not None:
+            text = self.text_encoder(condition if condition is not None else Prompt.null(len(x), x.device))
+            states, present = text
+            pooled = (states * present[..., None]).sum(1) / present.sum(1, keepdim=True)
+            time = time + self.prompt_pool(pooled)
+        elif self.condition_embedding is not None:
             time = time + self.condition_embedding(
                 condition if condition is not None else Condition.null(len(x), x.device)
             )
-        elif condition is not None and bool(torch.cat([g for g in condition.given().values()]).any()):
-            raise ValueError("this U-Net is unconditional (ModelConfig.conditional=False): it cannot take a request")
         h = self.stem(x)
         skips = []
         for blocks, downsample in zip(self.down_blocks, self.downsamplers):
@@ -1216,13 +1774,28 @@ class UNet(nn.Module):
             h = downsample(h)
         h = self.mid_blocks[0](h, time)
         h = self.mid_attention(h)
+        if text is not None:
+            h = self.mid_cross(h, *text)
         h = self.mid_blocks[1](h, time)
-        for blocks, upsample in zip(self.up_blocks, self.upsamplers):
+        for level, (blocks, upsample) in enumerate(zip(self.up_blocks, self.upsamplers)):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
                 h = block(h, time)
+            if text is not None and isinstance(self.up_cross[level], CrossAttention):
+                h = self.up_cross[level](h, *text)
             h = upsample(h)
         return self.head(h)
+
+    def _check_condition(self, condition: Condition | Prompt | None) -> None:
+        """A request to a request model, a prompt to a prompt model; to an unconditional one, nothing but null."""
+        if condition is None:
+            return
+        reads = self.config.conditioning if self.config.conditional else None
+        kind = "prompt" if isinstance(condition, Prompt) else "request"
+        if reads is None and bool(torch.cat(list(condition.given().values())).any()):
+            raise ValueError(f"this U-Net is unconditional (ModelConfig.conditional=False): it cannot take a {kind}")
+        if reads is not None and kind != reads:
+            raise ValueError(f"this U-Net reads a {reads} (ModelConfig.conditioning={reads!r}), not a {kind}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1234,7 +1807,7 @@ def describe_model(model: UNet) -> str:
     c = model.config
     size = IMAGE_SIZE // c.pixel_unshuffle
     levels = " -> ".join(f"{c.base_channels * m}x{size >> i}x{size >> i}" for i, m in enumerate(c.channel_mults))
-    kind = "conditional " if c.conditional else ""
+    kind = ("prompt-conditional " if c.conditioning == "prompt" else "conditional ") if c.conditional else ""
     return (
         f"{kind}U-Net, {count_parameters(model) / 1e6:.2f} M parameters; levels (channels x H x W): {levels}; "
         f"time enters {c.time_injection.replace('_', ' ')}"
@@ -1270,6 +1843,34 @@ def feature_shapes(model: UNet) -> list[tuple[str, tuple[int, ...]]]:
             handle.remove()
         model.train(was_training)
     return shapes
+
+
+@torch.no_grad()
+def cross_attention_maps(model: UNet, x: torch.Tensor, t: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+    """(N, 1 + PROMPT_LENGTH, 64, 64): for each token of each prompt (the start vector first, then
+    `prompt_token_names`), the share of attention each pixel gives it, averaged over heads and over every
+    cross-attention layer, each map upsampled to the frame: which pixels read `left`, `circle`, `small` (Hertz et
+    al. 2022, "Prompt-to-Prompt", arXiv 2208.01626). Padding tokens get zero."""
+    layers = [module for module in model.modules() if isinstance(module, CrossAttention)]
+    if not layers:
+        raise ValueError("this model has no cross-attention: train it with ModelConfig(conditioning='prompt')")
+    maps = []
+
+    def record(module: CrossAttention, inputs: tuple, output: torch.Tensor) -> None:
+        h, w = inputs[0].shape[-2:]
+        weights = module.weights(*inputs).float().mean(1)  # (N, H*W, tokens), heads averaged
+        image = weights.transpose(1, 2).reshape(len(weights), -1, h, w)
+        maps.append(F.interpolate(image, size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest"))
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    was_training = model.training
+    try:
+        model.eval()(x, t, prompt)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return torch.stack(maps).mean(0)
 
 
 def plot_time_embedding(dim: int = 32, num_timesteps: int = 1000):
@@ -1507,13 +2108,15 @@ class Trainer:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, Condition | None]]:
         """Training batches from the current step on (the same ones whenever they are asked for)."""
-        cfg = self.train_config
+        cfg, reads = self.train_config, self.model_config.conditioning
         if self.data is None:
             pin = self.device.type == "cuda"
-            return training_batches(cfg.batch_size, cfg.seed, self.step, cfg.data_workers, pin_memory=pin)
-        return fixed_batches(self.data, cfg.batch_size, cfg.seed, self.step)
+            return training_batches(
+                cfg.batch_size, cfg.seed, self.step, cfg.data_workers, pin, reads, cfg.condition_dropout
+            )
+        return fixed_batches(self.data, cfg.batch_size, cfg.seed, self.step, reads, cfg.condition_dropout)
 
-    def train_step(self, x0: torch.Tensor, condition: Condition | None = None) -> torch.Tensor:
+    def train_step(self, x0: torch.Tensor, condition: Condition | Prompt | None = None) -> torch.Tensor:
         """One step of DDPM's training loop (Ho et al. 2020, Algorithm 1): a gradient step on the weighted loss of
         a batch of clean images x0 (diffusion_loss draws t and eps). Returns the loss, still on the device."""
         x0, condition = self._to_device(x0, condition)
@@ -1539,9 +2142,12 @@ class Trainer:
         self.images_seen += len(x0)
         return loss.detach()
 
-    def _to_device(self, x0: torch.Tensor, condition: Condition | None) -> tuple[torch.Tensor, Condition | None]:
+    def _to_device(
+        self, x0: torch.Tensor, condition: Condition | Prompt | None
+    ) -> tuple[torch.Tensor, Condition | Prompt | None]:
         """The batch on the device, in the memory layout of the model, with the request's fields hidden at random
-        (condition dropout, section 11); None for an unconditional model."""
+        (condition dropout, section 11; a caption left its parts out when it was written); None for an
+        unconditional model."""
         x0 = x0.to(self.device, non_blocking=True)
         if self.train_config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -1997,14 +2603,15 @@ def backward_process(
 
 
 def guided_output(
-    model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | None, guidance: float
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition | Prompt | None, guidance: float
 ) -> torch.Tensor:
-    """The network output for x at t: unconditional, conditional, or guided (both passes in one batched forward)."""
+    """The network output for x at t: unconditional, conditional, or guided (both passes in one batched forward).
+    The unconditional pass asks for nothing: the null request, or the empty prompt."""
     if condition is None or guidance == 0:
         return model(x, t)
     if guidance == 1:
         return model(x, t, condition)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), condition.cat(Condition.null(len(x), x.device)))
+    both = model(torch.cat([x, x]), torch.cat([t, t]), condition.cat(type(condition).null(len(x), x.device)))
     cond, uncond = both.chunk(2)
     return uncond + guidance * (cond - uncond)
 
@@ -2021,15 +2628,37 @@ def runtime_output(
     return model_output
 
 
-def _check_guidance(model: nn.Module, condition: Condition | None, n: int, guidance: float) -> None:
+def _check_guidance(model: nn.Module, condition: Condition | Prompt | None, n: int, guidance: float) -> None:
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a number >= 0, got {guidance}")
     if condition is None:
         return
-    if not getattr(getattr(model, "config", None), "conditional", False):
+    config = getattr(model, "config", None)
+    if not getattr(config, "conditional", False):
         raise ValueError("this model is unconditional (trained without requests): it cannot be asked for a shape")
+    if isinstance(condition, Prompt) and config.conditioning != "prompt":
+        raise ValueError(
+            "this model reads requests (--shape, --size, --center), not prompts: train one with conditioning 'prompt'"
+        )
     if len(condition) != n:
         raise ValueError(f"the condition holds {len(condition)} requests for {n} images")
+
+
+def _condition_for(
+    model: nn.Module, condition: Condition | None, prompt: str | Sequence[str] | None, n: int
+) -> Condition | Prompt | None:
+    """What the model reads: the request, or the prompts (one text for all n, or one each, checked); a request to
+    a model that reads prompts is written as a prompt (prompt_of_request), one way in for both."""
+    if prompt is not None and condition is not None:
+        raise ValueError("ask with a request (condition) or a prompt, not both")
+    if prompt is not None:
+        texts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(texts) != n:
+            raise ValueError(f"{len(texts)} prompts for {n} images")
+        return Prompt.of(texts)
+    if condition is not None and getattr(getattr(model, "config", None), "conditioning", None) == "prompt":
+        return Prompt.of(prompt_of_request(condition))
+    return condition
 
 
 @dataclass
@@ -2053,6 +2682,7 @@ def sample(
     condition: Condition | None = None,
     guidance: float = DEFAULT_GUIDANCE,
     save_at: Sequence[int] = (),
+    prompt: str | Sequence[str] | None = None,
     batch_size: int = 256,
     progress: bool = True,
     precision: str | None = None,
@@ -2064,7 +2694,8 @@ def sample(
     """Generate n images from pure noise with `steps` network evaluations per image, for every sampler (Heun makes
     two per step, so it takes steps // 2 + 1 steps), on a grid respaced from the T timesteps of training.
 
-    condition (a Condition of n requests) and guidance: section 11. save_at lists steps (0 = the first, from pure
+    condition (a Condition of n requests) or prompt (a text, or n texts, for a model with conditioning "prompt")
+    and guidance: section 11. save_at lists steps (0 = the first, from pure
     noise) whose x_t and x0_hat are kept for pictures. Images are made in chunks of batch_size, so memory stays
     bounded for any n, and each image's noise comes from its own generator: the same seed gives the same images
     whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
@@ -2075,6 +2706,7 @@ def sample(
     pixels (inpainting); the loop stays this one.
     """
     method, eta, prediction = _check_sample_args(model, schedule, n, steps, sampler, eta, prediction, batch_size)
+    condition = _condition_for(model, condition, prompt, n)
     _check_guidance(model, condition, n, guidance)
     if editing is not None:
         editing.check(n)
@@ -2611,6 +3243,11 @@ def plot_validity_against_evaluations(rows: Sequence[dict], title: str = "Validi
 # Guiding the v output is the same as guiding eps or x0_hat: at a given x_t each is an affine function of the
 # network output with the same coefficients (eps = sigma x_t + alpha v, x0_hat = alpha x_t - sigma v), and an affine
 # map commutes with u + s (c - u). `guided_output` (with the sampling loop, section 7) computes it.
+#
+# A prompt (Prompt, section 3) is asked the same way: training leaves each part of a caption out at random, the empty
+# prompt is the unconditional model, and guidance extrapolates from it. ModelConfig.conditioning chooses what a
+# model reads; a request given to a prompt model is written as a prompt (prompt_of_request), so both ways in share
+# one mechanism, and `evaluate_prompts` scores samples word by word as `evaluate_requests` scores them field by field.
 
 
 def request(n: int, *values: object, **asked: object) -> Condition:
@@ -2778,6 +3415,116 @@ def request_matches(samples: torch.Tensor, condition: Condition, tolerance_px: f
         s.matches and not any(score > tolerance_px for score in s.scores.values() if not isinstance(score, bool))
         for s in score_requests(samples, condition)
     ]
+
+
+# Prompts are scored as requests are, word by word: each kind of word a prompt holds (PROMPT_GROUPS) is checked
+# against what the reader sees in the sample. A word is right or wrong (the class, the size word, the half, the
+# quadrant, the centre); an exact size or place is an error in pixels against the request drawn as the data would be.
+PROMPT_METRICS = {
+    "class": "class_accuracy",
+    "size word": "size_word_accuracy",
+    "size": "size_error",
+    "half": "half_accuracy",
+    "quadrant": "quadrant_accuracy",
+    "centre": "centre_accuracy",
+    "place": "center_error",
+}
+
+
+@dataclass
+class PromptScore:
+    """How one sample obeys its prompt: valid, and per kind of word the prompt holds (PROMPT_METRICS' keys), right
+    (bool) or an error in px; an invalid sample's are left out."""
+
+    valid: bool
+    scores: dict[str, object]
+
+    @property
+    def matches(self) -> bool:
+        """Valid, and right in every word that is right or wrong."""
+        return self.valid and all(score is not False for score in self.scores.values())
+
+
+def score_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence[str] | Prompt) -> list[PromptScore]:
+    """Each sample against its prompt (one text for all, or one each), read by the same reader as evaluate_samples.
+    A real image scores right and 0 px against its own caption."""
+    images = _as_uint8_images(samples)
+    texts = _prompt_texts(prompts, len(images))
+    asks = {text: read_prompt(text) for text in set(texts)}
+    return [_prompt_score(read_shape(image), asks[text]) for image, text in zip(images, texts)]
+
+
+def _prompt_texts(prompts: str | Sequence[str] | Prompt, n: int) -> list[str]:
+    texts = [prompts] * n if isinstance(prompts, str) else list(getattr(prompts, "texts", prompts))
+    if len(texts) != n:
+        raise ValueError(f"{len(texts)} prompts for {n} samples")
+    return texts
+
+
+def _prompt_score(reading: ShapeReading, ask: PromptAsk) -> PromptScore:
+    if not reading.valid:
+        return PromptScore(False, {})
+    scores: dict[str, object] = {}
+    if ask.label is not None:
+        scores["class"] = reading.label == ask.label
+    if ask.size_word is not None:
+        scores["size word"] = size_word(drawn_size(reading)) == ask.size_word
+    if ask.half is not None:
+        scores["half"] = HALVES[ask.half](*reading.center)
+    if ask.quadrant is not None:
+        scores["quadrant"] = quadrant_of(reading.center) == ask.quadrant
+    if ask.centre:
+        scores["centre"] = is_centre(reading.center)
+    exact = {"class": ask.label, "size": ask.size, "center": ask.center}
+    if ask.size is not None or ask.center is not None:
+        reference = _drawn_request({k: v for k, v in exact.items() if v is not None}, reading)
+        if ask.size is not None:
+            scores["size"] = abs(reading.size - reference.size)
+        if ask.center is not None:
+            scores["place"] = math.dist(reading.center, reference.center)
+    return PromptScore(True, scores)
+
+
+_DRAWN_SIZES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def drawn_size(reading: ShapeReading) -> int:
+    """The size a valid shape was most likely drawn at: the one of its class whose drawing reads closest to its
+    reading (the reader's size of a small pixel circle is not quite its diameter, and a size word's bounds are
+    whole pixels)."""
+    shape = SHAPES[reading.label]
+    if shape.name not in _DRAWN_SIZES:
+        sizes = np.array([s for s in range(3, IMAGE_SIZE - 2 * MARGIN + 1) if shape.drawable_size(s) == s])
+        middle = IMAGE_SIZE // 2 - 1
+        read = np.array([read_shape(draw_shape(reading.label, (middle, middle), int(s))).size for s in sizes])
+        _DRAWN_SIZES[shape.name] = (sizes, read)
+    sizes, read = _DRAWN_SIZES[shape.name]
+    return int(sizes[np.argmin(np.abs(read - reading.size))])
+
+
+def evaluate_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence[str] | Prompt) -> dict[str, float]:
+    """How well samples obey their prompts (score_prompts), over the batch: per kind of word, the share obeyed.
+
+    valid                share of samples with one valid shape
+    matches              share of all samples that are valid and right in every word that is right or wrong
+    class_accuracy       among valid samples whose prompt names a class, the share that show it
+    size_word_accuracy   ... that say small, medium or large, the share of that size
+    size_error           mean error (px) of an exact size ("25 px")
+    half_accuracy        ... that name a half (left, right, top, bottom), the share whose centre is in it
+    quadrant_accuracy    ... that name a quadrant (top left, ...), the share whose centre is in it
+    centre_accuracy      ... that say centre, center or middle, the share within CENTRE_RADIUS px of the frame's
+    center_error         mean distance (px) from an exact place ("at 30, 40")
+    Real data with its own captions scores 100 % and 0 px; NaN where no prompt holds that kind of word.
+    """
+    scores = score_prompts(samples, prompts)
+
+    def mean(values: list) -> float:
+        return float(np.mean(values)) if values else math.nan
+
+    metrics = {"n": len(scores), "valid": mean([s.valid for s in scores]), "matches": mean([s.matches for s in scores])}
+    for kind, metric in PROMPT_METRICS.items():
+        metrics[metric] = mean([s.scores[kind] for s in scores if kind in s.scores])
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------
@@ -3378,6 +4125,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help=f"learn requests (class, centre, size) too (default: {'yes' if ModelConfig().conditional else 'no'})",
     )
+    train.add_argument(
+        "--conditioning",
+        choices=CONDITIONINGS,
+        help="what a conditional model reads: request (three numbers, the default) or prompt (words, cross-attention)",
+    )
     train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     train.add_argument("--compile", dest="compile_model", action="store_true", help="torch.compile the model (GPU)")
     train.add_argument("--precision", choices=PRECISIONS, help=precision_help)
@@ -3419,6 +4171,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="print shape metrics of a samples .npy as JSON")
     evaluate.add_argument("samples")
     _add_request_args(evaluate, "also score how well the samples obey this request")
+    _add_prompt_arg(evaluate, "also score, word by word, how well the samples obey this prompt")
     return parser
 
 
@@ -3433,6 +4186,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser, precision_help: str) -> 
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}")
     parser.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
     _add_request_args(parser)
+    _add_prompt_arg(parser, 'ask a model trained with --conditioning prompt, e.g. "a small circle on the left"')
     parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -3441,6 +4195,21 @@ def _add_sampling_args(parser: argparse.ArgumentParser, precision_help: str) -> 
     parser.add_argument("--out", required=True, help="a .npy file of uint8 images (N, 64, 64)")
     parser.add_argument("--png", help="also save a grid of (up to 64) images as a PNG")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _add_prompt_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--prompt", metavar="TEXT", help=f"{help_text} (instead of the request flags)")
+
+
+def _prompt_from(args: argparse.Namespace, condition: Condition | None) -> str | None:
+    """The --prompt text, checked (read_prompt, prompt_tokens), or None; never with the request flags."""
+    if args.prompt is None:
+        return None
+    if condition is not None:
+        flags = "/".join(f"--{f.argument}" for f in REQUEST_FIELDS)
+        raise ValueError(f"give --prompt or the request flags ({flags}), not both")
+    prompt_tokens(args.prompt)
+    return args.prompt
 
 
 def _add_request_args(parser: argparse.ArgumentParser, note: str = "ask a conditional model for") -> None:
@@ -3471,6 +4240,8 @@ def _command_train(args: argparse.Namespace) -> None:
         model_config, train_config = default_configs(device, args.objective or "diffusion")
         if args.conditional is not None:
             model_config = dataclasses.replace(model_config, conditional=args.conditional)
+        if args.conditioning is not None:
+            model_config = dataclasses.replace(model_config, conditioning=args.conditioning)
         seed = 0 if args.seed is None else args.seed
         train_config = dataclasses.replace(train_config, seed=seed, compile_model=args.compile_model)
         trainer = Trainer(model_config, train_config, device=device, precision=args.precision)
@@ -3497,29 +4268,29 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
         )
-    if args.resume and (args.conditional is not None or args.objective is not None):
-        raise ValueError("a resumed run keeps its own model: drop --conditional, --objective or --resume")
+    if args.resume and (args.conditional is not None or args.objective is not None or args.conditioning is not None):
+        raise ValueError(
+            "a resumed run keeps its own model: drop --conditional, --objective, --conditioning or --resume"
+        )
 
 
 def _command_sample(args: argparse.Namespace) -> None:
     _check_out(args.out)
     _check_positive_int("--n", args.n)
-    condition, guidance = _request_and_guidance(args, args.n)
+    asked = _asked(args, args.n)
     model, schedule = load_model(args.checkpoint, device=args.device)
-    result = sample(model, schedule, args.n, condition=condition, guidance=guidance, **_sampling_options(args))
-    _save_images(args, result.images, condition, f"{args.sampler}, {args.steps} steps", "samples")
+    result = sample(model, schedule, args.n, **asked, **_sampling_options(args))
+    _save_images(args, result.images, asked, f"{args.sampler}, {args.steps} steps", "samples")
 
 
 def _command_edit(args: argparse.Namespace) -> None:
     _check_out(args.out)
     _check_strength(args.strength)
     images = uint8_to_model(read_images(args.input))
-    condition, guidance = _request_and_guidance(args, len(images))
+    asked = _asked(args, len(images))
     model, schedule = load_model(args.checkpoint, device=args.device)
-    result = edit(
-        model, schedule, images, args.strength, condition=condition, guidance=guidance, **_sampling_options(args)
-    )
-    _save_images(args, result.images, condition, f"edited at strength {args.strength:g}, {args.sampler}")
+    result = edit(model, schedule, images, args.strength, **asked, **_sampling_options(args))
+    _save_images(args, result.images, asked, f"edited at strength {args.strength:g}, {args.sampler}")
 
 
 def _command_inpaint(args: argparse.Namespace) -> None:
@@ -3533,11 +4304,10 @@ def _command_inpaint(args: argparse.Namespace) -> None:
         mask = _checked_mask(mask, len(images))
     except ValueError as error:  # keeps every pixel or none: name the file
         raise ValueError(f"{args.mask}: {error}") from None
-    condition, guidance = _request_and_guidance(args, len(images))
+    asked = _asked(args, len(images))
     model, schedule = load_model(args.checkpoint, device=args.device)
-    options = {"condition": condition, "guidance": guidance, **_sampling_options(args)}
-    result = inpaint(model, schedule, images, mask, args.resample, **options)
-    _save_images(args, result.images, condition, f"inpainted, resample {args.resample}, {args.sampler}")
+    result = inpaint(model, schedule, images, mask, args.resample, **asked, **_sampling_options(args))
+    _save_images(args, result.images, asked, f"inpainted, resample {args.resample}, {args.sampler}")
 
 
 def _check_out(out: str) -> None:
@@ -3545,11 +4315,14 @@ def _check_out(out: str) -> None:
         raise ValueError(f"--out must end in .npy, got {out!r}")
 
 
-def _request_and_guidance(args: argparse.Namespace, n: int) -> tuple[Condition | None, float]:
+def _asked(args: argparse.Namespace, n: int) -> dict:
+    """sample's condition, prompt and guidance from the request flags or --prompt (one of them), checked."""
     condition = _request_from(args, n)
-    if args.guidance is not None and condition is None:
-        raise ValueError("--guidance steers towards a request: give --shape, --size or --center too")
-    return condition, DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    prompt = _prompt_from(args, condition)
+    if args.guidance is not None and condition is None and prompt is None:
+        raise ValueError("--guidance steers towards a request: give --shape, --size, --center or --prompt too")
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    return {"condition": condition, "prompt": prompt, "guidance": guidance}
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
@@ -3565,28 +4338,33 @@ def _sampling_options(args: argparse.Namespace) -> dict:
     }
 
 
-def _save_images(
-    args: argparse.Namespace, images: torch.Tensor, condition: Condition | None, title: str, noun: str = "images"
-) -> None:
-    """--out (and --png), and the request's scores when one was asked."""
+def _save_images(args: argparse.Namespace, images: torch.Tensor, asked: dict, title: str, noun: str = "images") -> None:
+    """--out (and --png), and the scores of the request or prompt when one was asked."""
+    condition, prompt = asked["condition"], asked["prompt"]
     as_uint8 = model_to_uint8(images)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, as_uint8)
     print(f"saved {len(as_uint8)} {noun} to {args.out}")
     if condition is not None:
         print(json.dumps(to_json(evaluate_requests(as_uint8, condition))))
+    if prompt is not None:
+        print(json.dumps(to_json(evaluate_prompts(as_uint8, prompt))))
     if args.png:
-        title += f", {describe_request(condition)}" if condition is not None else ""
+        described = describe_request(condition) if condition is not None else repr(prompt) if prompt else ""
+        title += f", {described}" if described else ""
         plot_grid(images[:64], title=title).savefig(args.png, dpi=100)
         print(f"saved a grid to {args.png}")
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
     images = read_images(args.samples, "samples")
-    metrics = evaluate_samples(images)
     condition = _request_from(args, len(images))
+    prompt = _prompt_from(args, condition)
+    metrics = evaluate_samples(images)
     if condition is not None:
         metrics["request"] = evaluate_requests(images, condition)
+    if prompt is not None:
+        metrics["prompt"] = evaluate_prompts(images, prompt)
     print(json.dumps(to_json(metrics), indent=2))
 
 
