@@ -4091,7 +4091,7 @@ def reflow_pairs(
     """The images the teacher's probability-flow ODE carries `noise` to: DPM-Solver++ in `steps` evaluations on
     the log-SNR grid (section 10), clipped to the data's range. Each (noise, image) is a pair for reflow."""
     spaced = schedule.respaced(steps, "logsnr")
-    prediction = teacher.config.prediction
+    prediction = "velocity"  # reflow's teacher is a flow
 
     def output(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         time = time.float() if time.is_floating_point() else time
