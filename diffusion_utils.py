@@ -14,9 +14,10 @@ Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipy
 10. Fewer steps           DPM-Solver++(2M) and Heun on the probability-flow ODE, spherical interpolation of noise
 11. Asking for a shape    requests and prompts, classifier-free guidance, and whether samples obey (word by word)
 12. Editing               SDEdit from a sketch, inpainting (replacement, RePaint), DDIM inversion; sketches and masks
+13. Fewer steps by tuning a trained model tuned to sample in 1-4 evaluations: consistency, progressive, reflow
 A. Saving and loading     atomic checkpoints with the run's plan, safe loads (no unpickling), clear errors
 B. Running fast           device, precision, TF32 and fused-optimiser policy
-C. Command line           train / sample / edit / inpaint / evaluate without Jupyter
+C. Command line           train / distill / sample / edit / inpaint / evaluate without Jupyter
 
 The schedule (section 4), the network (section 5) and the samplers (sections 7 and 10) are kept apart, as in Hugging
 Face diffusers, so each can be read and swapped alone. Measured figures behind the defaults are in
@@ -1944,15 +1945,18 @@ def flow_matching_loss(
     generator: torch.Generator | None = None,
     condition: Condition | None = None,
     num_timesteps: int = 1000,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The other side of the coin: rectified flow's objective (Liu et al. 2022; Esser et al. 2024, eq. (1)-(3)).
 
         t ~ p(t),  eps ~ N(0, I),  x_t = (1 - t) x_0 + t eps,  loss = mean || model(x_t, (T - 1) t) - (eps - x_0) ||^2
     Plain MSE on the velocity, at continuous times t drawn uniformly or logit-normally (training_times); the network
-    sees the time as (T - 1) t, the range of DDPM's timesteps, so one U-Net serves both objectives.
+    sees the time as (T - 1) t, the range of DDPM's timesteps, so one U-Net serves both objectives. `noise` pairs
+    each x_0 with a given eps instead of a fresh draw (reflow, section 13).
     """
     t = training_times(len(x0), time_sampling, generator, x0.device).view(-1, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = (1 - t) * x0 + t * noise
     time = (num_timesteps - 1) * t.flatten()
     output = model(x_t, time) if condition is None else model(x_t, time, condition)
@@ -2121,15 +2125,8 @@ class Trainer:
         a batch of clean images x0 (diffusion_loss draws t and eps). Returns the loss, still on the device."""
         x0, condition = self._to_device(x0, condition)
         self.model.train()
-        config = self.model_config
         with self.runtime.autocast():
-            if config.schedule == "flow":  # rectified flow, the other side of the coin
-                sampling, steps = self.train_config.time_sampling, len(self.schedule)
-                loss = flow_matching_loss(self.train_model, x0, sampling, self.generator, condition, steps)
-            else:
-                loss = diffusion_loss(
-                    self.train_model, self.schedule, x0, config.prediction, self.loss_weights, self.generator, condition
-                )
+            loss = self.objective_loss(x0, condition)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # the scaler only scales in fp16 (section B)
         self.scaler.unscale_(self.optimizer)
@@ -2141,6 +2138,17 @@ class Trainer:
         self.step += 1
         self.images_seen += len(x0)
         return loss.detach()
+
+    def objective_loss(self, x0: torch.Tensor, condition: Condition | Prompt | None) -> torch.Tensor:
+        """The loss of one batch on the device: DDPM's weighted MSE, or the flow's. A subclass that trains towards
+        another target (section 13 distils a trained model) replaces this alone; the optimiser step stays."""
+        config = self.model_config
+        if config.schedule == "flow":  # rectified flow, the other side of the coin
+            sampling, steps = self.train_config.time_sampling, len(self.schedule)
+            return flow_matching_loss(self.train_model, x0, sampling, self.generator, condition, steps)
+        return diffusion_loss(
+            self.train_model, self.schedule, x0, config.prediction, self.loss_weights, self.generator, condition
+        )
 
     def _to_device(
         self, x0: torch.Tensor, condition: Condition | Prompt | None
@@ -3837,6 +3845,388 @@ def make_masks(batch: ShapeBatch, kind: str = "half", seed: int = 0) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------------
+# 13. Fewer steps by tuning: a student that samples in one to four network evaluations
+# ------------------------------------------------------------------------------------------
+#
+# Solvers (section 10) need about ten evaluations for clean shapes: below that, the curvature of the ODE's paths
+# defeats any step rule. A trained model can instead be tuned into one whose few steps are right by construction.
+# The teacher is frozen inside a Distiller, a Trainer whose objective is the method's; the student is a U-Net of the
+# same configuration started from the teacher's EMA weights, and the Trainer's loop, plan, checkpoints and resume
+# run it unchanged. Three methods, each recorded in the checkpoint with the sampler its student is made for:
+# - consistency (Song et al. 2023, arXiv 2303.01469; easy consistency tuning, Geng et al. 2024, arXiv 2406.14548):
+#   the student's estimate f(x_t, t) of x_0 is taught to equal its own, stop-gradient, estimate f(x_r, r) one
+#   teacher ODE step (DDIM) closer to the data. f is the identity at the clean end, so agreement there carries the
+#   data up the whole path, and f(x_T, T) becomes a sample. The step t -> r shrinks over the run, from a grid of
+#   teacher_steps / 8 steps to one of teacher_steps, as ECT anneals r -> t: coarse steps spread the clean end fast,
+#   fine ones make it exact. A perfect teacher puts x_r on the same noise as x_t, which is ECT's own pair.
+#   Sampled by the "consistency" sampler: x_0 = f(x_T, T); with more steps, noised again to a lower time and
+#   denoised again (Song et al. 2023, Algorithm 1).
+# - progressive (Salimans & Ho 2022, arXiv 2202.00512): one DDIM step of the student matches two of the teacher;
+#   then the student becomes the teacher and the steps halve again, teacher_steps / 2 -> ... -> 1, one round each
+#   for an equal share of the plan.
+# - reflow (Liu et al. 2022, arXiv 2209.03003): a flow teacher's ODE couples each noise with an image; the
+#   student's flow, trained on those pairs, has straight paths, and one or two Euler (DDIM) steps follow them.
+# Conditioning carries over: teacher and student read the same request, hidden at random as in training, so the
+# student keeps its conditional and its unconditional output, and classifier-free guidance (section 11) combines
+# them as before.
+
+DISTILL_METHODS = ("consistency", "progressive", "reflow")
+DEFAULT_DISTILL_METHOD = "consistency"  # benchmarks/distill.py measures the three
+
+# Per method: the sampler and grid its student is made for, its evaluations by default, the teacher's steps it
+# starts from, and the learning-rate schedule (progressive trains a new target each round: a constant rate).
+_METHOD_DEFAULTS = {
+    "consistency": {"sampler": "consistency", "spacing": "time-trailing", "steps": 2, "teacher_steps": 64},
+    "progressive": {"sampler": "ddim", "spacing": "time-trailing", "steps": 4, "teacher_steps": 8},
+    "reflow": {"sampler": "ddim", "spacing": "time-trailing", "steps": 2, "teacher_steps": 8},
+}
+
+
+@dataclass
+class Distillation:
+    """What a tuned checkpoint is and how its student samples (saved in the checkpoint).
+
+    `steps` is the student's network evaluations by default (progressive: those of the current round's student);
+    `teacher_steps` is, for consistency, the finest grid of its curriculum; for progressive, the teacher's DDIM steps
+    of the first round (a power of two); for reflow, the teacher's solver steps per pair.
+    """
+
+    method: str
+    sampler: str  # the SAMPLERS entry `sample` uses for this student by default
+    spacing: str  # the grid it samples on (SPACINGS)
+    steps: int
+    teacher_steps: int
+    teacher: str = ""  # where the teacher came from, for the record
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, DISTILL_METHODS)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("spacing", self.spacing, SPACINGS)
+        _check_positive_int("steps", self.steps)
+        _check_positive_int("teacher_steps", self.teacher_steps)
+        if self.method == "progressive" and (self.teacher_steps < 2 or self.teacher_steps & (self.teacher_steps - 1)):
+            raise ValueError(
+                f"progressive distillation halves the steps: teacher_steps must be 2, 4, 8, ..., got "
+                f"{self.teacher_steps}"
+            )
+
+    @classmethod
+    def of(cls, method: str = DEFAULT_DISTILL_METHOD, teacher: str = "", **changes: object) -> Distillation:
+        """The record of a method with its defaults (any of which `changes` replaces)."""
+        _check_choice("method", method, DISTILL_METHODS)
+        fields = {**_METHOD_DEFAULTS[method], **changes}
+        if method == "progressive" and "steps" not in changes:
+            fields["steps"] = fields["teacher_steps"] // 2
+        return cls(method=method, teacher=teacher, **fields)
+
+    @property
+    def rounds(self) -> int:
+        """Progressive distillation's rounds: teacher_steps halved down to one step."""
+        return int(math.log2(self.teacher_steps)) if self.method == "progressive" else 1
+
+
+def distillation_train_config(teacher: TrainConfig, method: str, seed: int | None = None) -> TrainConfig:
+    """The teacher's training settings, tuned for tuning: a quarter of its peak learning rate (the student starts
+    trained, and large steps would undo that) after a short warm-up; progressive at a constant rate (each round is
+    a new target). Choices by reasoning, for benchmarks/distill.py to measure."""
+    _check_choice("method", method, DISTILL_METHODS)
+    schedule = "constant" if method == "progressive" else teacher.lr_schedule
+    changes = {"lr": teacher.lr / 4, "warmup_steps": min(teacher.warmup_steps, 50), "lr_schedule": schedule}
+    if seed is not None:
+        changes["seed"] = seed
+    return dataclasses.replace(teacher, **changes)
+
+
+def network_x0(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    prediction: str,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """The network's estimate of x_0 for x at schedule indices `index` (one per image), with gradients: the
+    per-image form of make_denoiser's, unclipped."""
+    scale = schedule.gather(schedule.input_scales, index, x)
+    time = schedule.timesteps.to(x.device)[index]
+    time = time.float() if time.is_floating_point() else time
+    output = model(x * scale, time) if condition is None else model(x * scale, time, condition)
+    return schedule.predict_x0(prediction, x, output.float(), index)
+
+
+def _alpha_sigma(schedule: NoiseSchedule, index: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) at each index, (N, 1, 1, 1); index -1 is the clean end, alpha = 1 and sigma = 0."""
+    clean = (index < 0).view(-1, 1, 1, 1)
+    safe = index.clamp(min=0)
+    alpha = schedule.gather(schedule.sqrt_alpha_bars, safe, like)
+    sigma = schedule.gather(schedule.sqrt_one_minus_alpha_bars, safe, like)
+    return torch.where(clean, torch.ones_like(alpha), alpha), torch.where(clean, torch.zeros_like(sigma), sigma)
+
+
+def _ddim_jump(x: torch.Tensor, x0_hat: torch.Tensor, start: tuple, end: tuple) -> torch.Tensor:
+    """The deterministic DDIM step (eta = 0) from (alpha, sigma) = start to end: keep x's implied noise, point to
+    x0_hat (section 7)."""
+    (alpha_s, sigma_s), (alpha_t, sigma_t) = start, end
+    eps_hat = (x - alpha_s * x0_hat) / sigma_s
+    return alpha_t * x0_hat + sigma_t * eps_hat
+
+
+def trailing_grid(schedule: NoiseSchedule, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The indices of the "time-trailing" grid of `steps` steps (its noisiest is T-1): the grid the students
+    sample on, and so the times they train at."""
+    return SPACINGS["time-trailing"](schedule, steps).to(device)
+
+
+def consistency_grid(distillation: Distillation, progress: float) -> int:
+    """The consistency curriculum: the steps of the grid whose neighbours are paired, growing geometrically from
+    teacher_steps / 8 to teacher_steps over the plan (ECT's r -> t, Geng et al. 2024, section 3)."""
+    end = distillation.teacher_steps
+    start = max(1, end // 8)
+    return round(start * (end / start) ** min(1.0, max(0.0, progress)))
+
+
+@torch.no_grad()
+def consistency_target(
+    student: nn.Module,
+    teacher: nn.Module,
+    schedule: NoiseSchedule,
+    prediction: str,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """What f(x_t, t) learns: the student's own clipped estimate f(x_r, r), with x_r one teacher DDIM step from
+    x_t to r (r = -1: the clean end, where f is the identity, so the target is the teacher's x_0 estimate)."""
+    teacher_x0 = network_x0(teacher, schedule, prediction, x_t, t, condition).clamp(-1, 1)
+    x_r = _ddim_jump(x_t, teacher_x0, _alpha_sigma(schedule, t, x_t), _alpha_sigma(schedule, r, x_t))
+    later = network_x0(student, schedule, prediction, x_r, r.clamp(min=0), condition).clamp(-1, 1)
+    return torch.where((r < 0).view(-1, 1, 1, 1), x_r, later)
+
+
+def consistency_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    schedule: NoiseSchedule,
+    prediction: str,
+    x0: torch.Tensor,
+    grid_steps: int,
+    generator: torch.Generator | None = None,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """Consistency distillation's loss on a grid of `grid_steps` (Song et al. 2023, eq. (7), squared error):
+    t a random grid index, r the next one towards the data, mean || f(x_t, t) - stopgrad f(x_r, r) ||^2 in x_0."""
+    grid = trailing_grid(schedule, grid_steps, x0.device)
+    k = torch.randint(0, len(grid), (len(x0),), generator=generator, device=x0.device)
+    t = grid[k]
+    r = torch.where(k > 0, grid[(k - 1).clamp(min=0)], -1)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = schedule.noised(x0, noise, t)
+    target = consistency_target(student, teacher, schedule, prediction, x_t, t, r, condition)
+    estimate = network_x0(student, schedule, prediction, x_t, t, condition)
+    return F.mse_loss(estimate, target.float())
+
+
+@torch.no_grad()
+def progressive_target(
+    teacher: nn.Module,
+    schedule: NoiseSchedule,
+    prediction: str,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    middle: torch.Tensor,
+    end: torch.Tensor,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """The x_0 a student's one DDIM step from t to `end` must use to land where two of the teacher's land, t to
+    `middle` to `end` (Salimans & Ho 2022, Algorithm 2): with x_end the teacher's result,
+        x0_target = (x_end - (sigma_end / sigma_t) x_t) / (alpha_end - (sigma_end / sigma_t) alpha_t),
+    which is x_end itself when `end` is the clean end (-1)."""
+    at_t, at_middle, at_end = (_alpha_sigma(schedule, index, x_t) for index in (t, middle, end))
+    first = network_x0(teacher, schedule, prediction, x_t, t, condition).clamp(-1, 1)
+    x_middle = _ddim_jump(x_t, first, at_t, at_middle)
+    second = network_x0(teacher, schedule, prediction, x_middle, middle, condition).clamp(-1, 1)
+    x_end = _ddim_jump(x_middle, second, at_middle, at_end)
+    ratio = at_end[1] / at_t[1]
+    return (x_end - ratio * x_t) / (at_end[0] - ratio * at_t[0])
+
+
+def progressive_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    schedule: NoiseSchedule,
+    prediction: str,
+    x0: torch.Tensor,
+    student_steps: int,
+    generator: torch.Generator | None = None,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """Progressive distillation's loss: at a random step of the student's grid (every other point of the teacher's
+    grid of 2 x student_steps), the x_0 error against progressive_target weighted by max(SNR, 1), the "truncated
+    SNR" weight that keeps the noisiest steps, where one step must draw the whole shape, in the loss (section 4)."""
+    grid = trailing_grid(schedule, 2 * student_steps, x0.device)
+    k = torch.randint(0, student_steps, (len(x0),), generator=generator, device=x0.device)
+    t, middle = grid[2 * k + 1], grid[2 * k]
+    end = torch.where(k > 0, grid[(2 * k - 1).clamp(min=0)], -1)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = schedule.noised(x0, noise, t)
+    target = progressive_target(teacher, schedule, prediction, x_t, t, middle, end, condition)
+    estimate = network_x0(student, schedule, prediction, x_t, t, condition)
+    weight = schedule.gather(schedule.snr, t, estimate).clamp(min=1)
+    return (weight * (estimate - target.float()) ** 2).mean()
+
+
+def _no_noise() -> torch.Tensor:
+    raise RuntimeError("a deterministic solver drew noise")
+
+
+@torch.no_grad()
+def reflow_pairs(
+    teacher: nn.Module,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    steps: int,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """The images the teacher's probability-flow ODE carries `noise` to: DPM-Solver++ in `steps` evaluations on
+    the log-SNR grid (section 10), clipped to the data's range. Each (noise, image) is a pair for reflow."""
+    spaced = schedule.respaced(steps, "logsnr")
+    prediction = "velocity"  # reflow's teacher is a flow
+
+    def output(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        time = time.float() if time.is_floating_point() else time
+        return (teacher(x, time) if condition is None else teacher(x, time, condition)).float()
+
+    denoise = make_denoiser(output, spaced, prediction)
+    state = SamplerState(noise=_no_noise, evaluations=steps)
+    return backward_process(noise, spaced, SAMPLERS["dpm++"], denoise, state).clamp(-1, 1)
+
+
+def reflow_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    teacher_steps: int,
+    time_sampling: str = "logit-normal",
+    generator: torch.Generator | None = None,
+    condition: Condition | Prompt | None = None,
+) -> torch.Tensor:
+    """Reflow's loss (Liu et al. 2022, section 2.3): the flow-matching loss on the teacher's pairs, so the student
+    learns the straight line from each noise to the image the teacher made of it. x0 only sets the batch's shape:
+    the images are the teacher's."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    images = reflow_pairs(teacher, schedule, noise, teacher_steps, condition)
+    return flow_matching_loss(student, images, time_sampling, generator, condition, len(schedule), noise=noise)
+
+
+@register_sampler("consistency", spacing="time-trailing")
+def consistency_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
+    """One step of multistep consistency sampling (Song et al. 2023, arXiv 2303.01469, Algorithm 1).
+
+    x0_hat = f(x_t, t) is already a sample; but for the last step it is noised afresh to the next, lower time of
+    the grid, x = sqrt(alpha_bar_next) x0_hat + sqrt(1 - alpha_bar_next) z, for the next evaluation to refine.
+    """
+    x0_hat = denoise(x_t, i)
+    if i == 0:
+        return x0_hat
+    alpha_bar_next = float(schedule.alpha_bars_prev[i])
+    return math.sqrt(alpha_bar_next) * x0_hat + math.sqrt(1 - alpha_bar_next) * state.noise()
+
+
+class Distiller(Trainer):
+    """A Trainer whose objective is a distillation: the frozen teacher inside, the student its `model` (started
+    from the teacher's weights), and the Trainer's loop, EMA, plan, checkpoints and resume unchanged.
+
+    `teacher` is the teacher network (its EMA weights, as load_model gives them); train_config the student's
+    (distillation_train_config). Progressive distillation promotes the student to teacher at every round's start.
+    """
+
+    def __init__(
+        self,
+        teacher: UNet,
+        distillation: Distillation,
+        train_config: TrainConfig,
+        device: torch.device | str | None = None,
+        data: torch.Tensor | ShapeBatch | None = None,
+        precision: str | None = None,
+    ) -> None:
+        if distillation.method == "reflow" and teacher.config.schedule != "flow":
+            raise ValueError("reflow straightens a flow: its teacher must be trained with the flow objective")
+        super().__init__(teacher.config, train_config, device=device, data=data, precision=precision)
+        self.distillation = distillation
+        weights = teacher.state_dict()
+        self.model.load_state_dict(weights)
+        if self.ema is not None:
+            self.ema.model.load_state_dict(weights)
+        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.round = 0  # progressive: the round being trained
+
+    def objective_loss(self, x0: torch.Tensor, condition: Condition | Prompt | None) -> torch.Tensor:
+        method, prediction = self.distillation.method, self.model_config.prediction
+        student, teacher, schedule = self.train_model, self.teacher, self.schedule
+        if method == "consistency":
+            grid = consistency_grid(self.distillation, self.progress())
+            return consistency_loss(student, teacher, schedule, prediction, x0, grid, self.generator, condition)
+        if method == "progressive":
+            self._catch_up_rounds()
+            steps = self.distillation.steps
+            return progressive_loss(student, teacher, schedule, prediction, x0, steps, self.generator, condition)
+        steps, sampling = self.distillation.teacher_steps, self.train_config.time_sampling
+        return reflow_loss(student, teacher, schedule, x0, steps, sampling, self.generator, condition)
+
+    def _catch_up_rounds(self) -> None:
+        """Start the round the plan's progress is in: each round has an equal share of the plan."""
+        rounds = self.distillation.rounds
+        due = min(rounds - 1, int(self.progress() * rounds))
+        while self.round < due:
+            self._promote()
+
+    def _promote(self) -> None:
+        """The next round: the student (its EMA) becomes the teacher and the new student's start, at half the steps."""
+        weights = self.sampling_model.state_dict()
+        self.teacher.load_state_dict(weights)
+        self.model.load_state_dict(weights)
+        if self.ema is not None:
+            self.ema.model.load_state_dict(weights)
+            self.ema.updates = 0
+        self.round += 1
+        self.distillation = dataclasses.replace(self.distillation, steps=self.distillation.steps // 2)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "teacher": self.teacher.state_dict(), "round": self.round}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.teacher.load_state_dict(state["teacher"])
+        self.round = int(state["round"])
+
+
+def distiller_from(
+    path: str | os.PathLike,
+    method: str = DEFAULT_DISTILL_METHOD,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+    precision: str | None = None,
+    data: torch.Tensor | ShapeBatch | None = None,
+    **changes: object,
+) -> Distiller:
+    """A Distiller of a trained checkpoint (its EMA weights as teacher), the method's defaults replaced by
+    `changes` (Distillation fields). A checkpoint that is already distilled is refused: distil its teacher."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    if payload.get("distillation") is not None:
+        done = payload["distillation"].get("method", "?")
+        raise CheckpointError(f"{path}: already distilled ({done}); distil the model it was tuned from instead")
+    _check_choice("method", method, DISTILL_METHODS)
+    teacher, _ = load_model(path, device="cpu")
+    _, teacher_train = _configs_from(payload, path)
+    distillation = Distillation.of(method, teacher=str(path), **changes)
+    train_config = distillation_train_config(teacher_train, method, seed)
+    return Distiller(teacher, distillation, train_config, device=device, data=data, precision=precision)
+
+
+# ------------------------------------------------------------------------------------------
 # A. Saving and loading: atomic writes, safe loads, clear errors
 # ------------------------------------------------------------------------------------------
 
@@ -3861,6 +4251,8 @@ def save_checkpoint(path: str | os.PathLike, trainer: Trainer) -> Path:
         "train_config": dataclasses.asdict(trainer.train_config),
         "state": trainer.state_dict(),
     }
+    if isinstance(trainer, Distiller):  # a tuned student: how it was tuned, and how it samples (section 13)
+        payload["distillation"] = dataclasses.asdict(trainer.distillation)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -3968,12 +4360,40 @@ def load_trainer(
             if getattr(expect, k) != v
         ]
         raise CheckpointError(f"{path}: made by a different model configuration: " + ", ".join(differences))
-    trainer = Trainer(model_config, train_config, device=device, data=data, precision=precision)
+    trainer = _trainer_for(payload, path, model_config, train_config, device, data, precision)
     try:
         trainer.load_state_dict(payload["state"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: does not match its model: {_first_mismatch(error)}") from None
     return trainer
+
+
+def _trainer_for(payload, path, model_config, train_config, device, data, precision) -> Trainer:
+    """A Trainer for the checkpoint's run, or a Distiller for a distillation run (its teacher comes with the state)."""
+    if payload.get("distillation") is None:
+        return Trainer(model_config, train_config, device=device, data=data, precision=precision)
+    distillation = _distillation_from(payload, path)
+    return Distiller(UNet(model_config), distillation, train_config, device=device, data=data, precision=precision)
+
+
+def _distillation_from(payload: dict, path: Path) -> Distillation | None:
+    record = payload.get("distillation")
+    if record is None:
+        return None
+    try:
+        return Distillation(**record)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its distillation record is invalid: {error}") from None
+
+
+def checkpoint_sampling(path: str | os.PathLike) -> dict:
+    """How a checkpoint samples by default, as `sample` keywords: a tuned student's recorded sampler, grid and
+    evaluations (section 13), else the measured defaults (DEFAULT_SAMPLER, DEFAULT_STEPS, the sampler's grid)."""
+    path = Path(path)
+    distillation = _distillation_from(read_checkpoint(path), path)
+    if distillation is None:
+        return {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "spacing": None}
+    return {"sampler": distillation.sampler, "steps": distillation.steps, "spacing": distillation.spacing}
 
 
 def _first_mismatch(error: Exception) -> str:
@@ -4085,7 +4505,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 # ------------------------------------------------------------------------------------------
-# C. Command line: python diffusion_utils.py {train, sample, edit, inpaint, evaluate}
+# C. Command line: python diffusion_utils.py {train, distill, sample, edit, inpaint, evaluate}
 # ------------------------------------------------------------------------------------------
 
 
@@ -4110,13 +4530,8 @@ def build_parser() -> argparse.ArgumentParser:
     precision_help = "default: the device's best (fp32, TF32 maths on Ampere+; fp16 on older GPUs)"
 
     train = commands.add_parser("train", help="train a model (defaults: the recipe for the device)")
-    budget = train.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help="wall-clock training budget (a new run, or a new phase)")
-    budget.add_argument("--steps", type=int, help="number of optimiser steps (a new run, or a new phase)")
-    train.add_argument("--out", required=True, help="checkpoint path (written atomically)")
+    _add_run_args(train, precision_help)
     train.add_argument("--resume", help="continue from this checkpoint: without a budget, to the end its run planned")
-    train.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: the fastest available)")
-    train.add_argument("--seed", type=int, help="seed of a new run (default 0); a resumed run keeps its own")
     train.add_argument(
         "--objective", choices=OBJECTIVES, help="diffusion (DDPM's, the default) or flow (rectified flow, as in SD3)"
     )
@@ -4130,10 +4545,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CONDITIONINGS,
         help="what a conditional model reads: request (three numbers, the default) or prompt (words, cross-attention)",
     )
-    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     train.add_argument("--compile", dest="compile_model", action="store_true", help="torch.compile the model (GPU)")
-    train.add_argument("--precision", choices=PRECISIONS, help=precision_help)
-    train.add_argument("--no-progress", action="store_true")
+
+    distill = commands.add_parser("distill", help="tune a trained model to sample in 1-4 evaluations (section 13)")
+    _add_run_args(distill, precision_help)
+    source = distill.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="the trained model to tune (the teacher; its EMA weights)")
+    source.add_argument("--resume", help="continue a distillation run: without a budget, to the end it planned")
+    distill.add_argument(
+        "--method", choices=DISTILL_METHODS, help=f"how to tune (default {DEFAULT_DISTILL_METHOD}; reflow: flow models)"
+    )
 
     sample_cmd = commands.add_parser("sample", help="generate images from a checkpoint")
     sample_cmd.add_argument("--checkpoint", required=True)
@@ -4175,15 +4596,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_args(parser: argparse.ArgumentParser, precision_help: str) -> None:
+    """The flags train and distill share: the budget, the checkpoint, the seed, the device and the progress bar."""
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="wall-clock training budget (a new run, or a new phase)")
+    budget.add_argument("--steps", type=int, help="number of optimiser steps (a new run, or a new phase)")
+    parser.add_argument("--out", required=True, help="checkpoint path (written atomically)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 or mps (default: the fastest available)")
+    parser.add_argument("--seed", type=int, help="seed of a new run (default 0); a resumed run keeps its own")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--precision", choices=PRECISIONS, help=precision_help)
+    parser.add_argument("--no-progress", action="store_true")
+
+
 def _add_sampling_args(parser: argparse.ArgumentParser, precision_help: str) -> None:
     """sample's flags, which edit and inpaint take too: the sampler, the request, the seed, the device, the output."""
     parser.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS})",
+        help=f"network evaluations per image, for every sampler (heun makes two per step; default {DEFAULT_STEPS}, "
+        "or the tuned model's own)",
     )
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), help=f"default {DEFAULT_SAMPLER}")
+    parser.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        help=f"default {DEFAULT_SAMPLER}, or the sampler a tuned model was made for (section 13)",
+    )
     parser.add_argument("--eta", type=float, help="DDIM's noise scale (ddim only; default 0)")
     _add_request_args(parser)
     _add_prompt_arg(parser, 'ask a model trained with --conditioning prompt, e.g. "a small circle on the left"')
@@ -4245,6 +4683,11 @@ def _command_train(args: argparse.Namespace) -> None:
         seed = 0 if args.seed is None else args.seed
         train_config = dataclasses.replace(train_config, seed=seed, compile_model=args.compile_model)
         trainer = Trainer(model_config, train_config, device=device, precision=args.precision)
+    _run(trainer, args)
+
+
+def _run(trainer: Trainer, args: argparse.Namespace) -> None:
+    """train's and distill's loop: the budget or the plan left, progress, checkpoints, and a last line."""
     print(f"{describe_model(trainer.model)}; device {trainer.device}, precision {trainer.precision}")
     trainer.train(
         steps=args.steps,
@@ -4257,8 +4700,8 @@ def _command_train(args: argparse.Namespace) -> None:
     print(f"trained to step {trainer.step} ({trainer.images_seen} images); {final}; saved {args.out}")
 
 
-def _check_train_args(args: argparse.Namespace) -> None:
-    """Every argument checked before anything is built or written."""
+def _check_run_args(args: argparse.Namespace) -> None:
+    """train's and distill's shared arguments checked before anything is built or written."""
     if args.steps is None and args.minutes is None and not args.resume:
         raise ValueError("give a training budget: --minutes M or --steps N (or --resume a run to finish its plan)")
     if args.steps is not None or args.minutes is not None:
@@ -4268,15 +4711,43 @@ def _check_train_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--seed starts a new run; a resumed run continues its own random stream (drop --seed or --resume)"
         )
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Every argument checked before anything is built or written."""
+    _check_run_args(args)
     if args.resume and (args.conditional is not None or args.objective is not None or args.conditioning is not None):
         raise ValueError(
             "a resumed run keeps its own model: drop --conditional, --objective, --conditioning or --resume"
         )
 
 
+def _command_distill(args: argparse.Namespace) -> None:
+    _check_run_args(args)
+    if args.resume and args.method is not None:
+        raise ValueError("a resumed run keeps its own method: drop --method or --resume")
+    if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--out {args.out} would overwrite the teacher: write the tuned model to another file")
+    if args.resume:
+        trainer = load_trainer(args.resume, args.device, precision=args.precision)
+        if not isinstance(trainer, Distiller):
+            raise ValueError(
+                f"{args.resume}: not a distillation run (resume it with train, or distil it with --checkpoint)"
+            )
+        print(f"resuming the {trainer.distillation.method} run of {args.resume} at step {trainer.step}")
+    else:
+        method = args.method or DEFAULT_DISTILL_METHOD
+        trainer = distiller_from(args.checkpoint, method, args.device, args.seed, args.precision)
+        print(f"tuning {args.checkpoint} by {method}")
+    _run(trainer, args)
+    d = trainer.distillation
+    print(f"samples with: sample --checkpoint {args.out} (sampler {d.sampler}, {d.steps} evaluations by default)")
+
+
 def _command_sample(args: argparse.Namespace) -> None:
     _check_out(args.out)
     _check_positive_int("--n", args.n)
+    _use_recorded_sampling(args)
     asked = _asked(args, args.n)
     model, schedule = load_model(args.checkpoint, device=args.device)
     result = sample(model, schedule, args.n, **asked, **_sampling_options(args))
@@ -4286,6 +4757,7 @@ def _command_sample(args: argparse.Namespace) -> None:
 def _command_edit(args: argparse.Namespace) -> None:
     _check_out(args.out)
     _check_strength(args.strength)
+    _use_recorded_sampling(args)
     images = uint8_to_model(read_images(args.input))
     asked = _asked(args, len(images))
     model, schedule = load_model(args.checkpoint, device=args.device)
@@ -4296,6 +4768,7 @@ def _command_edit(args: argparse.Namespace) -> None:
 def _command_inpaint(args: argparse.Namespace) -> None:
     _check_out(args.out)
     _check_positive_int("--resample", args.resample)
+    _use_recorded_sampling(args)
     images = uint8_to_model(read_images(args.input))
     mask = torch.from_numpy(read_images(args.mask, "mask") > 127).unsqueeze(1)
     if len(mask) not in (1, len(images)):
@@ -4325,6 +4798,15 @@ def _asked(args: argparse.Namespace, n: int) -> dict:
     return {"condition": condition, "prompt": prompt, "guidance": guidance}
 
 
+def _use_recorded_sampling(args: argparse.Namespace) -> None:
+    """--sampler and --steps where not given: the checkpoint's (checkpoint_sampling), with its grid when its sampler
+    is the one used; a sampler given by name samples on its own grid."""
+    recorded = checkpoint_sampling(args.checkpoint)
+    args.spacing = recorded["spacing"] if args.sampler in (None, recorded["sampler"]) else None
+    args.sampler = args.sampler or recorded["sampler"]
+    args.steps = recorded["steps"] if args.steps is None else args.steps
+
+
 def _sampling_options(args: argparse.Namespace) -> dict:
     """sample's keyword arguments from the flags of _add_sampling_args."""
     return {
@@ -4335,6 +4817,7 @@ def _sampling_options(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "progress": not args.no_progress,
         "precision": args.precision,
+        "spacing": args.spacing,
     }
 
 
@@ -4455,6 +4938,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "train": _command_train,
+        "distill": _command_distill,
         "sample": _command_sample,
         "edit": _command_edit,
         "inpaint": _command_inpaint,
