@@ -1,13 +1,14 @@
 """diffusion_utils: a small, complete DDPM that learns to draw circles and squares.
 
-Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipynb`, with its numbering:
+Read it top to bottom; sections 1-11 follow the notebook `diffusion_patterns.ipynb`, with its numbering (its
+section on flow matching draws on 4, 6 and 7; 12 and 13 are still to come in the notebook):
 
 1. Setup                  which device, precision and kernels (`setup`, once per Trainer or sampling call)
 2. Configuration          two dataclasses hold every choice; `default_configs` is the measured recipe per device
 3. The data               64x64 grayscale shapes drawn with OpenCV, values in [-1, 1], what was drawn, and captions
-4. The forward process    beta_t, alpha_bar_t and the closed form of q(x_t | x_0); eps, v and x_0
+4. The forward process    beta_t, alpha_bar_t, q(x_t | x_0) in closed form; eps, v, x_0, velocity; rectified flow
 5. The U-Net              a time- (and optionally request- or prompt-) conditioned network that predicts eps or v
-6. Training               the weighted MSE, one training step (Algorithm 1), EMA, and a plan in steps or minutes
+6. Training               the weighted MSE and flow matching, one training step (Algorithm 1), EMA, the plan
 7. Sampling               the sampling loop (Algorithm 2), the denoiser, DDPM and DDIM steps, the sampler registry
 8. The backward process   pictures and an animation of x_t and x_0_hat along the way
 9. Evaluation             objective shape metrics: valid share, circle share, blur, size and position spread
