@@ -1,10 +1,7 @@
-"""Shared plumbing for the benchmark scripts (not a benchmark itself).
+"""Shared plumbing for the benchmark scripts: the "previous" recipe, parsers, timing, FLOPs, reports.
 
-Importing this module puts the repository root on sys.path, so every script can then `import diffusion_utils as
-du`. It holds the "previous" recipe that RESULTS.md compares with, and measuring and reporting helpers: argument
-parsers, a checkpoint or a tiny smoke-test model to measure, timing with a device sync, markdown tables, a run's
-environment and its outputs, a matrix-multiply rate and FLOP counts. All diffusion logic stays in diffusion_utils.py.
-"""
+Importing it puts the repository root on sys.path (for `import diffusion_utils as du`), where all diffusion logic
+stays."""
 
 from __future__ import annotations
 
@@ -33,20 +30,12 @@ import torch  # noqa: E402
 
 import diffusion_utils as du  # noqa: E402
 
-# ------------------------------------------------------------------------------------------
 # The "previous" recipe (RESULTS.md): the one definition that levers.py and time_to_quality.py use
-# ------------------------------------------------------------------------------------------
 
 
 def previous_recipe(device: torch.device | str = "cpu") -> tuple[du.ModelConfig, du.TrainConfig]:
-    """The recipe before conditioning and the learning-rate decay: unconditional, AdamW at a constant lr 1e-3 after
-    200 warm-up steps, otherwise today's recipe for the device (RESULTS.md, "previous").
-
-    Every field is spelled out rather than derived from today's defaults, so it stays put when they move. On a CPU:
-    24 and 48 channels after a 4x4 pixel-unshuffle, attention at the bottleneck, time in every block, cosine
-    schedule, v target, capped min-SNR 5, EMA 0.998, batch 32. On CUDA the GPU recipe of the same round (64
-    channels, 2x2 pixel-unshuffle, batch 256, EMA 0.999).
-    """
+    """The recipe before conditioning and the lr decay (RESULTS.md, "previous"); on CUDA, the GPU recipe of that
+    round. Every field is spelled out, so that it stays put when today's defaults move."""
     device = torch.device(device)
     model = du.ModelConfig(
         schedule="cosine",
@@ -83,9 +72,7 @@ def previous_recipe(device: torch.device | str = "cpu") -> tuple[du.ModelConfig,
     return model, dataclasses.replace(train, batch_size=256, ema_decay=0.999, channels_last=False, data_workers=workers)
 
 
-# ------------------------------------------------------------------------------------------
 # Command line
-# ------------------------------------------------------------------------------------------
 
 
 def positive_int(text: str) -> int:
@@ -182,9 +169,7 @@ def prepare_out(path: str | os.PathLike) -> Path:
     return out
 
 
-# ------------------------------------------------------------------------------------------
 # One trained model to measure (samplers.py, guidance.py, experiments/mid_gray.py)
-# ------------------------------------------------------------------------------------------
 
 
 def add_model_source_args(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
@@ -206,9 +191,7 @@ def load_or_train(args: argparse.Namespace, device) -> tuple[du.UNet, du.NoiseSc
     return trainer.sampling_model.eval(), trainer.schedule, f"tiny model trained for {trainer.step} steps (smoke)"
 
 
-# ------------------------------------------------------------------------------------------
 # Timing, sampling and hardware rates
-# ------------------------------------------------------------------------------------------
 
 
 def train_step(trainer: du.Trainer, batch: tuple) -> torch.Tensor:
@@ -305,9 +288,7 @@ def mean_tail(values: Sequence[float], n: int = 50) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-# ------------------------------------------------------------------------------------------
 # Reporting: markdown tables, JSON, the environment, a run's outputs
-# ------------------------------------------------------------------------------------------
 
 
 def format_value(value: Any, spec: str = "") -> str:

@@ -1,11 +1,8 @@
 """Distillation: a few-step student tuned from a trained checkpoint, by method, tuning budget and evaluations.
 
-Measures the targets of section 13 on a teacher checkpoint: the teacher's own validity with DDPM-1000 (the
-reference), then for each --methods entry, tuning seed and budget (--minutes, or --budget-steps for smoke tests), a
-student tuned from the teacher (du.distiller_from) and sampled with its recorded sampler at each --eval-steps count:
-valid share, its gap to the teacher's, circle share and size W1 (px). Targets: 2 evaluations within 2 points of
-the teacher, circle share 0.40-0.60, size W1 <= 1 px; 1 evaluation >= 90 % valid; tuning <= a third of the teacher's
-training time. Writes distill.json and distill.md.
+The targets of section 13 (RESULTS.md, "Distillation"): the teacher's validity with DDPM-1000, then per --methods
+entry, tuning seed and budget, a student (du.distiller_from) sampled with its recorded sampler at each --eval-steps
+count: valid share, gap to the teacher, circle share and size W1 (px). Writes distill.json and distill.md.
 
 On the CPU recipe's 15-minute checkpoint (two seeds of tuning, 512 samples):
     python benchmarks/distill.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --minutes 1,2,5,10 \\
@@ -41,9 +38,7 @@ COLUMNS = [
 
 def parse_args(argv: list[str] | None):
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="the teacher: a trained checkpoint")
-    source.add_argument("--train-steps", type=bc.positive_int, help="smoke tests: train a tiny teacher this long")
+    bc.add_model_source_args(parser, "the teacher: a trained checkpoint")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=bc.parse_floats, default=[1, 2, 5, 10], help="tuning budgets (1,2,5,10)")
     budget.add_argument("--budget-steps", type=bc.parse_ints, help="tuning budgets in steps instead (smoke tests)")
@@ -113,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.samples} images per row, sampling seed {bc.SAMPLE_SEED}; teacher: ddpm, {args.teacher_steps} steps"
     )
     sections = [f"teacher: {path}", bc.markdown_table(rows, COLUMNS), setting]
-    bc.write_report(
-        args.out, NAME, "Distillation: quality against tuning time and evaluations", env, sections, rows=rows
-    )
+    title = "Distillation: quality against tuning time and evaluations"
+    bc.write_report(args.out, NAME, title, env, sections, rows=rows)
     return 0
 
 

@@ -1,10 +1,8 @@
 """Editing: sketch to shape (SDEdit), inpainting (replacement against RePaint) and DDIM inversion on one model.
 
-Measures the editing targets on a checkpoint: for du.make_sketches edited at each --strengths value, the valid
-share, the class kept and the centre and size errors (px) against the sketch's intended shape; for real shapes with
-half hidden (du.make_masks), the valid share, the class kept and the known pixels changed, with plain replacement
-(resample 1) and RePaint (--resample); and the DDIM inversion round trip (mean absolute error, in [-1, 1] units) at
-50 and 100 steps. Writes editing.json, editing.md and editing.png (validity and faithfulness against strength).
+Sketches edited at each --strengths value (valid share, class kept, centre and size errors against the intended
+shape); real shapes with half hidden, by replacement and RePaint (--resample; valid, class kept, known pixels
+changed); the DDIM inversion round trip (mean absolute error). Writes editing.json, .md and .png.
 
 On the CPU checkpoint:
     python benchmarks/editing.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --samples 256 \\
@@ -43,9 +41,8 @@ COLUMNS = [
 def parse_args(argv: list[str] | None):
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
     bc.add_model_source_args(parser, "a checkpoint (du.load_model: EMA weights when saved)")
-    parser.add_argument(
-        "--strengths", type=bc.parse_floats, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0], help="SDEdit strengths"
-    )
+    strengths = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
+    parser.add_argument("--strengths", type=bc.parse_floats, default=strengths, help="SDEdit strengths")
     parser.add_argument("--samples", type=bc.positive_int, default=256, help="images per cell (default 256)")
     parser.add_argument("--steps", type=bc.positive_int, default=du.DEFAULT_STEPS, help="full grid's steps")
     parser.add_argument("--resample", type=bc.positive_int, default=du.DEFAULT_RESAMPLE, help="RePaint's r")

@@ -1,17 +1,11 @@
 """Training speed on a GPU (or any device): layouts, precisions, torch.compile, and whether the data keeps up.
 
-Measures the recipe for the device (du.default_configs, or --recipe previous: bc.previous_recipe) in this order:
-1. training images/s of du.Trainer.train_step on pre-made (pinned) batches, every variant timed in alternating
-   rounds so a warming or busy card slows them alike: contiguous and channels_last in the precision
-   du.choose_precision picks, the device's other precisions for reference, and each variant's peak GPU memory;
-2. whether data generation keeps up: du.training_batches alone (in this process, and with the config's
-   data_workers) against the training rate, and du.Trainer.train end to end (its own data pipeline);
-3. last, as it is slow to build, on CUDA: torch.compile (TrainConfig.compile_model) in the default precision, its
-   compile time apart (--no-compile skips it).
-On a CPU (--device cpu; fp32 only) it answers whether channels_last pays there.
-
-Quality and sampling speed on a GPU are the CPU's scripts with --device cuda: time_to_quality.py (time to a valid
-share: --minutes 1.5 --eval-at 0.5,1,1.5) and samplers.py (--checkpoint of that run).
+For the device's recipe (du.default_configs, or --recipe previous) measures, in this order: images/s of
+du.Trainer.train_step on pinned batches, every variant timed in alternating rounds (contiguous and channels_last in
+du.choose_precision's precision, the device's other precisions; peak GPU memory each); whether data generation keeps
+up (du.training_batches alone, with and without the config's data_workers, and du.Trainer.train end to end); last,
+on CUDA, torch.compile (--no-compile skips it). On a CPU (fp32 only) it answers whether channels_last pays there.
+RESULTS.md, "On a GPU" (quality there is time_to_quality.py with --device cuda).
 
 Example (on the GPU machine, about 3 minutes):
     python benchmarks/gpu.py --recipe previous --out benchmarks/results/gpu
@@ -27,14 +21,11 @@ import itertools
 import math
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
+import torch
 
-import _common as bc  # noqa: E402
-import torch  # noqa: E402
-
-import diffusion_utils as du  # noqa: E402
+import diffusion_utils as du
 
 SMOKE = {"base_channels": 8, "channel_mults": [1, 2], "batch_size": 8}
 TRAIN_COLUMNS = [
@@ -53,7 +44,6 @@ def parse_args(argv):
     parser.add_argument("--recipe", choices=("recipe", "previous"), default="recipe", help="default: the recipe")
     parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per variant (default 12)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (CUDA only)")
-    parser.add_argument("--default-precision-only", action="store_true", help="skip the device's other precisions")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (checks the script on any device)")
     bc.add_model_override_args(parser)
     args = parser.parse_args(argv)
@@ -68,13 +58,13 @@ def configs(args, device) -> tuple[du.ModelConfig, du.TrainConfig]:
     return bc.apply_overrides(*recipe, args)
 
 
-def variants(args, device, train: du.TrainConfig) -> list[tuple[str, du.TrainConfig, str | None]]:
+def variants(device, train: du.TrainConfig) -> list[tuple[str, du.TrainConfig, str | None]]:
     """(name, train config, precision) of each eager variant: both layouts, then the other precisions."""
     found = [
         ("contiguous", dataclasses.replace(train, channels_last=False), None),
         ("channels_last", dataclasses.replace(train, channels_last=True), None),
     ]
-    if device.type == "cuda" and not args.default_precision_only:  # a CPU runs fp32 only
+    if device.type == "cuda":  # a CPU runs fp32 only
         others = ["fp32", "fp16"] + (["bf16"] if du.is_ampere_or_newer(device) else [])
         layout = "channels_last" if train.channels_last else "contiguous"
         found += [(f"{layout}, {p}", train, p) for p in others if p != du.choose_precision(device)]
@@ -158,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         (images.pin_memory(), condition.pin_memory()) if pinned else (images, condition)
         for images, condition in itertools.islice(du.training_batches(train.batch_size, args.seed), 8)
     ]
-    rows = time_variants(model, variants(args, device, train), batches, device, args.seconds)
+    rows = time_variants(model, variants(device, train), batches, device, args.seconds)
     training_rate = rows[0].get("images_per_s", math.nan)
     data_rows, verdict = data_supply(model, train, device, min(5.0, args.seconds), training_rate)
     if device.type == "cuda" and not args.no_compile:
@@ -172,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         f"## Does data generation keep up?\n\n{bc.markdown_table(data_rows, DATA_COLUMNS)}\n\n{verdict}",
     ]
     payload = {"model": model, "train": train, "training": rows, "data": data_rows}
-    bc.write_report(
-        bc.prepare_out(args.out), "gpu", f"Training speed on {env['device_name']}", env, sections, **payload
-    )
+    title = f"Training speed on {env['device_name']}"
+    bc.write_report(bc.prepare_out(args.out), "gpu", title, env, sections, **payload)
     return 0
 
 

@@ -1,12 +1,9 @@
 """Guidance: what does the guidance scale buy? (RESULTS.md, "Guidance: what does the guidance scale buy?")
 
-A conditional model draws --samples images per request kind at each classifier-free guidance scale (out = u +
-s (c - u): s = 0 ignores the request, s = 1 is the plain conditional model), every cell from the same starting
-noise. Guidance buys faithfulness to the request with diversity and, at s other than 0 and 1, a second network
-pass per step. Kinds: "class" (half circles, half squares), "class+size+centre" (the requests of real shapes),
-"size" (their sizes only) and, once, "none" (the null condition). Each cell is scored by du.evaluate_requests,
-du.request_matches (within 3 px), du.evaluate_samples and du.spread (size and centre SD: the diversity). Writes
-guidance.json, guidance.md, guidance.png and guidance_grid.png (a few requests x the scales).
+A conditional model draws --samples images per request kind ("class", "class+size+centre" of real shapes, "size",
+once "none") at each guidance scale s (out = u + s (c - u)), all from the same noise, scored for faithfulness
+(du.evaluate_requests, du.request_matches), quality and diversity (du.spread). Guidance buys faithfulness with
+diversity and, at s other than 0 and 1, a second network pass per step.
 
 The table of RESULTS.md:
     python benchmarks/guidance.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --samples 256 \\

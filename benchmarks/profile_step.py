@@ -1,13 +1,10 @@
 """Where does a training step's time go, and how close to the machine's peak does it run?
 
-Profiles --steps training steps of the device's recipe (du.default_configs) with torch.profiler and groups the
-operators into convolution (forward and backward), GroupNorm, attention, activations, the optimiser and everything
-else; times drawing a batch of shapes (the data) on its own; counts the FLOPs of one forward and backward pass with
-FlopCounterMode; and measures a square fp32 matrix-multiply rate on the same device in the same run. Achieved
-GFLOP/s = FLOPs per training image x images/s, reported as a share of that peak.
-
-Why: on a 2-thread CPU a narrow network's small convolutions can run far below the matrix-multiply rate; whether
-there is speed to win in the kernels, or only in doing fewer of them, decides where to look.
+Profiles --steps training steps of the device's recipe with torch.profiler, grouped into convolution, GroupNorm,
+attention, activations, the optimiser and the rest; times drawing a batch of shapes on its own; counts one forward
+and backward pass's FLOPs (FlopCounterMode) and measures an fp32 matrix-multiply rate in the same run. Why: on a
+2-thread CPU a narrow network's small convolutions can run far below that rate; whether there is speed to win in
+the kernels, or only in doing fewer of them, decides where to look. RESULTS.md, "Where a training step's time goes".
 
 The table of RESULTS.md (about a minute each):
     python benchmarks/profile_step.py --out benchmarks/results/profile
@@ -21,15 +18,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import _common as bc  # noqa: E402
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-import diffusion_utils as du  # noqa: E402
+import diffusion_utils as du
 
 # Operator name fragments per group, checked in order (an operator belongs to the first group that matches).
 GROUPS = {
@@ -92,10 +86,8 @@ def flops_per_image(trainer: du.Trainer, batch) -> float:
     condition = condition.to(trainer.device) if trainer.model_config.conditional else None
 
     def loss() -> torch.Tensor:
-        prediction = trainer.model_config.prediction
-        return du.diffusion_loss(
-            trainer.model, trainer.schedule, images, prediction, trainer.loss_weights, None, condition
-        )
+        prediction, weights = trainer.model_config.prediction, trainer.loss_weights
+        return du.diffusion_loss(trainer.model, trainer.schedule, images, prediction, weights, None, condition)
 
     flops = bc.training_flops_per_image(loss, len(images))
     trainer.model.zero_grad(set_to_none=True)

@@ -1,10 +1,8 @@
 """Samplers: how many steps do I need? (RESULTS.md, "Samplers: how many steps do I need?")
 
-Every sampler in du.SAMPLERS at each step count (network evaluations per image) draws --samples unconditional
-images from one model and the same starting noise; each cell is timed and scored by du.evaluate_samples. Sampling
-cost is linear in the steps, so the fewest steps that keep quality is the cheapest setting. dpm++ stops at 100
-steps, and --spacings also runs it on other timestep grids (du.SPACINGS). Writes samplers.json, samplers.md,
-samplers.png (validity against evaluations) and samplers_10_steps.png.
+Every sampler in du.SAMPLERS at each step count draws --samples unconditional images from one model and the same
+starting noise, timed and scored by du.evaluate_samples; --spacings also runs dpm++ (to 100 steps) on other grids.
+Sampling cost is linear in the steps, so the fewest steps that keep quality is the cheapest setting.
 
 The table of RESULTS.md (add --device cuda on a GPU):
     python benchmarks/samplers.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --spacings time,logsnr \\

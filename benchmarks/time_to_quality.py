@@ -1,20 +1,14 @@
 """Time to quality: how good are the samples after N minutes of training? (RESULTS.md, "Time to quality", the
 ablation chain of "What each lever buys" and "On a GPU")
 
-Each named configuration trains on fresh shapes for a wall-clock budget; at each evaluation the clock pauses and
-its sampling model (EMA weights) draws --samples images (DDPM-100; 64 images at DDPM-1000 for the original design),
-scored by du.evaluate_samples. A conditional configuration is scored unconditionally and, in a second row
-("NAME, asked"), on the class, centre and size of as many real shapes (du.evaluate_requests, guidance 1).
-
-  --budgets 5,15   a fresh run per budget, evaluated at its end: needed when the lr decays to 0 at the end of
-                   each train() call (the recipe), so that "a 5-minute run" is one that was told 5 minutes
-  --eval-at 5,15   one run of --minutes, evaluated between chunks: one curve per run, for a constant lr only
-
-Configurations: original (du.original_design_configs()), previous (bc.previous_recipe), recipe
-(du.default_configs(device)) and, with --ablation, the cumulative chain from the original to the CPU recipe
-(+100-step sampling, +cosine, +v, +min-snr-5, ...; any step's name can also go to --configs). Writes
-time_to_quality.json and .md (a row per seed, then the mean and min-max over seeds), valid_vs_minutes.png, sample
-grids and each configuration's last checkpoint (recipe.pt, recipe_seed1.pt: the samplers' and guidance's model).
+Each configuration trains on fresh shapes for a wall-clock budget; at each evaluation the clock pauses and its EMA
+model draws --samples images with DDPM-100 (the original design: 64 at DDPM-1000), scored by du.evaluate_samples.
+A conditional configuration also gets an "NAME, asked" row: the class, centre and size of as many real shapes.
+  --budgets 5,15   a fresh run per budget: needed when the lr decays to 0 at the end of each train() call
+  --eval-at 5,15   one run of --minutes, evaluated between chunks (a constant lr only)
+Configurations: original, previous (bc.previous_recipe), recipe (du.default_configs(device)) and, with --ablation,
+the cumulative chain from the original to the CPU recipe (+cosine, +v, ...). Writes time_to_quality.json and .md
+(a row per seed, then mean and min-max), valid_vs_minutes.png, sample grids and each configuration's checkpoint.
 
 The commands of RESULTS.md are given there. Smoke test (seconds):
     python benchmarks/time_to_quality.py --configs previous,recipe --budgets 0.03,0.05 --seeds 0,1 --samples 8 \\
@@ -83,9 +77,7 @@ class Preset:
     evaluations: list[tuple[str, int, int]]  # (row label, DDPM steps, samples)
 
 
-# ------------------------------------------------------------------------------------------
 # Configurations
-# ------------------------------------------------------------------------------------------
 
 
 def ablation_chain(original, target) -> list[tuple[str, du.ModelConfig, du.TrainConfig]]:
@@ -171,9 +163,7 @@ def chosen_names(args, presets: dict[str, Preset], parser) -> list[str]:
     return names
 
 
-# ------------------------------------------------------------------------------------------
 # Training and evaluation
-# ------------------------------------------------------------------------------------------
 
 
 def run_preset(preset: Preset, args, device, rows: list[dict], save) -> None:
@@ -237,9 +227,7 @@ def slug(label: str) -> str:
     return "_".join("".join(c if c.isalnum() else " " for c in label).split()) or "config"
 
 
-# ------------------------------------------------------------------------------------------
 # Report: mean and spread over seeds, the plot
-# ------------------------------------------------------------------------------------------
 
 
 def summarize(rows: list[dict]) -> list[dict]:

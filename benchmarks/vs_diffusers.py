@@ -1,17 +1,14 @@
-"""Side by side with Hugging Face diffusers: training speed, and quality at equal wall-clock time (RESULTS.md,
-"Against Hugging Face diffusers").
+"""Ours against Hugging Face diffusers: training speed, and quality at equal wall-clock time (RESULTS.md, "Against
+Hugging Face diffusers").
 
 Same data, device, batch and precision for every row; each row takes one difference out:
-  ours                    du.default_configs(device) via du.Trainer, sampled with du.sample (unconditionally)
-  diffusers-defaults      diffusers' example recipe (train_unconditional.py defaults) on a full-resolution (64x64)
-                          UNet2DModel of about our parameter count
-  diffusers-best          that network with the recipe's main choices (cosine schedule, v target, EMA, lr 1e-3)
+  ours                    du.default_configs(device) in du.Trainer, sampled with du.sample (unconditionally)
+  diffusers-defaults      diffusers' train_unconditional.py recipe on a 64x64 UNet2DModel of about our size
+  diffusers-best          that network with the recipe's main choices (cosine, v target, EMA, lr 1e-3)
   diffusers-same-network  a UNet2DModel shaped like our U-Net on the same pixel-unshuffled input, in du.Trainer
-  diffusers-same-recipe   that network trained and sampled by diffusers' own schedulers, compute_snr and EMAModel,
-                          configured like our recipe
-(a) Training speed: images/s of a shared step on each network in both layouts and of each row's whole step, with
-FLOPs per image and the achieved share of a measured fp32 torch.mm rate. (b) Quality after --minutes of training
-each (evaluation not counted), --samples images scored by du.evaluate_samples.
+  diffusers-same-recipe   that network with diffusers' schedulers, compute_snr and EMAModel, set like our recipe
+(a) images/s of a shared step on each network and of each row's whole step, FLOPs per image and the share of an
+fp32 torch.mm rate; (b) quality after --minutes of training each (evaluation not counted), --samples per sampler.
 
 Needs diffusers: pip install -r benchmarks/requirements-diffusers.txt (keep the installed torch).
 The tables of RESULTS.md (about 25 minutes on the 2-core CPU):
@@ -88,35 +85,24 @@ QUALITY_COLUMNS = [
 ]
 
 
-# ------------------------------------------------------------------------------------------
-# The diffusers networks: a 64x64 one sized like ours, and one shaped like ours
-# ------------------------------------------------------------------------------------------
-
-
 class DiffusersNet(nn.Module):
-    """A UNet2DModel called like du.UNet: net(x, t) -> tensor (so du.diffusion_loss can drive it)."""
+    """A full-resolution (64x64) UNet2DModel with attention, called like du.UNet: net(x, t) -> tensor."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, channels: tuple[int, ...], layers: int) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = UNet2DModel(
+            sample_size=du.IMAGE_SIZE,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=channels,
+            layers_per_block=layers,
+            down_block_types=("DownBlock2D",) * len(channels),
+            up_block_types=("UpBlock2D",) * len(channels),
+            norm_num_groups=math.gcd(32, *channels),  # GroupNorm's group count must divide every width
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t).sample
-
-
-def diffusers_unet(channels: tuple[int, ...], layers: int) -> nn.Module:
-    """A full-resolution UNet2DModel with attention; GroupNorm groups must divide every width."""
-    blocks = len(channels)
-    return UNet2DModel(
-        sample_size=du.IMAGE_SIZE,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=channels,
-        layers_per_block=layers,
-        down_block_types=("DownBlock2D",) * blocks,
-        up_block_types=("UpBlock2D",) * blocks,
-        norm_num_groups=math.gcd(32, *channels),
-    )
 
 
 def match_diffusers_config(target: int) -> tuple[tuple[int, ...], int, int]:
@@ -130,7 +116,7 @@ def match_diffusers_config(target: int) -> tuple[tuple[int, ...], int, int]:
     ):
         channels = tuple(width * m for m in mults)
         with torch.device("meta"):
-            count = du.count_parameters(diffusers_unet(channels, layers))
+            count = du.count_parameters(DiffusersNet(channels, layers))
         candidates.append((abs(math.log(count / target)), len(channels), channels, layers, count))
     close = [c for c in candidates if c[0] <= math.log(1.05)]
     best = min(close, key=lambda c: (c[1], c[0])) if close else min(candidates)
@@ -171,18 +157,6 @@ class SameNetwork(nn.Module):
         return self.shuffle(self.unet(self.unshuffle(x), t).sample)
 
 
-def trainer_with_network(model_config, train_config, device, network: Callable) -> du.Trainer:
-    """A du.Trainer (our whole training step) around another network: `network` stands in for du.UNet while the
-    Trainer is built, so its weights are drawn under the Trainer's seed and everything else is what ours gets."""
-    with unittest.mock.patch.object(du, "UNet", network):
-        return du.Trainer(model_config, train_config, device=device)
-
-
-# ------------------------------------------------------------------------------------------
-# (a) Throughput: one identical training step for every network
-# ------------------------------------------------------------------------------------------
-
-
 class HarnessStep:
     """du.diffusion_loss (eps target, plain MSE) + backward + grad clip + AdamW: the same for any net."""
 
@@ -210,11 +184,6 @@ class HarnessStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach()
-
-
-# ------------------------------------------------------------------------------------------
-# (b) Training with diffusers' own pieces, for a wall-clock budget
-# ------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -267,11 +236,10 @@ class DiffusersRun:
             num_warmup_steps=recipe.warmup_steps,
             num_training_steps=max(estimated_steps, recipe.warmup_steps + 1),
         )
-        warmup = {} if recipe.ours_ema_warmup else {"use_ema_warmup": True, "inv_gamma": 1.0, "power": 3 / 4}
         self.ema = None
-        if recipe.ema_decay:
-            foreach = recipe.ours_ema_warmup
-            self.ema = EMAModel(self.net.parameters(), decay=recipe.ema_decay, foreach=foreach, **warmup)
+        if recipe.ema_decay:  # diffusers' example warm-up, or (ours_ema_warmup) EMAModel's default, as du.EMA
+            warmup = {} if recipe.ours_ema_warmup else {"use_ema_warmup": True, "inv_gamma": 1.0, "power": 3 / 4}
+            self.ema = EMAModel(self.net.parameters(), decay=recipe.ema_decay, foreach=recipe.ours_ema_warmup, **warmup)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         self.step, self.images_seen, self.losses = 0, 0, []
 
@@ -309,17 +277,15 @@ class DiffusersRun:
         self.images_seen += len(x0)
         return loss.detach()
 
-    def train(self, minutes: float) -> None:
+    def train(self, minutes: float, progress: bool = False) -> None:
+        """Train for `minutes` of wall-clock time (called like du.Trainer.train; no progress bar)."""
         deadline = time.monotonic() + minutes * 60
-        batches = du.training_batches(self.batch_size, self.seed, self.step)
-        pending = []
+        batches, losses = du.training_batches(self.batch_size, self.seed, self.step), []
         while time.monotonic() < deadline:
-            pending.append(self.train_step(next(batches)))
-            if len(pending) >= 10:
-                self.losses += torch.stack(pending).float().cpu().tolist()
-                pending = []
-        if pending:
-            self.losses += torch.stack(pending).float().cpu().tolist()
+            losses.append(self.train_step(next(batches)))
+            if len(losses) % 10 == 0:  # a short queue, so that the deadline holds on a GPU
+                bc.synchronize(self.device)
+        self.losses += torch.stack(losses).float().cpu().tolist() if losses else []
         bc.synchronize(self.device)
 
     @torch.no_grad()
@@ -373,11 +339,6 @@ def diffusers_recipes(s: Setup) -> dict[str, DiffusersRecipe]:
     return {recipe.name: recipe for recipe in [*recipes, DiffusersRecipe(*best), same]}
 
 
-# ------------------------------------------------------------------------------------------
-# Phases, in the order main() runs them
-# ------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Setup:
     """What every phase shares: the settings, our configs, the diffusers networks' shapes and the batches."""
@@ -398,13 +359,16 @@ class Setup:
         return "channels_last" if self.train.channels_last else "contiguous"
 
     def their_net(self) -> nn.Module:
-        return DiffusersNet(diffusers_unet(self.channels, self.layers))
+        return DiffusersNet(self.channels, self.layers)
 
     def same_network(self, config: du.ModelConfig | None = None) -> SameNetwork:
         return SameNetwork(config or self.same_config)
 
     def same_network_trainer(self) -> du.Trainer:
-        return trainer_with_network(self.same_config, self.train, self.device, self.same_network)
+        """Our whole training step around SameNetwork: it stands in for du.UNet while the Trainer is built, so its
+        weights are drawn under the Trainer's seed and everything else is what ours gets."""
+        with unittest.mock.patch.object(du, "UNet", self.same_network):
+            return du.Trainer(self.same_config, self.train, device=self.device)
 
     def diffusers_run(self, recipe: DiffusersRecipe, estimated_steps: int) -> DiffusersRun:
         return DiffusersRun(recipe, self.same_network if recipe.same_network else self.their_net, self, estimated_steps)
@@ -493,33 +457,32 @@ def quality_at_equal_time(s: Setup, rates: dict[str, float]) -> list[dict]:
     for name in ROWS:
         print(f"(b) training {name} for {args.minutes:g} min ...", flush=True)
         if name in ("ours", "diffusers-same-network"):
-            trainer = du.Trainer(s.model, s.train, device=s.device) if name == "ours" else s.same_network_trainer()
-            trainer.train(minutes=args.minutes, progress=False)
-            run = {"run": name, "steps_trained": trainer.step, "images_seen": trainer.images_seen}
-            run["loss"] = bc.mean_tail(trainer.losses)
-            for sampler, steps in OURS_SAMPLERS:
-                model, schedule = trainer.sampling_model, trainer.schedule
-                metrics, images = bc.sample_and_evaluate(model, schedule, args.samples, sampler, steps, s.device)
-                rows.append({**run, "implementation": "du.sample", **metrics})
-                save_grid(s, rows[-1], images)
-            continue
-        recipe = recipes[name]
-        key = f"same-recipe|{s.layout}" if recipe.same_network else "diffusers|contiguous"
-        estimated = round(rates.get(key, 100.0) * args.minutes * 60 / s.train.batch_size)
-        trained = s.diffusers_run(recipe, max(1, estimated))
-        trained.train(args.minutes)
+            trained = du.Trainer(s.model, s.train, device=s.device) if name == "ours" else s.same_network_trainer()
+        else:
+            recipe = recipes[name]
+            key = f"same-recipe|{s.layout}" if recipe.same_network else "diffusers|contiguous"
+            estimated = round(rates.get(key, 100.0) * args.minutes * 60 / s.train.batch_size)
+            trained = s.diffusers_run(recipe, max(1, estimated))
+        trained.train(minutes=args.minutes, progress=False)
         run = {"run": name, "steps_trained": trained.step, "images_seen": trained.images_seen}
         run["loss"] = bc.mean_tail(trained.losses)
+        if isinstance(trained, du.Trainer):
+            for sampler, steps in OURS_SAMPLERS:
+                model, schedule = trained.sampling_model, trained.schedule
+                metrics, images = bc.sample_and_evaluate(model, schedule, args.samples, sampler, steps, s.device)
+                add_row(s, rows, {**run, "implementation": "du.sample", **metrics}, images)
+            continue
         for sampler, steps in ([("ddpm", recipe.ddpm_steps)] if recipe.ddpm_steps else []) + [("ddim", DDIM_STEPS)]:
             images, seconds = bc.timed(lambda r=trained, k=sampler, n=steps: r.sample(args.samples, k, n), s.device)
             code = f"diffusers {'DDIMScheduler' if sampler == 'ddim' else 'DDPMScheduler'}"
             metrics = {"sampler": sampler, "steps": steps, "sample_seconds": seconds, **du.evaluate_samples(images)}
-            rows.append({**run, "implementation": code, **metrics})
-            save_grid(s, rows[-1], images)
+            add_row(s, rows, {**run, "implementation": code, **metrics}, images)
     return rows
 
 
-def save_grid(s: Setup, row: dict, images: torch.Tensor) -> None:
+def add_row(s: Setup, rows: list[dict], row: dict, images: torch.Tensor) -> None:
+    """Add the row, print it and save its sample grid."""
+    rows.append(row)
     print(bc.markdown_table([row], QUALITY_COLUMNS).splitlines()[-1], flush=True)
     title = f"{row['run']}, {row['sampler']} {row['steps']}: valid {100 * row['valid']:.0f}%"
     path = s.args.out / f"samples_{row['run']}_{row['sampler']}{row['steps']}.png"

@@ -1,20 +1,14 @@
 """Failure modes: why are the invalid samples invalid, and where do the mid-gray pixels lie?
 
-The valid share and the mid-gray share are two numbers; this says what is behind them, for any trained model.
-Each invalid sample is sorted as a blank frame, several blobs, or one blob with too low an IoU (with the class
-it matches best); the one-blob failures get their bounding box (a square drawn as a rectangle shows as a
-width/height ratio away from 1). The mid-gray pixels (du.MID_GRAY) are split into those within a pixel of a
-shape's boundary (soft edges), inside a shape, and in the background (haze). A conditional model is sampled
-unconditionally (the null condition), as the benchmarks' main rows are.
-
-Why: choosing a fix for the failures (the loss weight, the sampler, the last layer) needs to know what they are;
-benchmarks/RESULTS.md gives the answer for the recipe's 15-minute checkpoint.
+Each invalid sample is sorted as a blank frame, several blobs, or one blob with too low an IoU (with its bounding
+box's width/height ratio); the mid-gray pixels are split into soft edges (within a pixel of a boundary), inside a
+shape, and background haze. Sampled unconditionally. Why: choosing a fix for the failures (the loss weight, the
+sampler, the last layer) needs to know what they are (RESULTS.md, "Where the mid-gray pixels come from").
 
 The analysis of RESULTS.md (the samples are those of DDPM-100 with sampling seed 1):
     python benchmarks/experiments/failure_modes.py --checkpoint benchmarks/results/time_to_quality/recipe.pt \\
         --samples 512 --out benchmarks/results/failure_modes
-Without --checkpoint it first trains the device's recipe for --train-minutes (or --train-steps). It writes
-failure_modes.json and failure_modes.md to --out and prints the same.
+Without --checkpoint it first trains the device's recipe for --train-minutes (or --train-steps).
 Smoke test (seconds):
     python benchmarks/experiments/failure_modes.py --train-steps 5 --samples 8 --base-channels 8 \\
         --channel-mults 1,2 --batch-size 8 --threads 1 --out /tmp/failure_modes

@@ -1,10 +1,8 @@
 """Which change to the CPU recipe buys quality? Step-budgeted runs of named variants, scored at the end.
 
-Each variant trains a fresh model for --steps optimiser steps (not minutes), so a busy machine slows a run down but
-does not change its result; 5,850 steps are 5 minutes of the previous recipe on the 2-core CPU of RESULTS.md, 3,150
-steps 3 minutes of the recipe. At the end the sampling model draws --samples images with DDPM (100 steps, one fixed
-sampling seed) and du.evaluate_samples scores them; a conditional variant is also asked for --asked-samples real
-shapes' class, centre and size (guidance 1) and scored by du.evaluate_requests.
+Each variant trains a fresh model for --steps optimiser steps (so a busy machine does not change its result; 5,850
+steps are 5 minutes of the previous recipe on the 2-core CPU, 3,150 three of the recipe), then draws --samples
+images with DDPM-100 (a conditional one also --asked-samples real shapes' requests). RESULTS.md, "What each lever buys".
 
 Variants of the previous recipe (--base previous, bc.previous_recipe: unconditional, constant lr 1e-3):
     previous              itself

@@ -1,13 +1,9 @@
 """Where do the mid-gray pixels of the samples come from? An analysis of one trained checkpoint.
 
-1. The network as a one-step denoiser: real shapes noised to t, then its clipped x0_hat. If these were gray, the
-   network could not draw a sharp edge at all; if they are clean while its samples are not, the gray builds up
-   along the sampling path instead.
-2. Its own samples with several samplers and step counts (validity, mid-gray, circle share).
-3. Where the samples' mid-gray pixels lie: the distance to the band of edge pixels, and their share per class.
-
-Why: mid-gray pixels (between 32 and 223 of 255) are the quality bar the short CPU budgets miss; choosing a fix
-(the loss weight at low noise, the sampler, the last step, the network's last layer) needs to know where they are.
+1. The network as a one-step denoiser (real shapes noised to t, its clipped x0_hat): gray here means it cannot draw
+   a sharp edge; clean here but gray samples means the gray builds up along the sampling path.
+2. Its own samples with several samplers and step counts. 3. Where their mid-gray pixels lie (edge band, class).
+Why: mid-gray pixels are the quality bar short CPU budgets miss (RESULTS.md, "Where the mid-gray pixels come from").
 
 Full run (about 3 minutes; failure_modes.py answers the same question's other half, with the same edge band):
     python benchmarks/experiments/mid_gray.py --checkpoint C --out DIR
