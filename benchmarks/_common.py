@@ -101,21 +101,6 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
 
 
-def parse_samplers(text: str) -> list[tuple[str, int]]:
-    """ "ddpm:1000,ddim:50" -> [("ddpm", 1000), ("ddim", 50)]; names from du.SAMPLERS."""
-    result = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, steps = item.partition(":")
-        if name not in du.SAMPLERS or not steps.isdigit() or int(steps) < 1:
-            raise argparse.ArgumentTypeError(
-                f"sampler entries look like ddpm:100 (samplers: {', '.join(du.SAMPLERS)}), got {item!r}"
-            )
-        result.append((name, int(steps)))
-    if not result:
-        raise argparse.ArgumentTypeError("give at least one sampler:steps entry")
-    return result
-
-
 def make_parser(doc: str, out_default: str) -> argparse.ArgumentParser:
     """A script's parser: its docstring's first paragraph as description, the rest (examples) as epilog, plus
     --out, --device, --seed and --threads."""
@@ -299,6 +284,17 @@ def format_value(value: Any, spec: str = "") -> str:
     if spec:
         return format(value, spec)
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def columns(*specs: str) -> list[tuple[str, str, str]]:
+    """markdown_table's columns from "key|header|format" entries separated by ";": the header defaults to the key with
+    spaces for underscores, the format to "" (auto). "steps; size_w1|size W1 (px)|.2f" -> [("steps", "steps", ""),
+    ("size_w1", "size W1 (px)", ".2f")]."""
+    result = []
+    for entry in filter(None, (part.strip() for spec in specs for part in spec.split(";"))):
+        key, header, spec = (entry.split("|") + ["", ""])[:3]
+        result.append((key, header or key.replace("_", " "), spec))
+    return result
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -22,18 +22,10 @@ import _common as bc  # benchmarks/ is on sys.path as this script's folder; it p
 import diffusion_utils as du
 
 NAME = "distill"
-COLUMNS = [
-    ("method", "method", ""),
-    ("seed", "seed", ""),
-    ("budget", "tuning budget", ""),
-    ("tuning_seconds", "tuning s (teacher: training s)", ".0f"),
-    ("tuning_steps", "tuning steps", ""),
-    ("steps", "evaluations", ""),
-    ("valid", "valid", ".3f"),
-    ("gap", "gap to teacher (points)", ".1f"),
-    ("circle_share", "circle share", ".3f"),
-    ("size_w1", "size W1 (px)", ".2f"),
-]
+COLUMNS = bc.columns(
+    "method; seed; budget|tuning budget; tuning_seconds|tuning s (teacher: training s)|.0f; tuning_steps",
+    "steps|evaluations; valid||.3f; gap|gap to teacher (points)|.1f; circle_share||.3f; size_w1|size W1 (px)|.2f",
+)
 
 
 def parse_args(argv: list[str] | None):
@@ -104,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             for budget in budgets:
                 rows += student_rows(path, method, seed, budget, teacher["valid"], args, device)
                 bc.save_json(args.out / f"{NAME}.partial.json", {"rows": rows})
-    setting = (
-        f"{args.samples} images per row, sampling seed {bc.SAMPLE_SEED}; teacher: ddpm, {args.teacher_steps} steps"
-    )
+    teacher_setting = f"teacher: ddpm, {args.teacher_steps} steps"
+    setting = f"{args.samples} images per row, sampling seed {bc.SAMPLE_SEED}; {teacher_setting}"
     sections = [f"teacher: {path}", bc.markdown_table(rows, COLUMNS), setting]
     title = "Distillation: quality against tuning time and evaluations"
     bc.write_report(args.out, NAME, title, env, sections, rows=rows)

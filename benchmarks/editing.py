@@ -24,18 +24,11 @@ import diffusion_utils as du
 
 NAME = "editing"
 DATA_SEED = 2468  # the sketches and the shapes to inpaint
-COLUMNS = [
-    ("task", "task", ""),
-    ("setting", "setting", ""),
-    ("valid", "valid", ".3f"),
-    ("class_kept", "class kept", ".3f"),
-    ("center_error", "centre error (px)", ".2f"),
-    ("size_error", "size error (px)", ".2f"),
-    ("within_2px", "centre and size <= 2 px", ".3f"),
-    ("known_changed", "known pixels changed", ".4f"),
-    ("round_trip_error", "round-trip error", ".4f"),
-    ("seconds", "seconds", ".1f"),
-]
+COLUMNS = bc.columns(
+    "task; setting; valid||.3f; class_kept||.3f; center_error|centre error (px)|.2f; size_error|size error (px)|.2f",
+    "within_2px|centre and size <= 2 px|.3f; known_changed|known pixels changed|.4f",
+    "round_trip_error|round-trip error|.4f; seconds||.1f",
+)
 
 
 def parse_args(argv: list[str] | None):
@@ -75,8 +68,8 @@ def sketch_rows(model, schedule, args, device) -> list[dict]:
         run = lambda s=strength: du.edit(model, schedule, sketches.images, s, **options)  # noqa: E731
         result, seconds = bc.timed(run, device)
         scores = against_intention(result.images, sketches)
-        rows.append({"task": "sketch to shape", "setting": f"strength {strength:g}", "strength": strength, **scores})
-        rows[-1]["seconds"] = seconds
+        row = {"task": "sketch to shape", "setting": f"strength {strength:g}", "strength": strength}
+        rows.append({**row, **scores, "seconds": seconds})
         print(f"strength {strength:g}: valid {scores['valid']:.3f}, class kept {scores['class_kept']:.3f}", flush=True)
     return rows
 
@@ -111,8 +104,8 @@ def inversion_rows(model, schedule, args, device) -> list[dict]:
         decoded, seconds = bc.timed(round_trip, device)
         error = float((decoded - shapes.images).abs().mean())
         scores = against_intention(decoded, shapes)
-        rows.append({"task": "DDIM inversion", "setting": f"{steps} steps", **scores, "round_trip_error": error})
-        rows[-1]["seconds"] = seconds
+        row = {"task": "DDIM inversion", "setting": f"{steps} steps", **scores, "round_trip_error": error}
+        rows.append({**row, "seconds": seconds})
         print(f"inversion at {steps} steps: round-trip error {error:.4f}", flush=True)
     return rows
 

@@ -28,14 +28,10 @@ import torch
 import diffusion_utils as du
 
 SMOKE = {"base_channels": 8, "channel_mults": [1, 2], "batch_size": 8}
-TRAIN_COLUMNS = [
-    ("variant", "training variant", ""),
-    ("precision", "precision", ""),
-    ("images_per_s", "images/s", ",.0f"),
-    ("vs_first", "vs first row", ".2f"),
-    ("ready_seconds", "set-up + 3 steps s", ".1f"),
-    ("peak_mb", "peak MiB", ",.0f"),
-]
+TRAIN_COLUMNS = bc.columns(
+    "variant|training variant; precision; images_per_s|images/s|,.0f; vs_first|vs first row|.2f",
+    "ready_seconds|set-up + 3 steps s|.1f; peak_mb|peak MiB|,.0f",
+)
 DATA_COLUMNS = [("source", "source", ""), ("images_per_s", "images/s", ",.0f"), ("vs_training", "vs training", ".2f")]
 
 
@@ -131,10 +127,8 @@ def data_supply(model, train, device, seconds: float, training_rate: float) -> t
     for row in rows:
         row["vs_training"] = row["images_per_s"] / training_rate
     verdict = "keeps up" if end_to_end >= 0.9 * training_rate else "is a bottleneck"
-    return (
-        rows,
-        f"Data generation {verdict}: end to end, training runs at {end_to_end / training_rate:.0%} of the rate.",
-    )
+    share = end_to_end / training_rate
+    return rows, f"Data generation {verdict}: end to end, training runs at {share:.0%} of the rate."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,22 +28,11 @@ import diffusion_utils as du
 NAME = "guidance"
 DATA_SEED = 4321  # the real shapes whose requests "class+size+centre" and "size" copy
 GRID_REQUESTS = [("circle", None, None), ("square", None, None), ("circle", 21, (24, 40)), ("square", 33, (36, 30))]
-COLUMNS = [
-    ("kind", "request", ""),
-    ("scale", "scale", "g"),
-    ("evaluations", "network evals / image", ""),
-    ("valid", "valid", ".3f"),
-    ("class_accuracy", "class accuracy", ".3f"),
-    ("matches", "matches", ".3f"),
-    ("matches_3px", "matches <= 3 px", ".3f"),
-    ("center_error", "centre error (px)", ".2f"),
-    ("size_error", "size error (px)", ".2f"),
-    ("size_sd", "size SD (px)", ".2f"),
-    ("center_sd", "centre SD (px)", ".2f"),
-    ("mid_gray", "mid-gray", ".3f"),
-    ("circle_share", "circle share", ".3f"),
-    ("seconds", "seconds", ".2f"),
-]
+COLUMNS = bc.columns(
+    "kind|request; scale||g; evaluations|network evals / image; valid||.3f; class_accuracy||.3f; matches||.3f",
+    "matches_3px|matches <= 3 px|.3f; center_error|centre error (px)|.2f; size_error|size error (px)|.2f",
+    "size_sd|size SD (px)|.2f; center_sd|centre SD (px)|.2f; mid_gray|mid-gray|.3f; circle_share||.3f; seconds||.2f",
+)
 BASELINE_LINES = [  # per panel of du.plot_guidance_sweep: the "none" row's (key, line style, series name)
     [("class_accuracy", "-", "class accuracy"), ("matches", "--", "matches")],
     [("valid", "-", "")],
@@ -54,15 +43,12 @@ BASELINE_LINES = [  # per panel of du.plot_guidance_sweep: the "none" row's (key
 def parse_args(argv: list[str] | None):
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
     bc.add_model_source_args(parser, "a conditional checkpoint (du.load_model: EMA weights when saved)")
-    parser.add_argument(
-        "--scales",
-        type=lambda text: sorted(set(bc.parse_floats(text))),
-        default=[0, 1, 1.5, 2, 3, 5],
-        help="guidance scales (default 0,1,1.5,2,3,5)",
-    )
+    parser.add_argument("--scales", type=bc.parse_floats, default=[0, 1, 1.5, 2, 3, 5], help="scales s (0,1,1.5,2,3,5)")
     parser.add_argument("--samples", type=bc.positive_int, default=256, help="images per cell (default 256)")
     parser.add_argument("--steps", type=bc.positive_int, default=du.DEFAULT_STEPS, help="DDPM steps (default 100)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.scales = sorted(set(args.scales))
+    return args
 
 
 def sweep_requests(n: int) -> dict[str, du.Condition]:
@@ -83,17 +69,11 @@ def run_cell(model, schedule, args, kind: str, condition: du.Condition | None, s
     options = {"condition": condition, "guidance": guidance}
     scores, images = bc.sample_and_evaluate(model, schedule, n, "ddpm", args.steps, device, **options)
     asked = condition if condition is not None else du.Condition.null(n)
-    return {
-        "kind": kind,
-        "scale": scale,
-        "evaluations": args.steps * (2 if condition is not None and guidance not in (0, 1) else 1),
-        "seconds": scores["sample_seconds"],
-        **du.evaluate_requests(images, asked),
-        "matches_3px": float(np.mean(du.request_matches(images, asked))),
-        "mid_gray": scores["mid_gray"],
-        "circle_share": scores["circle_share"],
-        **du.spread(images, asked if kind == "class" else None),  # pooled within each asked class for "class"
-    }
+    evaluations = args.steps * (2 if condition is not None and guidance not in (0, 1) else 1)
+    row = {"kind": kind, "scale": scale, "evaluations": evaluations, "seconds": scores["sample_seconds"]}
+    row |= du.evaluate_requests(images, asked) | {"matches_3px": float(np.mean(du.request_matches(images, asked)))}
+    row |= {key: scores[key] for key in ("mid_gray", "circle_share")}
+    return row | du.spread(images, asked if kind == "class" else None)  # pooled within each asked class for "class"
 
 
 def sweep(model, schedule, args, device, env: dict) -> list[dict]:
@@ -133,11 +113,8 @@ def plot_request_grid(model, schedule, args, device):
     images = torch.stack(per_scale, dim=1).reshape(rows * columns, *per_scale[0].shape[1:])  # row-major
     matches = [du.request_matches(batch, condition) for batch in per_scale]
     outline = [matches[c][r] for r in range(rows) for c in range(columns)]
-    titles = [
-        (f"{textwrap.fill(du.describe_request(condition, r), 16)}\n" if c == 0 else "") + f"s = {scale:g}"
-        for r in range(rows)
-        for c, scale in enumerate(args.scales)
-    ]
+    names = [textwrap.fill(du.describe_request(condition, r), 16) + "\n" for r in range(rows)]
+    titles = [(names[r] if c == 0 else "") + f"s = {args.scales[c]:g}" for r in range(rows) for c in range(columns)]
     title = textwrap.fill(f"Requests x guidance scale (ddpm, {args.steps} steps; green: matches)", 10 * columns)
     return du.plot_grid(images, titles, columns=columns, title=title, outline=outline)
 

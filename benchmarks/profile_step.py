@@ -98,9 +98,7 @@ def report(args, env, groups, wall_ms, data_ms, flops, peak, batch_size) -> str:
     total = sum(groups.values())
     rows = [{"part": name, "ms": ms, "share": ms / total} for name, ms in groups.items()]
     rows.append({"part": "data (drawing a batch, measured apart)", "ms": data_ms, "share": data_ms / wall_ms})
-    table = bc.markdown_table(
-        rows, [("part", "part of a step", ""), ("ms", "ms per step", ".2f"), ("share", "share", "%")]
-    )
+    table = bc.markdown_table(rows, bc.columns("part|part of a step; ms|ms per step|.2f; share||%"))
     images_per_s = batch_size / (wall_ms / 1e3)
     achieved = flops * images_per_s / 1e9
     lines = [
@@ -119,8 +117,7 @@ def report(args, env, groups, wall_ms, data_ms, flops, peak, batch_size) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
-    out = bc.prepare_out(args.out)
-    env = bc.environment(device, __file__)
+    out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
     trainer, batches = build_trainer(args, device)
     data_ms = time_data(trainer.train_config.batch_size)
     groups, wall_ms = profile_steps(trainer, batches, args.warmup, device)

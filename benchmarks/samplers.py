@@ -26,18 +26,10 @@ NAME = "samplers"
 MAX_STEPS = {"dpm++": 100}  # a second-order solver has converged far below 1000 steps
 GRID_SAMPLERS = ("dpm++",)  # the samplers --spacings runs on each grid; the others keep their registered one
 PICTURE_STEPS, PICTURE_SAMPLES = 10, 16
-COLUMNS = [
-    ("sampler", "sampler", ""),
-    ("grid", "grid", ""),
-    ("steps", "steps (network evaluations)", ""),
-    ("seconds", "seconds", ".2f"),
-    ("images_per_s", "images/s", ".2f"),
-    ("valid", "valid", "%"),
-    ("mid_gray", "mid-gray", "%"),
-    ("circle_share", "circle share", ".2f"),
-    ("size_w1", "size W1 (px)", ".2f"),
-    ("position_w1", "position W1 (px)", ".2f"),
-]
+COLUMNS = bc.columns(
+    "sampler; grid; steps|steps (network evaluations); seconds||.2f; images_per_s|images/s|.2f; valid||%",
+    "mid_gray|mid-gray|%; circle_share||.2f; size_w1|size W1 (px)|.2f; position_w1|position W1 (px)|.2f",
+)
 
 
 def parse_spacings(text: str) -> list[str]:
@@ -51,17 +43,13 @@ def parse_spacings(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
     bc.add_model_source_args(parser, "a checkpoint from diffusion_utils.py train (du.load_model: EMA weights)")
-    parser.add_argument(
-        "--steps",
-        type=lambda text: sorted(set(bc.parse_ints(text))),
-        default=[5, 10, 20, 50, 100, 1000],
-        help="step counts, i.e. network evaluations (default 5,10,20,50,100,1000)",
-    )
-    parser.add_argument(
-        "--spacings", type=parse_spacings, help="timestep grids for dpm++ (default: its registered one)"
-    )
+    steps_help = "step counts, i.e. network evaluations (default 5,10,20,50,100,1000)"
+    parser.add_argument("--steps", type=bc.parse_ints, default=[5, 10, 20, 50, 100, 1000], help=steps_help)
+    parser.add_argument("--spacings", type=parse_spacings, help="dpm++'s timestep grids (default: its own)")
     parser.add_argument("--samples", type=bc.positive_int, default=512, help="images per cell (default 512)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.steps = sorted(set(args.steps))
+    return args
 
 
 def plan_cells(args: argparse.Namespace, schedule: du.NoiseSchedule) -> list[tuple[str, str, int]]:

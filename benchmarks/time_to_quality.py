@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
+from functools import partial
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
 import numpy as np
@@ -29,42 +29,19 @@ import numpy as np
 import diffusion_utils as du
 
 REQUEST_SEED = 4321  # the real shapes whose class, centre and size conditional configurations are asked for
-ROW_COLUMNS = [
-    ("config", "config", ""),
-    ("seed", "seed", ""),
-    ("minutes", "minutes", "g"),
-    ("train_minutes", "minutes trained", ".2f"),
-    ("images_seen", "images seen", ""),
-    ("sampler", "sampler", ""),
-    ("steps", "steps", ""),
-    ("n", "n", ""),
-    ("valid", "valid", "%"),
-    ("mid_gray", "mid-gray", "%"),
-    ("circle_share", "circle share", ".2f"),
-    ("size_w1", "size W1 (px)", ".2f"),
-    ("position_w1", "position W1 (px)", ".2f"),
-    ("matches", "asked: matches", "%"),
-    ("class_accuracy", "asked: class right", "%"),
-    ("center_error", "asked: centre error (px)", ".2f"),
-    ("size_error", "asked: size error (px)", ".2f"),
-    ("loss", "loss (last 50)", ".4f"),
-]
-SUMMARY_COLUMNS = [
-    ("config", "config", ""),
-    ("minutes", "minutes", "g"),
-    ("seeds", "seeds", ""),
-    ("images_seen_mean", "images seen (mean)", ",.0f"),
-    ("valid_mean", "valid (mean)", "%"),
-    ("valid_spread", "valid (min – max)", ""),
-    ("mid_gray_mean", "mid-gray (mean)", "%"),
-    ("mid_gray_spread", "mid-gray (min – max)", ""),
-    ("circle_share_mean", "circle share (mean)", ".2f"),
-    ("size_w1_mean", "size W1 (mean)", ".2f"),
-    ("position_w1_mean", "position W1 (mean)", ".2f"),
-    ("matches_mean", "asked: matches (mean)", "%"),
-    ("center_error_mean", "asked: centre error (mean)", ".2f"),
-    ("size_error_mean", "asked: size error (mean)", ".2f"),
-]
+ROW_COLUMNS = bc.columns(
+    "config; seed; minutes||g; train_minutes|minutes trained|.2f; images_seen; sampler; steps; n; valid||%",
+    "mid_gray|mid-gray|%; circle_share||.2f; size_w1|size W1 (px)|.2f; position_w1|position W1 (px)|.2f",
+    "matches|asked: matches|%; class_accuracy|asked: class right|%; center_error|asked: centre error (px)|.2f",
+    "size_error|asked: size error (px)|.2f; loss|loss (last 50)|.4f",
+)
+SUMMARY_COLUMNS = bc.columns(
+    "config; minutes||g; seeds; images_seen_mean|images seen (mean)|,.0f; valid_mean|valid (mean)|%",
+    "valid_spread|valid (min – max); mid_gray_mean|mid-gray (mean)|%; mid_gray_spread|mid-gray (min – max)",
+    "circle_share_mean|circle share (mean)|.2f; size_w1_mean|size W1 (mean)|.2f",
+    "position_w1_mean|position W1 (mean)|.2f; matches_mean|asked: matches (mean)|%",
+    "center_error_mean|asked: centre error (mean)|.2f; size_error_mean|asked: size error (mean)|.2f",
+)
 SUMMARY_METRICS = ("images_seen", "valid", "mid_gray", "circle_share", "size_w1", "position_w1")
 SUMMARY_METRICS += ("matches", "center_error", "size_error")
 
@@ -75,9 +52,6 @@ class Preset:
     model: du.ModelConfig
     train: du.TrainConfig
     evaluations: list[tuple[str, int, int]]  # (row label, DDPM steps, samples)
-
-
-# Configurations
 
 
 def ablation_chain(original, target) -> list[tuple[str, du.ModelConfig, du.TrainConfig]]:
@@ -163,9 +137,6 @@ def chosen_names(args, presets: dict[str, Preset], parser) -> list[str]:
     return names
 
 
-# Training and evaluation
-
-
 def run_preset(preset: Preset, args, device, rows: list[dict], save) -> None:
     """Every seed of one configuration: a fresh run per budget, or one chunked run evaluated at each point."""
     for seed in args.seeds:
@@ -175,7 +146,8 @@ def run_preset(preset: Preset, args, device, rows: list[dict], save) -> None:
             if trainer is None or not args.eval_at:
                 trainer, seconds = du.Trainer(preset.model, train, device=device), 0.0
                 print(f"\n## {preset.name}, seed {seed}: {du.describe_model(trainer.model)}", flush=True)
-            seconds += train_for(trainer, point - seconds / 60, device)
+            if point > seconds / 60:  # train up to the point; the clock pauses while evaluating
+                seconds += bc.timed(partial(trainer.train, minutes=point - seconds / 60, progress=False), device)[1]
             common = {"seed": seed, "minutes": point, "train_minutes": seconds / 60, "steps_trained": trainer.step}
             common |= {"images_seen": trainer.images_seen, "loss": bc.mean_tail(trainer.losses)}
             grids = args.out if point == args.points[-1] and seed == args.seeds[0] else None  # one grid per config
@@ -185,16 +157,6 @@ def run_preset(preset: Preset, args, device, rows: list[dict], save) -> None:
                 save()
         suffix = "" if seed == args.seeds[0] else f"_seed{seed}"
         du.save_checkpoint(args.out / f"{slug(preset.name)}{suffix}.pt", trainer)
-
-
-def train_for(trainer: du.Trainer, minutes: float, device) -> float:
-    """Train `minutes` more (nothing when <= 0); the seconds it took, the device synced."""
-    if minutes <= 0:
-        return 0.0
-    start = time.perf_counter()
-    trainer.train(minutes=minutes, progress=False)
-    bc.synchronize(device)
-    return time.perf_counter() - start
 
 
 def evaluate(trainer: du.Trainer, preset: Preset, grids) -> list[dict]:
@@ -225,9 +187,6 @@ def save_grid(folder, label: str, images, what: str, metrics: dict, outline=None
 def slug(label: str) -> str:
     """A file-name stem: "+min-snr-5" -> "min_snr_5", "recipe, asked" -> "recipe_asked"."""
     return "_".join("".join(c if c.isalnum() else " " for c in label).split()) or "config"
-
-
-# Report: mean and spread over seeds, the plot
 
 
 def summarize(rows: list[dict]) -> list[dict]:

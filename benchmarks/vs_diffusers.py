@@ -44,12 +44,11 @@ try:
 except ImportError:  # main() says how to install it
     diffusers = None
 
-OUR_UNET = du.UNet  # trainer_with_network stands another network in for du.UNet while a Trainer is built
+OUR_UNET = du.UNet  # Setup.same_network_trainer stands SameNetwork in for du.UNet while a Trainer is built
 ROWS = ("ours", "diffusers-defaults", "diffusers-best", "diffusers-same-network", "diffusers-same-recipe")
 OURS_SAMPLERS = [("ddpm", du.DEFAULT_STEPS), ("ddim", 50)]  # du.sample, for ours and diffusers-same-network
 DDIM_STEPS = 50  # DDIMScheduler, for the other diffusers rows
-# (a)'s timed steps: name -> (label, network). The shared step runs on each network; the whole steps are each row's
-# own training step, compared with ours (du.Trainer.train_step).
+# (a)'s timed steps, name -> (label, network): the shared step on each network, then each row's whole training step
 STEPS = {
     "ours": ("ours (du.UNet), shared step", "ours"),
     "diffusers": ("diffusers UNet2DModel 64x64, shared step", "diffusers"),
@@ -59,30 +58,16 @@ STEPS = {
     "same-recipe": ("diffusers-same-recipe, whole diffusers step", "same-network"),
 }
 WHOLE_STEPS = ("trainer", "same-network-trainer", "same-recipe")
-THROUGHPUT_COLUMNS = [
-    ("name", "network / step", ""),
-    ("parameters", "parameters", ","),
-    ("gflops_per_image", "GFLOP / training image", ".3f"),
-    ("layout", "layout", ""),
-    ("images_per_s", "images/s", ".1f"),
-    ("ours_speedup", "ours / this (same kind of step, layout)", ".2f"),
-    ("achieved_gflops", "achieved GFLOP/s", ".1f"),
-    ("share_of_mm", "share of fp32 mm", "%"),
-]
-QUALITY_COLUMNS = [
-    ("run", "run", ""),
-    ("steps_trained", "steps", ""),
-    ("images_seen", "images seen", ""),
-    ("loss", "loss (last 50)", ".4f"),
-    ("implementation", "sampler code", ""),
-    ("sampler", "sampler", ""),
-    ("steps", "sampling steps", ""),
-    ("valid", "valid", "%"),
-    ("mid_gray", "mid-gray", "%"),
-    ("circle_share", "circle share", ".2f"),
-    ("size_w1", "size W1", ".2f"),
-    ("position_w1", "position W1", ".2f"),
-]
+THROUGHPUT_COLUMNS = bc.columns(
+    "name|network / step; parameters||,; gflops_per_image|GFLOP / training image|.3f; layout",
+    "images_per_s|images/s|.1f; ours_speedup|ours / this (same kind of step, layout)|.2f",
+    "achieved_gflops|achieved GFLOP/s|.1f; share_of_mm|share of fp32 mm|%",
+)
+QUALITY_COLUMNS = bc.columns(
+    "run; steps_trained|steps; images_seen; loss|loss (last 50)|.4f; implementation|sampler code; sampler",
+    "steps|sampling steps; valid||%; mid_gray|mid-gray|%; circle_share||.2f; size_w1|size W1|.2f",
+    "position_w1|position W1|.2f",
+)
 
 
 class DiffusersNet(nn.Module):
@@ -220,21 +205,14 @@ class DiffusersRun:
         torch.manual_seed(self.seed)
         layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
         self.layout, self.net = layout, make_net().to(self.device).train().to(memory_format=layout)
-        self.scheduler = DDPMScheduler(
-            num_train_timesteps=recipe.num_train_timesteps,
-            beta_schedule=recipe.beta_schedule,
-            prediction_type=recipe.prediction_type,
-            timestep_spacing=recipe.timestep_spacing,
-            clip_sample=True,  # x0_hat clipped to [-1, 1] when sampling (the default; ours too)
-        )
-        self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=recipe.lr, betas=recipe.adam_betas, weight_decay=recipe.weight_decay
-        )
+        names = ("num_train_timesteps", "beta_schedule", "prediction_type", "timestep_spacing")
+        # clip_sample: x0_hat clipped to [-1, 1] when sampling (the default; ours too)
+        self.scheduler = DDPMScheduler(clip_sample=True, **{name: getattr(recipe, name) for name in names})
+        adam = {"lr": recipe.lr, "betas": recipe.adam_betas, "weight_decay": recipe.weight_decay}
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), **adam)
+        warmup, total = recipe.warmup_steps, max(estimated_steps, recipe.warmup_steps + 1)
         self.lr_scheduler = get_scheduler(
-            recipe.lr_schedule,
-            optimizer=self.optimizer,
-            num_warmup_steps=recipe.warmup_steps,
-            num_training_steps=max(estimated_steps, recipe.warmup_steps + 1),
+            recipe.lr_schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=total
         )
         self.ema = None
         if recipe.ema_decay:  # diffusers' example warm-up, or (ours_ema_warmup) EMAModel's default, as du.EMA
@@ -314,25 +292,20 @@ class DiffusersRun:
 def diffusers_recipes(s: Setup) -> dict[str, DiffusersRecipe]:
     """diffusers' example recipe, its "best" variant, and diffusers' own parts set to our recipe's values."""
     model, train = s.same_config, s.train
+    shared = ("lr", "warmup_steps", "ema_decay", "weight_decay", "grad_clip", "min_snr_gamma", "min_snr_form")
     same = DiffusersRecipe(
         "diffusers-same-recipe",
         beta_schedule={"cosine": "squaredcos_cap_v2", "linear": "linear"}[model.schedule],
         prediction_type={"v": "v_prediction", "eps": "epsilon"}[model.prediction],
-        lr=train.lr,
-        warmup_steps=train.warmup_steps,
         lr_schedule="cosine" if train.lr_schedule == "cosine" else "constant_with_warmup",
-        ema_decay=train.ema_decay,
         adam_betas=(0.9, 0.999),  # torch's AdamW defaults, which du.Trainer keeps
-        weight_decay=train.weight_decay,
-        grad_clip=train.grad_clip,
         same_network=True,
         ours_ema_warmup=True,
-        min_snr_gamma=train.min_snr_gamma,
-        min_snr_form=train.min_snr_form,
         num_train_timesteps=model.num_timesteps,
         timestep_spacing="linspace",  # linspace(0, T - 1, steps) rounded: du's "time" spacing
         channels_last=train.channels_last,
         ddpm_steps=du.DEFAULT_STEPS,
+        **{key: getattr(train, key) for key in shared},
     )
     best = ("diffusers-best", "squaredcos_cap_v2", "v_prediction", 1e-3, 200, "constant_with_warmup", 0.999)
     recipes = [DiffusersRecipe("diffusers-defaults", "linear", "epsilon", 1e-4, 500, "cosine", None)]
@@ -434,19 +407,9 @@ def training_throughput(s: Setup) -> tuple[list[dict], dict[str, float], float]:
         label, network = STEPS[name]
         reference = rates.get(f"{'trainer' if name in WHOLE_STEPS else 'ours'}|{layout}", math.nan)
         achieved = flops[network] * rate
-        rows.append(
-            {
-                "key": key,
-                "name": label,
-                "layout": layout,
-                "parameters": s.params[network],
-                "gflops_per_image": flops[network] / 1e9,
-                "images_per_s": rate,
-                "ours_speedup": reference / rate,
-                "achieved_gflops": achieved / 1e9,
-                "share_of_mm": achieved / mm,
-            }
-        )
+        row = {"key": key, "name": label, "layout": layout, "parameters": s.params[network]}
+        row |= {"gflops_per_image": flops[network] / 1e9, "images_per_s": rate, "ours_speedup": reference / rate}
+        rows.append(row | {"achieved_gflops": achieved / 1e9, "share_of_mm": achieved / mm})
     return rows, rates, mm
 
 

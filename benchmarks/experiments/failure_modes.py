@@ -32,15 +32,21 @@ import diffusion_utils as du  # noqa: E402
 SAMPLING_SEED = 1
 
 
+def parse_sampler(text: str) -> tuple[str, int]:
+    """ "ddpm:100" -> ("ddpm", 100); names from du.SAMPLERS."""
+    name, _, steps = text.partition(":")
+    if name not in du.SAMPLERS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME:STEPS with NAME of {', '.join(du.SAMPLERS)}, got {text!r}")
+    return name, int(steps)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bc.make_parser(__doc__, "runs/experiments/failure_modes")
     parser.add_argument("--checkpoint", help="a checkpoint to sample (default: train the device's recipe first)")
     parser.add_argument("--train-minutes", type=float, default=15.0, help="without --checkpoint (default 15)")
     parser.add_argument("--train-steps", type=int, help="without --checkpoint: a step budget instead of minutes")
     parser.add_argument("--samples", type=int, default=256, help="images to draw (default 256)")
-    parser.add_argument(
-        "--sampler", type=bc.parse_samplers, default=bc.parse_samplers("ddpm:100"), help="default ddpm:100"
-    )
+    parser.add_argument("--sampler", type=parse_sampler, default=("ddpm", 100), help="NAME:STEPS (default ddpm:100)")
     parser.add_argument("--boxes", type=int, default=25, help="one-blob failures listed with their box (default 25)")
     bc.add_model_override_args(parser)
     return parser.parse_args(argv)
@@ -84,32 +90,19 @@ def one_blob_boxes(images: np.ndarray, readings: list[du.ShapeReading]) -> list[
             continue
         ys, xs = np.nonzero(images[k] > 127)
         width, height = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-        fill = float((images[k] > 127).sum() / (width * height))
-        boxes.append(
-            {
-                "image": k,
-                "shape": du.CLASS_NAMES[reading.label],
-                "iou": reading.iou,
-                "box": f"{width}x{height}",
-                "aspect": width / height,
-                "fills": fill,
-            }
-        )
+        fills = float((images[k] > 127).sum() / (width * height))
+        row = {"image": k, "shape": du.CLASS_NAMES[reading.label], "iou": reading.iou, "box": f"{width}x{height}"}
+        boxes.append({**row, "aspect": width / height, "fills": fills})
     return boxes
 
 
-BOX_COLUMNS = [
-    ("image", "image", ""),
-    ("shape", "matches best", ""),
-    ("iou", "IoU", ".3f"),
-    ("box", "bounding box", ""),
-    ("aspect", "w / h", ".2f"),
-    ("fills", "fills of its box", ".2f"),
-]
+BOX_COLUMNS = bc.columns(
+    "image; shape|matches best; iou|IoU|.3f; box|bounding box; aspect|w / h|.2f; fills|fills of its box|.2f",
+)
 
 
 def report(source: str, scores: dict, kinds: collections.Counter, split: dict, boxes: list[dict], args) -> str:
-    sampler, steps = args.sampler[0]
+    sampler, steps = args.sampler
     lines = [
         f"# Failure modes of {source}",
         f"{args.samples} samples, {sampler} {steps} steps, sampling seed {SAMPLING_SEED}: valid {scores['valid']:.1%}, "
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
     model, schedule, source = sampling_model(args, device)
-    sampler, steps = args.sampler[0]
+    sampler, steps = args.sampler
     result = du.sample(model, schedule, args.samples, steps=steps, sampler=sampler, seed=SAMPLING_SEED, progress=False)
     images = du.model_to_uint8(result.images)
     readings = [du.read_shape(image) for image in images]

@@ -57,19 +57,11 @@ VARIANTS: dict[str, list[dict]] = {
 }
 BASES = {"previous": bc.previous_recipe("cpu"), "recipe": du.default_configs("cpu")}
 SAMPLING_SEED, REQUEST_SEED = 123, 99
-COLUMNS = [
-    ("variant", "variant", ""),
-    ("seed", "seed", ""),
-    ("steps", "steps", ""),
-    ("valid", "valid", "%"),
-    ("mid_gray", "mid-gray", "%"),
-    ("circle_share", "circle share", ".2f"),
-    ("size_w1", "size W1 (px)", ".2f"),
-    ("position_w1", "position W1 (px)", ".2f"),
-    ("asked_class_accuracy", "asked: class accuracy", "%"),
-    ("asked_center_error", "asked: centre error (px)", ".2f"),
-    ("asked_size_error", "asked: size error (px)", ".2f"),
-]
+COLUMNS = bc.columns(
+    "variant; seed; steps; valid||%; mid_gray|mid-gray|%; circle_share||.2f; size_w1|size W1 (px)|.2f",
+    "position_w1|position W1 (px)|.2f; asked_class_accuracy|asked: class accuracy|%",
+    "asked_center_error|asked: centre error (px)|.2f; asked_size_error|asked: size error (px)|.2f",
+)
 
 
 def parse_args(argv):
@@ -118,17 +110,15 @@ def run_one(name: str, seed: int, args, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = bc.setup(args)
-    out = bc.prepare_out(args.out)
-    env = bc.environment(device, __file__)
+    out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
     rows = []
     for seed in args.seeds:
         for name in args.variants.split(","):
             rows.append(run_one(name, seed, args, device))
             print(bc.markdown_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
             bc.save_json(out / "levers.json", {"environment": env, "rows": rows})
-    bc.write_report(
-        out, "levers", "Levers at equal optimiser steps", env, [bc.markdown_table(rows, COLUMNS)], rows=rows
-    )
+    sections = [bc.markdown_table(rows, COLUMNS)]
+    bc.write_report(out, "levers", "Levers at equal optimiser steps", env, sections, rows=rows)
     return 0
 
 

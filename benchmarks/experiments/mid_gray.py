@@ -27,6 +27,9 @@ import diffusion_utils as du  # noqa: E402
 
 TIMESTEPS = (0, 10, 20, 50, 100, 200, 300, 500)
 SAMPLERS = (("ddpm", 100), ("ddpm", 50), ("ddpm", 10), ("ddim", 20), ("dpm++", 10), ("dpm++", 20))
+DENOISING_COLUMNS = [("t", "t", ""), ("x0_hat mid-gray", "one-step x0_hat mid-gray", "%")]
+DENOISING_COLUMNS += [("error", "mean |x0_hat - x0|", ".4f")]
+SAMPLER_COLUMNS = bc.columns("sampler; valid||%; mid_gray|mid-gray|%; circle_share||.2f")
 
 
 def parse_args(argv):
@@ -52,13 +55,8 @@ def one_step_denoising(model, schedule, n: int) -> list[dict]:
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
         output = model(x_t.to(device), t.to(device)).float().cpu()
         x0_hat = schedule.predict_x0(model.config.prediction, x_t, output, t).clamp(-1, 1)
-        rows.append(
-            {
-                "t": t_value,
-                "x0_hat mid-gray": mid_gray(du.model_to_uint8(x0_hat)),
-                "error": float((x0_hat - x0).abs().mean()),
-            }
-        )
+        error = float((x0_hat - x0).abs().mean())
+        rows.append({"t": t_value, "x0_hat mid-gray": mid_gray(du.model_to_uint8(x0_hat)), "error": error})
     return rows
 
 
@@ -93,24 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     denoising = one_step_denoising(model, schedule, args.samples)
     sampled, images = samplers(model, schedule, args.samples)
     located = where(images)
-    columns = [
-        ("sampler", "sampler", ""),
-        ("valid", "valid", "%"),
-        ("mid_gray", "mid-gray", "%"),
-        ("circle_share", "circle share", ".2f"),
-    ]
     text = "\n\n".join(
         [
             f"# Where the mid-gray pixels come from\n\n{bc.environment_line(bc.environment(device))}; {source}",
-            bc.markdown_table(
-                denoising,
-                [
-                    ("t", "t", ""),
-                    ("x0_hat mid-gray", "one-step x0_hat mid-gray", "%"),
-                    ("error", "mean |x0_hat - x0|", ".4f"),
-                ],
-            ),
-            bc.markdown_table(sampled, columns),
+            bc.markdown_table(denoising, DENOISING_COLUMNS),
+            bc.markdown_table(sampled, SAMPLER_COLUMNS),
             f"mid-gray pixels by distance to the edge band (px): {located['by_distance']}",
             f"mean mid-gray share by the class read: {located['by_class']}",
         ]
