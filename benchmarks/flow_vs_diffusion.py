@@ -154,17 +154,30 @@ def report_phase(args, device, out: Path) -> None:
     folders = [Path(f) for f in args.folders.split(",")] if args.folders else [out]
     trained = sorted(read_rows(folders, "train"), key=lambda r: (CONFIGS.index(r["config"]), r["steps_trained"]))
     sampled = read_rows(folders, "samplers")
+    plain = [r for r in sampled if is_plain(r)]
     sections = ["## Training, one row per run (DDPM-100)\n\n" + bc.markdown_table(trained, TRAIN_COLUMNS)]
-    sections.append("## Samplers on the largest budget's checkpoints\n\n" + bc.markdown_table(sampled, SAMPLER_COLUMNS))
+    sections.append("## Samplers on the 15-minute checkpoints\n\n" + bc.markdown_table(plain, SAMPLER_COLUMNS))
+    others = [r for r in sampled if not is_plain(r)]
+    sections.append("## Diagnosis: grids, clip rules, switches\n\n" + bc.markdown_table(others, SAMPLER_COLUMNS))
     env = bc.environment(device, __file__)
     bc.write_report(
         out, "flow_vs_diffusion", "Diffusion or flow matching", env, sections, train=trained, samplers=sampled
     )
-    if sampled:
-        for checkpoint in dict.fromkeys(r["config"] for r in sampled):
-            rows = [r for r in sampled if r["config"] == checkpoint]
-            figure = du.plot_validity_against_evaluations(rows, title=f"{checkpoint}: validity against evaluations")
-            du.save_figure(figure, out / f"samplers_{checkpoint}.png")
+    for checkpoint in dict.fromkeys(r["config"] for r in plain):
+        rows = [r for r in plain if r["config"] == checkpoint and r["steps"] in args.evaluations]
+        figure = du.plot_validity_against_evaluations(rows, title=f"{checkpoint}: validity against evaluations")
+        du.save_figure(figure, out / f"samplers_{checkpoint}.png")
+
+
+def is_plain(row: dict) -> bool:
+    """A sampler of the sweep on its own grid with x0 clipped at every step (not a diagnosis cell)."""
+    method = du.SAMPLERS.get(row["sampler"])
+    return (
+        method is not None
+        and row["spacing"] == method.spacing
+        and row["clip"] == "clip"
+        and row["sampler"] in ("ddpm", "ddim", "dpm++", "heun")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,3 +97,34 @@ class FlowOracle(nn.Module):
         t = (time.double() / (self.num_timesteps - 1)).view(-1, 1, 1, 1)
         eps = (x_t.double() - (1 - t) * self.x0) / t
         return (eps - self.x0).float()
+
+
+def perturbed(model: du.UNet, seed: int = 1) -> du.UNet:
+    """The model with every zero-initialised layer given small random weights, so that x, t and the request (or
+    prompt) all change its output (an untrained U-Net ignores its blocks' second convs and its condition)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if bool((parameter == 0).all()):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """main(argv) in-process: (exit status, stdout, stderr); argparse errors exit via SystemExit."""
+    try:
+        status = du.main(list(argv))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
+    """Exit status 2 and one line on stderr, no traceback, naming each fragment."""
+    assert status == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import same_state, tiny_model_config, tiny_train_config
+from helpers import assert_one_line_error, run_main, same_state, tiny_model_config, tiny_train_config
 
 import diffusion_utils as du
 
@@ -28,25 +28,6 @@ def tiny_defaults(monkeypatch):
         return tiny_model_config(), tiny_train_config()
 
     monkeypatch.setattr(du, "default_configs", tiny)
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    """main(argv) in-process: (exit status, stdout, stderr); argparse errors exit via SystemExit."""
-    try:
-        status = du.main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
-    assert status == 2
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import same_state, tiny_model_config, tiny_train_config
+from helpers import perturbed, same_state, tiny_model_config, tiny_train_config
 from torch import nn
 
 import diffusion_utils as du
-
-
-def perturbed(model: du.UNet, seed: int = 1) -> du.UNet:
-    """The model with every zero-initialised layer given small random weights, so that x, t and the request all
-    change its output (an untrained U-Net ignores both its blocks' second convs and the request)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if bool((parameter == 0).all()):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

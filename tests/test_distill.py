@@ -4,8 +4,17 @@ checkpoints, its sampler, and the distill command."""
 import numpy as np
 import pytest
 import torch
-from helpers import FlowOracle, Oracle, constant_denoiser, same_state, state, tiny_model_config, tiny_train_config
-from test_cli import assert_one_line_error, run_main
+from helpers import (
+    FlowOracle,
+    Oracle,
+    assert_one_line_error,
+    constant_denoiser,
+    run_main,
+    same_state,
+    state,
+    tiny_model_config,
+    tiny_train_config,
+)
 
 import diffusion_utils as du
 

@@ -7,23 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model_config, tiny_train_config
+from helpers import assert_one_line_error, perturbed, run_main, tiny_model_config, tiny_train_config
 
 import diffusion_utils as du
 
 
 def prompt_config(**overrides) -> du.ModelConfig:
     return tiny_model_config(conditional=True, conditioning="prompt", text_width=16, text_layers=1, **overrides)
-
-
-def perturbed(model: du.UNet, seed: int = 1) -> du.UNet:
-    """Every zero-initialised parameter given small random values, so the prompt changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if bool((parameter == 0).all()):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -330,23 +320,6 @@ def test_scores_need_a_prompt_per_sample():
 # ------------------------------------------------------------------------------------------
 # The command line
 # ------------------------------------------------------------------------------------------
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        status = du.main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_line_error(status: int, err: str, *fragments: str) -> None:
-    assert status == 2 and "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")
