@@ -2526,7 +2526,9 @@ def ddpm_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoi
     return mean + math.sqrt(float(schedule.posterior_variance[i])) * state.noise()
 
 
-@register_sampler("ddim", takes_eta=True)
+# The deterministic samplers walk trailing grids: at 2-10 evaluations every one of their steps then does work, and
+# they draw as valid or more (benchmarks/RESULTS.md, "Diffusion or flow matching", the diagnosis).
+@register_sampler("ddim", takes_eta=True, spacing="time-trailing")
 def ddim_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
     """One DDIM step (Song et al. 2021, arXiv 2010.02502, eq. (12)); eta = 0 is deterministic, eta = 1 is DDPM.
 
@@ -3141,9 +3143,9 @@ def _as_uint8_images(samples: torch.Tensor | np.ndarray) -> np.ndarray:
 # one network evaluation per step.
 
 
-# On the log-SNR grid, where its steps are equal in lambda: at 10 and 20 steps it beats the time grid by far
-# (benchmarks/RESULTS.md, "Samplers").
-@register_sampler("dpm++", spacing="logsnr")
+# On the log-SNR grid (trailing, as ddim's), where its steps are equal in lambda: at 10 and 20 steps it beats the
+# time grid by far (benchmarks/RESULTS.md, "Samplers").
+@register_sampler("dpm++", spacing="logsnr-trailing")
 def dpm_solver_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
     """One step of DPM-Solver++(2M) in data-prediction form (Lu et al. 2022, arXiv 2211.01095, Algorithm 2).
 
@@ -3183,7 +3185,7 @@ def _half_log_snr(alpha_bar: float) -> float:
 # method that pays a second network evaluation per step.
 
 
-@register_sampler("heun", spacing="logsnr", evaluations_per_step=2)
+@register_sampler("heun", spacing="logsnr-trailing", evaluations_per_step=2)
 def heun_step(schedule: NoiseSchedule, i: int, x_t: torch.Tensor, denoise: Denoiser, state: SamplerState):
     """One step of Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
 

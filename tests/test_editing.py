@@ -67,7 +67,17 @@ def test_the_flow_edits_too(shapes):
 @pytest.mark.parametrize("strength", [0.25, 0.5, 0.75])
 def test_an_edit_starts_at_the_grid_time_nearest_its_strength_and_walks_down_from_there(shapes, strength):
     oracle = Oracle(SCHEDULE, shapes.images, "eps")
-    du.edit(oracle, SCHEDULE, shapes.images, strength, steps=100, sampler="ddim", prediction="eps", progress=False)
+    du.edit(
+        oracle,
+        SCHEDULE,
+        shapes.images,
+        strength,
+        steps=100,
+        sampler="ddim",
+        spacing="time",
+        prediction="eps",
+        progress=False,
+    )
     times = [int(t[0]) for t in oracle.seen]
     grid = SCHEDULE.respaced(100).timesteps.tolist()
     assert abs(times[0] - strength * 999) <= 5.5  # the grid's steps are ~10 apart

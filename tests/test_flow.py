@@ -69,7 +69,9 @@ def test_ddim_at_eta_0_is_exactly_euler_on_the_flows_ode():
     steps = 6
     spaced = FLOW.respaced(steps)
     x_T = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
-    ddim = du.sample(net, FLOW, 2, steps=steps, sampler="ddim", initial_noise=x_T, clip_x0=False, progress=False)
+    ddim = du.sample(
+        net, FLOW, 2, steps=steps, sampler="ddim", spacing="time", initial_noise=x_T, clip_x0=False, progress=False
+    )
     ts = [float(spaced.timesteps[i]) / (T - 1) for i in range(steps)]  # t at each index, from the cleanest
     with torch.no_grad():
         x = x_T * float(spaced.input_scales[-1])  # the flow's x at the first t

@@ -51,6 +51,7 @@ def test_plot_backward_process_lays_out_steps_by_samples():
         4,
         steps=5,
         sampler="ddim",
+        spacing="time",
         prediction="v",
         save_at=(0, 2, 4),
         progress=False,

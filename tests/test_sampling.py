@@ -112,8 +112,11 @@ def test_the_network_sees_the_training_timesteps_from_t_minus_1_down_to_0(x0):
     schedule = SCHEDULES["cosine"]
     for steps, expected in [(4, [999, 666, 333, 0]), (1, [999]), (2, [999, 0])]:
         oracle = Oracle(schedule, x0, "v")
-        du.sample(oracle, schedule, 3, steps=steps, sampler="ddim", prediction="v", progress=False)
+        du.sample(oracle, schedule, 3, steps=steps, sampler="ddim", spacing="time", prediction="v", progress=False)
         assert [t.tolist() for t in oracle.seen] == [[t] * 3 for t in expected]
+    trailing = Oracle(schedule, x0, "v")  # ddim's own grid leaves out the nearly clean index 0
+    du.sample(trailing, schedule, 3, steps=4, sampler="ddim", prediction="v", progress=False)
+    assert [int(t[0]) for t in trailing.seen] == [999, 749, 500, 250]
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -157,7 +160,7 @@ def test_ddpm_step_by_hand():
 def test_whole_ddpm_run_equals_ddim_with_eta_1(tiny_net):
     schedule = SCHEDULES["cosine"]
     ddpm = du.sample(tiny_net, schedule, 2, steps=5, sampler="ddpm", seed=3, progress=False)
-    ddim = du.sample(tiny_net, schedule, 2, steps=5, sampler="ddim", eta=1.0, seed=3, progress=False)
+    ddim = du.sample(tiny_net, schedule, 2, steps=5, sampler="ddim", spacing="time", eta=1.0, seed=3, progress=False)
     assert torch.allclose(ddpm.images, ddim.images, atol=1e-4)
 
 
