@@ -157,6 +157,7 @@ FIGURES = (
     "few_steps.png",
     "step_sweep.png",
     "interpolation.png",
+    "implied_weights.png",
 )
 CONDITIONAL_FIGURES = ("guidance_grid.png", "guidance.png")
 
