@@ -113,16 +113,17 @@ def samplers_phase(args, device, out: Path) -> None:
 
 
 def sampler_cells(args) -> list[tuple[str, int, dict]]:
-    """Every sampler at each evaluation count on its own grid, and the references; with --diagnose, where the
-    deterministic samplers lose validity: trailing grids at few steps, other x0 clip rules, and DDPM switched to
-    DDIM (or the reverse) at a share of a 100-step run."""
-    cells = [(sampler, e, {}) for sampler in du.SAMPLERS for e in args.evaluations]
-    cells += [(sampler, args.reference, {}) for sampler in ("ddpm", "ddim")]
+    """The four standard samplers at each evaluation count on the plain grids (time; log-SNR for dpm++ and heun), and
+    the references; with --diagnose, where the deterministic samplers lose validity: the trailing grids at few steps,
+    other x0 clip rules, and DDPM switched to DDIM (or the reverse) at a share of a 100-step run."""
+    plain = {"ddpm": "time", "ddim": "time", "dpm++": "logsnr", "heun": "logsnr"}
+    cells = [(sampler, e, {"spacing": grid}) for sampler, grid in plain.items() for e in args.evaluations]
+    cells += [(sampler, args.reference, {"spacing": "time"}) for sampler in ("ddpm", "ddim")]
     if args.diagnose:
         for sampler in ("ddim", "dpm++", "heun"):
-            trailing = f"{du.SAMPLERS[sampler].spacing}-trailing"
-            cells += [(sampler, e, {"spacing": trailing}) for e in (2, 4, 10)]
-        cells += [(s, 10, {"clip_x0": rule}) for s in ("ddim", "dpm++") for rule in ("dynamic", "last", "none")]
+            cells += [(sampler, e, {"spacing": f"{plain[sampler]}-trailing"}) for e in (2, 4, 10)]
+        rules = ("dynamic", "last", "none")
+        cells += [(s, 10, {"spacing": plain[s], "clip_x0": rule}) for s in ("ddim", "dpm++") for rule in rules]
         cells += [(register_switch(first, then, share), 100, {}) for first, then in SWITCHES for share in SHARES]
     return cells
 
@@ -170,14 +171,10 @@ def report_phase(args, device, out: Path) -> None:
 
 
 def is_plain(row: dict) -> bool:
-    """A sampler of the sweep on its own grid with x0 clipped at every step (not a diagnosis cell)."""
-    method = du.SAMPLERS.get(row["sampler"])
-    return (
-        method is not None
-        and row["spacing"] == method.spacing
-        and row["clip"] == "clip"
-        and row["sampler"] in ("ddpm", "ddim", "dpm++", "heun")
-    )
+    """A cell of the sweep (a standard sampler on the plain time or log-SNR grid, x0 clipped every step), not one of
+    the diagnosis (trailing grids, other clip rules, switches)."""
+    standard = row["sampler"] in ("ddpm", "ddim", "dpm++", "heun")
+    return standard and row["spacing"] in ("time", "logsnr") and row["clip"] == "clip"
 
 
 def main(argv: list[str] | None = None) -> int:
