@@ -2749,7 +2749,7 @@ def sample(
                 chunk_condition = condition.select(slice(start, stop)).to(runtime.device) if condition else None
                 model_output = runtime_output(model, runtime, chunk_condition, guidance)
                 denoise = snapshots.watch(make_denoiser(model_output, spaced, prediction, clip_x0), bar)
-                state = SamplerState(noise=lambda noise=noise: next(noise), eta=eta, evaluations=steps)
+                state = SamplerState(noise=lambda noise=noise: next(noise), eta=eta, evaluations=evaluations)
                 walk = method
                 if editing is not None:  # start from the edited images, keep their known pixels at every step
                     x_T = editing.start(x_T, slice(start, stop), spaced)
