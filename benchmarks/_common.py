@@ -157,9 +157,9 @@ def prepare_out(path: str | os.PathLike) -> Path:
 # One trained model to measure (samplers.py, guidance.py, experiments/mid_gray.py)
 
 
-def add_model_source_args(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
-    """--checkpoint or (smoke tests) --train-steps, one of them required: what load_or_train reads."""
-    source = parser.add_mutually_exclusive_group(required=True)
+def add_model_source_args(parser: argparse.ArgumentParser, checkpoint_help: str, required: bool = True) -> None:
+    """--checkpoint or (smoke tests) --train-steps, one of them required (unless not): what load_or_train reads."""
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--checkpoint", help=checkpoint_help)
     source.add_argument("--train-steps", type=positive_int, help="smoke tests: train a tiny model this many steps")
 

@@ -8,8 +8,10 @@ budget's checkpoint is kept. Phase "samplers" loads those checkpoints and scores
 network evaluations per image, and the 1000-step references. Phase "report" joins the rows of --out folders.
 Step budgets make the rows independent of the machine's speed, so jobs may run in parallel (one thread each).
 
-Configurations: recipe (du.default_configs(device)), flow (du.default_configs(device, "flow"): logit-normal t)
-and flow-uniform (the same with uniform t). The commands of RESULTS.md are given there. Smoke test (seconds):
+Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow"):
+logit-normal t), flow-uniform (the same with uniform t), and the flow reading prompts by cross-attention at every
+decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1); their unconditional score is the empty
+prompt's, and benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there. Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
     python benchmarks/flow_vs_diffusion.py samplers --evaluations 1,2 --reference 4 --samples 8 --out /tmp/fvd_smoke
@@ -28,7 +30,7 @@ import _common as bc  # benchmarks/ is on sys.path as this script's folder; it p
 
 import diffusion_utils as du
 
-CONFIGS = ("recipe", "flow", "flow-uniform")
+CONFIGS = ("recipe", "flow", "flow-uniform", "flow-prompt", "flow-prompt-l1")
 SCORE_COLUMNS = [
     ("valid", "valid", "%"),
     ("mid_gray", "mid-gray", "%"),
@@ -55,11 +57,14 @@ SAMPLER_COLUMNS = [
 
 
 def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
-    recipe, flow = du.default_configs(device), du.default_configs(device, "flow")
+    recipe, flow = du.default_configs(device, "diffusion"), du.default_configs(device, "flow")
+    prompt = dataclasses.replace(flow[0], conditioning="prompt")
     found = {
         "recipe": recipe,
         "flow": flow,
         "flow-uniform": (flow[0], dataclasses.replace(flow[1], time_sampling="uniform")),
+        "flow-prompt": (prompt, flow[1]),
+        "flow-prompt-l1": (dataclasses.replace(prompt, cross_attention_levels=1), flow[1]),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 

@@ -50,7 +50,7 @@ def parse_args(argv):
 
 
 def configs(args, device) -> tuple[du.ModelConfig, du.TrainConfig]:
-    recipe = bc.previous_recipe(device) if args.recipe == "previous" else du.default_configs(device)
+    recipe = bc.previous_recipe(device) if args.recipe == "previous" else du.default_configs(device, "diffusion")
     return bc.apply_overrides(*recipe, args)
 
 

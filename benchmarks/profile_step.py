@@ -44,7 +44,7 @@ def parse_args(argv):
 
 
 def build_trainer(args, device) -> tuple[du.Trainer, list]:
-    model, train = bc.apply_overrides(*du.default_configs(device), args)
+    model, train = bc.apply_overrides(*du.default_configs(device, "diffusion"), args)
     trainer = du.Trainer(model, train, device=device)
     batches = du.training_batches(train.batch_size, seed=0)
     return trainer, [next(batches) for _ in range(args.warmup + args.steps)]

@@ -6,7 +6,7 @@ model draws --samples images with DDPM-100 (the original design: 64 at DDPM-1000
 A conditional configuration also gets an "NAME, asked" row: the class, centre and size of as many real shapes.
   --budgets 5,15   a fresh run per budget: needed when the lr decays to 0 at the end of each train() call
   --eval-at 5,15   one run of --minutes, evaluated between chunks (a constant lr only)
-Configurations: original, previous (bc.previous_recipe), recipe (du.default_configs(device)) and, with --ablation,
+Configurations: original, previous (bc.previous_recipe), recipe (du.default_configs(device, "diffusion")) and, with --ablation,
 the cumulative chain from the original to the CPU recipe (+cosine, +v, ...). Writes time_to_quality.json and .md
 (a row per seed, then mean and min-max), valid_vs_minutes.png, sample grids and each configuration's checkpoint.
 
@@ -75,7 +75,7 @@ def ablation_chain(original, target) -> list[tuple[str, du.ModelConfig, du.Train
             model, train = changed
             chain.append((name, model, train))
     if (model, train) != target:
-        raise RuntimeError("the ablation chain no longer ends at du.default_configs('cpu'): update its steps")
+        raise RuntimeError("the ablation chain no longer ends at du.default_configs('cpu', 'diffusion'): update its steps")
     return chain
 
 
@@ -89,9 +89,9 @@ def build_presets(args, device) -> dict[str, Preset]:
     raw = {
         "original": (*original, original_evaluations),
         "previous": (*bc.previous_recipe(device), short),
-        "recipe": (*du.default_configs(device), short),
+        "recipe": (*du.default_configs(device, "diffusion"), short),
     }
-    raw |= {name: (model, train, short) for name, model, train in ablation_chain(original, du.default_configs("cpu"))}
+    raw |= {name: (model, train, short) for name, model, train in ablation_chain(original, du.default_configs("cpu", "diffusion"))}
     presets = {}
     for name, (model, train, evaluations) in raw.items():
         evaluations = [(label.format(name), steps, n) for label, steps, n in evaluations]

@@ -2,7 +2,7 @@
 Hugging Face diffusers").
 
 Same data, device, batch and precision for every row; each row takes one difference out:
-  ours                    du.default_configs(device) in du.Trainer, sampled with du.sample (unconditionally)
+  ours                    du.default_configs(device, "diffusion") in du.Trainer, sampled with du.sample (unconditionally)
   diffusers-defaults      diffusers' train_unconditional.py recipe on a 64x64 UNet2DModel of about our size
   diffusers-best          that network with the recipe's main choices (cosine, v target, EMA, lr 1e-3)
   diffusers-same-network  a UNet2DModel shaped like our U-Net on the same pixel-unshuffled input, in du.Trainer
@@ -359,7 +359,7 @@ def parse_args(argv):
 def start(args) -> Setup:
     """Our recipe for the device, the diffusers networks (sized like ours, shaped like ours) and the batches."""
     device = bc.setup(args)
-    model, train = bc.apply_overrides(*du.default_configs(device), args)
+    model, train = bc.apply_overrides(*du.default_configs(device, "diffusion"), args)
     ours = du.count_parameters(du.UNet(model))
     channels, layers, theirs = match_diffusers_config(ours)
     same_config = dataclasses.replace(model, conditional=False)  # UNet2DModel has no place for a request

@@ -95,16 +95,17 @@ def test_autocast_is_a_no_op_in_fp32():
 
 
 def test_default_and_original_configs():
-    cpu_model, cpu_train = du.default_configs("cpu")
+    assert du.default_configs("cpu") == du.default_configs("cpu", du.DEFAULT_OBJECTIVE)
+    cpu_model, cpu_train = du.default_configs("cpu", "diffusion")
     assert cpu_train.channels_last and cpu_model.pixel_unshuffle == 4 and cpu_model.bottleneck_attention
-    assert cpu_model.base_channels == 24 and du.ModelConfig() == cpu_model  # the dataclass defaults are the CPU recipe
+    assert cpu_model.base_channels == 24 and du.ModelConfig() == cpu_model  # the dataclass defaults: the CPU diffusion recipe
     assert cpu_model.conditional and (cpu_train.lr, cpu_train.lr_schedule, cpu_train.condition_dropout) == (
         2e-3,
         "cosine",
         0.5,
     )
     assert dataclasses.replace(du.TrainConfig(), channels_last=True) == cpu_train
-    gpu_model, gpu_train = du.default_configs("cuda")  # no GPU needed to read the recipe
+    gpu_model, gpu_train = du.default_configs("cuda", "diffusion")  # no GPU needed to read the recipe
     assert gpu_model.base_channels == 64 and gpu_train.batch_size == 256 and not gpu_train.channels_last
     model, train = du.original_design_configs()
     assert (model.schedule, model.prediction, model.time_injection) == ("linear", "eps", "bottleneck")

@@ -57,7 +57,7 @@ def sampling_model(args: argparse.Namespace, device: torch.device) -> tuple[torc
     if args.checkpoint:
         model, schedule = du.load_model(args.checkpoint, device=device)
         return model, schedule, args.checkpoint
-    trainer = du.Trainer(*bc.apply_overrides(*du.default_configs(device), args), device=device)
+    trainer = du.Trainer(*bc.apply_overrides(*du.default_configs(device, "diffusion"), args), device=device)
     minutes = None if args.train_steps else args.train_minutes
     trainer.train(steps=args.train_steps, minutes=minutes, progress=False)
     return trainer.sampling_model, trainer.schedule, f"the recipe trained here ({trainer.images_seen:,} images)"

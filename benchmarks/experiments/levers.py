@@ -10,7 +10,7 @@ Variants of the previous recipe (--base previous, bc.previous_recipe: unconditio
     cosine                + the decay, at lr 2e-3
     gamma-20              + the decay at lr 2e-3, min-SNR gamma 20 instead of 5
     conditional           + the decay at lr 2e-3, requests with each field hidden with p = 0.5 (scored unconditionally)
-The notebook's exercises, each one change to the current recipe (--base recipe, du.default_configs("cpu")):
+The notebook's exercises, each one change to the current recipe (--base recipe, du.default_configs("cpu", "diffusion")):
     recipe, linear (schedule), eps (target), no-ema, constant-lr
 
 The levers table of RESULTS.md (about 10 minutes a run on the 2-core CPU):
@@ -55,7 +55,7 @@ VARIANTS: dict[str, list[dict]] = {
     "no-ema": [{"train": {"ema_decay": None}}],
     "constant-lr": [{"train": {"lr_schedule": "constant"}}],
 }
-BASES = {"previous": bc.previous_recipe("cpu"), "recipe": du.default_configs("cpu")}
+BASES = {"previous": bc.previous_recipe("cpu"), "recipe": du.default_configs("cpu", "diffusion")}
 SAMPLING_SEED, REQUEST_SEED = 123, 99
 COLUMNS = bc.columns(
     "variant; seed; steps; valid||%; mid_gray|mid-gray|%; circle_share||.2f; size_w1|size W1 (px)|.2f",
