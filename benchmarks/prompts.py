@@ -1,0 +1,248 @@
+"""Prompts read by cross-attention (issue 25): does a model obey words, in phrasings it never saw too?
+
+A prompt model draws --samples images per prompt set with its default sampler and guidance (du.checkpoint_sampling,
+du.DEFAULT_GUIDANCE), all from the same noise, scored word by word (du.evaluate_prompts): "seen" (du.seen_prompts,
+the training templates with every part given) and "held-out" (du.held_out_prompts: the same shapes described in
+word orders training never shows); then "empty", the empty prompt (the unconditional model), scored as every other
+benchmark scores unconditional samples (du.evaluate_samples). Figures: prompts_grid.png (varied prompts, a row each;
+green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022). --speed adds the
+milliseconds of a training step: the request model against the prompt model and two cheaper prompt variants, in
+alternating rounds. Writes prompts.json and prompts.md.
+
+On the CPU prompt model (15 minutes of the flow recipe reading prompts):
+    python diffusion_utils.py train --objective flow --conditioning prompt --minutes 15 \\
+        --out benchmarks/results/prompts/prompt.pt
+    python benchmarks/prompts.py --checkpoint benchmarks/results/prompts/prompt.pt --samples 256 --speed --threads 2 \\
+        --out benchmarks/results/prompts
+Smoke test (seconds; trains a tiny prompt model on the spot):
+    python benchmarks/prompts.py --train-steps 3 --samples 4 --steps 3 --threads 1 --out /tmp/bench_smoke/prompts
+    python benchmarks/prompts.py --train-steps 1 --samples 2 --steps 2 --speed --speed-steps 2 --speed-repeats 2 \\
+        --speed-warmup 1 --threads 1 --out /tmp/bench_smoke/prompts_speed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import textwrap
+
+import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
+import numpy as np
+import torch
+
+import diffusion_utils as du
+
+NAME = "prompts"
+DATA_SEED = 8642  # the shapes that the "seen" and "held-out" prompts describe (the same shapes for both)
+GRID_SAMPLES = 6  # samples per prompt in prompts_grid.png
+GRID_PROMPTS = [  # (prompt, in a held-out phrasing): every kind of word, in every training template and held-out one
+    ("a small circle in the top left corner", False),
+    ("large square, bottom right", False),
+    ("in the middle a medium circle", False),
+    ("a square, small and near the bottom of the frame", False),
+    ("circle 25 px wide at 20, 42", False),
+    ("a circle on the right, 30 pixels wide", True),
+    ("a 20 px square in the top right corner", True),
+    ("bottom left, the circle, large", True),
+]
+ATTENTION_PROMPTS = {  # prompt: the words whose cross-attention maps attention_maps.png shows
+    "a small circle in the top left corner": ("small", "circle", "top", "left"),
+    "large square, bottom right": ("large", "square", "bottom", "right"),
+}
+ATTENTION_TIMES = np.linspace(0.05, 0.95, 10)  # shares of the schedule at which the sample is noised for the maps
+SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s model (conditional)
+    "request": {"conditioning": "request"},
+    "prompt": {"conditioning": "prompt"},
+    "prompt, cross_attention_levels=1": {"conditioning": "prompt", "cross_attention_levels": 1},
+    "prompt, text_layers=1": {"conditioning": "prompt", "text_layers": 1},
+}
+SAMPLING = "set; n; sampler; steps; guidance||g"
+PROMPT_COLUMNS = bc.columns(
+    SAMPLING,
+    "valid||.3f; matches||.3f; class_accuracy|class|.3f; size_word_accuracy|size word|.3f",
+    "size_error|size error (px)|.2f; half_accuracy|half|.3f; quadrant_accuracy|quadrant|.3f",
+    "centre_accuracy|centre|.3f; center_error|place error (px)|.2f; sample_seconds|seconds|.1f",
+)
+EMPTY_COLUMNS = bc.columns(
+    SAMPLING,
+    "valid||.3f; mid_gray|mid-gray|.3f; circle_share||.3f; size_w1|size W1 (px)|.2f",
+    "position_w1|position W1 (px)|.2f; sample_seconds|seconds|.1f",
+)
+SPEED_COLUMNS = bc.columns(
+    "config; parameters||,; ms_per_step|ms / step (median)|.1f; ratio|against request|.2f",
+    "data_ms|data ms / batch (median)|.1f; steps_timed",
+)
+
+
+def parse_args(argv: list[str] | None):
+    parser = bc.make_parser(__doc__, f"runs/benchmarks/{NAME}")
+    bc.add_model_source_args(parser, "a prompt model (train --conditioning prompt; du.load_model: EMA weights)")
+    parser.add_argument("--samples", type=bc.positive_int, default=256, help="images per prompt set (default 256)")
+    parser.add_argument("--steps", type=bc.positive_int, help="network evaluations per image (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=du.DEFAULT_GUIDANCE, help="guidance scale (sample's)")
+    speed = parser.add_argument_group("speed: ms per training step of the request and prompt models")
+    speed.add_argument("--speed", action="store_true", help="also time training steps (off by default)")
+    speed.add_argument("--speed-steps", type=bc.positive_int, default=10, help="timed steps per config and round")
+    speed.add_argument("--speed-repeats", type=bc.positive_int, default=5, help="rounds, alternating configs (5)")
+    speed.add_argument("--speed-warmup", type=int, default=3, help="untimed steps per config first (3)")
+    return parser.parse_args(argv)
+
+
+def load_or_train(args, device) -> tuple[du.UNet, du.NoiseSchedule, str, dict]:
+    """The checkpoint's sampling model and how it samples by default, or (smoke tests) a tiny prompt model."""
+    if args.checkpoint:
+        model, schedule = du.load_model(args.checkpoint, device=device)
+        source = f"{du.describe_model(model)}; checkpoint {args.checkpoint}"
+        return model, schedule, source, du.checkpoint_sampling(args.checkpoint)
+    flow, flow_train = du.default_configs("cpu", "flow")
+    config = dataclasses.replace(flow, base_channels=8, conditioning="prompt", text_width=16, text_layers=1)
+    train = dataclasses.replace(flow_train, batch_size=8, channels_last=False, seed=args.seed)
+    trainer = du.Trainer(config, train, device=device)
+    trainer.train(steps=args.train_steps, progress=False)
+    sampling = {"sampler": du.DEFAULT_SAMPLER, "steps": du.DEFAULT_STEPS, "spacing": None}
+    source = f"tiny prompt model trained for {trainer.step} steps (smoke)"
+    return trainer.sampling_model.eval(), trainer.schedule, source, sampling
+
+
+def prompt_row(model, schedule, name: str, texts: list[str], sampling: dict, device) -> dict:
+    """One prompt set, sampled from the fixed seed and scored word by word."""
+    options = {"prompt": texts, "seed": bc.SAMPLE_SEED, "progress": False, **sampling}
+    result, seconds = bc.timed(lambda: du.sample(model, schedule, len(texts), **options), device)
+    row = {"set": name, "sampler": sampling["sampler"], "steps": sampling["steps"], "guidance": sampling["guidance"]}
+    row |= du.evaluate_prompts(result.images, texts)
+    print(f"{name}: valid {row['valid']:.3f}, matches {row['matches']:.3f}", flush=True)
+    return row | {"sample_seconds": seconds}
+
+
+def empty_row(model, schedule, args, sampling: dict, device) -> dict:
+    """The empty prompt: the unconditional model, scored as the other benchmarks score unconditional samples."""
+    sampler, steps, spacing = sampling["sampler"], sampling["steps"], sampling["spacing"]
+    scores, _ = bc.sample_and_evaluate(model, schedule, args.samples, sampler, steps, device, spacing=spacing)
+    print(f"empty: valid {scores['valid']:.3f}, mid-gray {scores['mid_gray']:.3f}", flush=True)
+    return {"set": "empty", "guidance": None, **scores}  # nothing to guide towards
+
+
+def plot_prompt_grid(model, schedule, sampling: dict):
+    """GRID_PROMPTS, a row of GRID_SAMPLES samples each; green: valid and right in every word."""
+    texts = [text for text, _ in GRID_PROMPTS for _ in range(GRID_SAMPLES)]
+    options = {"prompt": texts, "seed": bc.SAMPLE_SEED, "progress": False, **sampling}
+    images = du.sample(model, schedule, len(texts), **options).images
+    outline = [score.matches for score in du.score_prompts(images, texts)]
+    labels = [f"{text} *" if held_out else text for text, held_out in GRID_PROMPTS]
+    how = f"{sampling['sampler']}, {sampling['steps']} steps, guidance {sampling['guidance']:g}"
+    title = f"Prompts ({how}); * a held-out phrasing; green: obeys every word"
+    return du.plot_grid(images, columns=GRID_SAMPLES, title=title, outline=outline, row_labels=labels)
+
+
+def attention_maps(model, schedule, image: torch.Tensor, text: str) -> torch.Tensor:
+    """(1 + PROMPT_LENGTH, 64, 64): du.cross_attention_maps of one sample noised back (with one noise) to each of
+    ATTENTION_TIMES along the schedule, averaged over those times, as Hertz et al. average over the sampling steps."""
+    device = next(model.parameters()).device
+    x0 = image[None].to(device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(bc.SAMPLE_SEED)).to(device)
+    prompt = du.Prompt.of([text]).to(device)
+    maps = []
+    for share in ATTENTION_TIMES:
+        index = torch.tensor([round(float(share) * (len(schedule) - 1))], device=device)
+        x_t = schedule.noised(x0, noise, index) * float(schedule.input_scales[index])  # the network's input
+        t = schedule.timesteps.to(device)[index]
+        maps.append(du.cross_attention_maps(model, x_t.float(), t, prompt)[0].cpu())
+    return torch.stack(maps).mean(0)
+
+
+def plot_attention(model, schedule, sampling: dict):
+    """Per ATTENTION_PROMPTS entry, one sample and the cross-attention map of each of its words (outlined: the
+    shape drawn, when it is valid); each map on its own colour scale, its largest share in the title."""
+    texts = list(ATTENTION_PROMPTS)
+    options = {"prompt": texts, "seed": bc.SAMPLE_SEED, "progress": False, **sampling}
+    images = du.sample(model, schedule, len(texts), **options).images
+    columns = 1 + max(len(words) for words in ATTENTION_PROMPTS.values())
+    fig = du._figure(1.6 * columns, 1.9 * len(texts) + 0.4)
+    axes = fig.subplots(len(texts), columns, squeeze=False)
+    for row, (text, image) in enumerate(zip(texts, images)):
+        maps, tokens = attention_maps(model, schedule, image, text), du.prompt_token_names(text)
+        valid = du.read_shape(du.model_to_uint8(image[None])[0]).valid
+        du._show(axes[row, 0], image, textwrap.fill(f'"{text}"', 22))
+        for ax in axes[row, 1:]:
+            ax.axis("off")
+        for ax, word in zip(axes[row, 1:], ATTENTION_PROMPTS[text]):
+            attention = maps[1 + tokens.index(word)].numpy()  # index 0 is the start vector
+            ax.axis("on")
+            ax.imshow(attention, cmap="magma", vmin=0, vmax=max(float(attention.max()), 1e-8))
+            if valid:
+                ax.contour(image.squeeze().numpy() > 0, levels=[0.5], colors="white", linewidths=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{word} (max {attention.max():.2f})", fontsize=8)
+    fig.suptitle("Which pixels read which word: cross-attention, averaged over layers, heads and noise levels")
+    return fig
+
+
+def speed_rows(args, device) -> list[dict]:
+    """Median ms per training step (and per batch drawn) of each SPEED_CONFIGS model on the device's flow recipe:
+    --speed-warmup untimed steps each, then --speed-repeats rounds of --speed-steps steps each, the configs in turn
+    (a drift of the machine hits all alike). Each step and each batch is timed alone, the device synced around it."""
+    base, train = du.default_configs(device, "flow")
+    train = dataclasses.replace(train, seed=args.seed)
+    trainers, streams = {}, {}
+    for name, changes in SPEED_CONFIGS.items():
+        trainers[name] = du.Trainer(dataclasses.replace(base, conditional=True, **changes), train, device=device)
+        streams[name] = trainers[name].batches()  # what training draws (no workers on the CPU recipe)
+        for _ in range(args.speed_warmup):
+            bc.train_step(trainers[name], next(streams[name]))
+    step_ms = {name: [] for name in SPEED_CONFIGS}
+    data_ms = {name: [] for name in SPEED_CONFIGS}
+    for round_ in range(args.speed_repeats):
+        for name, trainer in trainers.items():
+            for _ in range(args.speed_steps):
+                batch, seconds = bc.timed(lambda name=name: next(streams[name]), device)
+                data_ms[name].append(1e3 * seconds)
+                _, seconds = bc.timed(lambda t=trainer, b=batch: bc.train_step(t, b), device)
+                step_ms[name].append(1e3 * seconds)
+        print(f"speed round {round_ + 1}/{args.speed_repeats} done", flush=True)
+    reference = statistics.median(step_ms["request"])
+    rows = []
+    for name, trainer in trainers.items():
+        ms = statistics.median(step_ms[name])
+        row = {"config": name, "parameters": du.count_parameters(trainer.model), "ms_per_step": ms}
+        row |= {"ratio": ms / reference, "data_ms": statistics.median(data_ms[name]), "steps_timed": len(step_ms[name])}
+        rows.append(row | {"batch_size": train.batch_size})
+        print(f"{name}: {ms:.1f} ms / step ({ms / reference:.2f}x the request model)", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = bc.setup(args)
+    model, schedule, source, recorded = load_or_train(args, device)
+    if not (model.config.conditional and model.config.conditioning == "prompt"):
+        print(f"{args.checkpoint}: not a prompt model (train it with --conditioning prompt)", file=sys.stderr)
+        return 2
+    args.out, env = bc.prepare_out(args.out), bc.environment(device, __file__)
+    print(f"{bc.environment_line(env)}\nmodel: {source}", flush=True)
+    sampling = {**recorded, "guidance": args.guidance}
+    if args.steps is not None:
+        sampling["steps"] = args.steps
+    sets = {"seen": du.seen_prompts(args.samples, DATA_SEED), "held-out": du.held_out_prompts(args.samples, DATA_SEED)}
+    rows = [prompt_row(model, schedule, name, texts, sampling, device) for name, texts in sets.items()]
+    bc.save_json(args.out / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
+    rows.append(empty_row(model, schedule, args, sampling, device))
+    bc.save_json(args.out / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
+    du.save_figure(plot_prompt_grid(model, schedule, sampling), args.out / f"{NAME}_grid.png", dpi=110)
+    du.save_figure(plot_attention(model, schedule, sampling), args.out / "attention_maps.png", dpi=110)
+    speed = speed_rows(args, device) if args.speed else []
+    setting = f"{args.samples} images per set, sampling seed {bc.SAMPLE_SEED}; prompts of make_shapes(n, {DATA_SEED})"
+    sections = [f"model: {source}", "## Prompt sets", bc.markdown_table(rows[:2], PROMPT_COLUMNS), setting]
+    sections += ["## The empty prompt (unconditional)", bc.markdown_table(rows[2:], EMPTY_COLUMNS)]
+    if speed:
+        rounds = f"{args.speed_repeats} alternating rounds of {args.speed_steps} steps per config"
+        timing = f"flow recipe, batch {speed[0]['batch_size']}; {rounds}, after {args.speed_warmup} untimed"
+        sections += ["## Training speed", bc.markdown_table(speed, SPEED_COLUMNS), timing]
+    title = "Prompts read by cross-attention"
+    bc.write_report(args.out, NAME, title, env, sections, model=model.config, sampling=sampling, rows=rows, speed=speed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
