@@ -158,6 +158,10 @@ FIGURES = (
     "step_sweep.png",
     "interpolation.png",
     "implied_weights.png",
+    "captions.png",
+    "sketch_to_shape.png",
+    "inpainting.png",
+    "inversion.png",
 )
 CONDITIONAL_FIGURES = ("guidance_grid.png", "guidance.png")
 
@@ -176,6 +180,7 @@ def tiny_parameters(output_dir: Path, figure_path: Path, **overrides: object) ->
         "FEW_STEPS": [2, 3],
         "GUIDANCE_SCALES": [0.0, 2.0],
         "N_GUIDANCE": 4,
+        "N_EDIT": 8,
         "ORIGINAL_SAMPLE_STEPS": 6,
         "OUTPUT_DIR": str(output_dir),
         "FIGURE_PATH": str(figure_path),
