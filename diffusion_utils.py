@@ -165,6 +165,7 @@ class ModelConfig:
     text_width: int = 64  # a prompt model's text encoder: the width of its token vectors (section 5)
     text_layers: int = 2  # and its transformer layers
     cross_attention_levels: int | None = None  # decoder levels, from the coarsest, that read the prompt; None: all
+    query_positions: bool = False  # cross-attention queries also carry each pixel's place in the frame (section 5)
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -263,9 +264,7 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def default_configs(
-    device: torch.device | str, objective: str = DEFAULT_OBJECTIVE
-) -> tuple[ModelConfig, TrainConfig]:
+def default_configs(device: torch.device | str, objective: str = DEFAULT_OBJECTIVE) -> tuple[ModelConfig, TrainConfig]:
     """The project's measured recipe for this kind of device (benchmarks/RESULTS.md), for an objective.
 
     A CPU is compute-bound, so a narrow network that sees many images per minute wins there; a GPU has compute to
@@ -1652,14 +1651,30 @@ class TextEncoder(nn.Module):
         return self.norm(h), present
 
 
+def pixel_positions(channels: int, height: int, width: int) -> torch.Tensor:
+    """(1, channels, height, width): each pixel's centre in frame pixels, x in the first half of the channels and y
+    in the second, as sinusoidal features (Vaswani et al. 2017; 2-D as in Carion et al. 2020, arXiv 2005.12872)."""
+    scale = IMAGE_SIZE / width  # a feature-map pixel covers scale x scale frame pixels
+    centres = (torch.arange(width) + 0.5) * scale - 0.5
+    x = sinusoidal_embedding(centres, channels // 2, max_period=ATTRIBUTE_PERIOD)  # (width, channels / 2)
+    y = sinusoidal_embedding((torch.arange(height) + 0.5) * scale - 0.5, channels // 2, max_period=ATTRIBUTE_PERIOD)
+    grid = torch.cat([x.T[:, None, :].expand(-1, height, -1), y.T[:, :, None].expand(-1, -1, width)])
+    return grid[None]
+
+
 class CrossAttention(nn.Module):
     """Every pixel looks at every word: queries from the feature map, keys and values from the prompt's token
     vectors, softmax(Q K^T / sqrt(d)) V over the tokens that are there, with a residual connection (Rombach et al.
-    2022, section 3.3). It starts as the identity (zero output projection), like the other blocks."""
+    2022, section 3.3). It starts as the identity (zero output projection), like the other blocks.
 
-    def __init__(self, channels: int, text_width: int, heads: int = TEXT_HEADS) -> None:
+    With positions, each query also carries its pixel's place (pixel_positions, through its own projection): a
+    convolution's features say what is at a pixel, and only faintly where it is, so without them a word like "left"
+    has no query to match but the shape's own pixels."""
+
+    def __init__(self, channels: int, text_width: int, heads: int = TEXT_HEADS, positions: bool = False) -> None:
         super().__init__()
         self.heads = heads
+        self.positions = nn.Conv2d(channels, channels, 1, bias=False) if positions else None
         self.norm = _group_norm(channels)
         self.query = nn.Conv2d(channels, channels, 1)
         self.key_value = nn.Linear(text_width, 2 * channels)
@@ -1682,7 +1697,10 @@ class CrossAttention(nn.Module):
     def _projections(self, x: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q (N, heads, H*W, d) from the pixels; K and V (N, heads, tokens, d) from the token vectors."""
         n, c, h, w = x.shape
-        q = self.query(self.norm(x)).reshape(n, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q = self.query(self.norm(x))
+        if self.positions is not None:
+            q = q + self.positions(pixel_positions(c, h, w).to(x.device, x.dtype))
+        q = q.reshape(n, self.heads, c // self.heads, h * w).transpose(-1, -2)
         k, v = self.key_value(text).view(n, text.shape[1], 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         return q, k, v
 
@@ -1748,10 +1766,12 @@ class UNet(nn.Module):
             self.prompt_pool = nn.Linear(config.text_width, time_dim)
             nn.init.zeros_(self.prompt_pool.weight)
             nn.init.zeros_(self.prompt_pool.bias)
-            self.mid_cross = CrossAttention(widths[-1], config.text_width)
+            self.mid_cross = CrossAttention(widths[-1], config.text_width, positions=config.query_positions)
             reading = len(widths) if config.cross_attention_levels is None else config.cross_attention_levels
             self.up_cross = nn.ModuleList(
-                CrossAttention(width, config.text_width) if k < reading else nn.Identity()
+                CrossAttention(width, config.text_width, positions=config.query_positions)
+                if k < reading
+                else nn.Identity()
                 for k, width in enumerate(reversed(widths))
             )
 

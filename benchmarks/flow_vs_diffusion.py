@@ -10,8 +10,9 @@ Step budgets make the rows independent of the machine's speed, so jobs may run i
 
 Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow"):
 logit-normal t), flow-uniform (the same with uniform t), and the flow reading prompts by cross-attention at every
-decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1); their unconditional score is the empty
-prompt's, and benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there. Smoke test (seconds):
+decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also carry each pixel's
+place (flow-prompt-l1-positions); their unconditional score is the empty prompt's, and benchmarks/prompts.py
+scores their prompts. The commands of RESULTS.md are given there. Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
     python benchmarks/flow_vs_diffusion.py samplers --evaluations 1,2 --reference 4 --samples 8 --out /tmp/fvd_smoke
@@ -30,7 +31,7 @@ import _common as bc  # benchmarks/ is on sys.path as this script's folder; it p
 
 import diffusion_utils as du
 
-CONFIGS = ("recipe", "flow", "flow-uniform", "flow-prompt", "flow-prompt-l1")
+CONFIGS = ("recipe", "flow", "flow-uniform", "flow-prompt", "flow-prompt-l1", "flow-prompt-l1-positions")
 SCORE_COLUMNS = [
     ("valid", "valid", "%"),
     ("mid_gray", "mid-gray", "%"),
@@ -65,6 +66,10 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         "flow-uniform": (flow[0], dataclasses.replace(flow[1], time_sampling="uniform")),
         "flow-prompt": (prompt, flow[1]),
         "flow-prompt-l1": (dataclasses.replace(prompt, cross_attention_levels=1), flow[1]),
+        "flow-prompt-l1-positions": (
+            dataclasses.replace(prompt, cross_attention_levels=1, query_positions=True),
+            flow[1],
+        ),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 

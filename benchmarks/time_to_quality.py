@@ -6,9 +6,10 @@ model draws --samples images with DDPM-100 (the original design: 64 at DDPM-1000
 A conditional configuration also gets an "NAME, asked" row: the class, centre and size of as many real shapes.
   --budgets 5,15   a fresh run per budget: needed when the lr decays to 0 at the end of each train() call
   --eval-at 5,15   one run of --minutes, evaluated between chunks (a constant lr only)
-Configurations: original, previous (bc.previous_recipe), recipe (du.default_configs(device, "diffusion")) and, with --ablation,
-the cumulative chain from the original to the CPU recipe (+cosine, +v, ...). Writes time_to_quality.json and .md
-(a row per seed, then mean and min-max), valid_vs_minutes.png, sample grids and each configuration's checkpoint.
+Configurations: original, previous (bc.previous_recipe), recipe (du.default_configs(device, "diffusion")) and,
+with --ablation, the cumulative chain from the original to the CPU recipe (+cosine, +v, ...). Writes
+time_to_quality.json and .md (a row per seed, then mean and min-max), valid_vs_minutes.png, sample grids and each
+configuration's checkpoint.
 
 The commands of RESULTS.md are given there. Smoke test (seconds):
     python benchmarks/time_to_quality.py --configs previous,recipe --budgets 0.03,0.05 --seeds 0,1 --samples 8 \\
@@ -75,7 +76,7 @@ def ablation_chain(original, target) -> list[tuple[str, du.ModelConfig, du.Train
             model, train = changed
             chain.append((name, model, train))
     if (model, train) != target:
-        raise RuntimeError("the ablation chain no longer ends at du.default_configs('cpu', 'diffusion'): update its steps")
+        raise RuntimeError("the ablation chain no longer ends at the CPU diffusion recipe: update its steps")
     return chain
 
 
@@ -91,7 +92,8 @@ def build_presets(args, device) -> dict[str, Preset]:
         "previous": (*bc.previous_recipe(device), short),
         "recipe": (*du.default_configs(device, "diffusion"), short),
     }
-    raw |= {name: (model, train, short) for name, model, train in ablation_chain(original, du.default_configs("cpu", "diffusion"))}
+    chain = ablation_chain(original, du.default_configs("cpu", "diffusion"))
+    raw |= {name: (model, train, short) for name, model, train in chain}
     presets = {}
     for name, (model, train, evaluations) in raw.items():
         evaluations = [(label.format(name), steps, n) for label, steps, n in evaluations]

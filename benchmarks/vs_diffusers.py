@@ -2,7 +2,8 @@
 Hugging Face diffusers").
 
 Same data, device, batch and precision for every row; each row takes one difference out:
-  ours                    du.default_configs(device, "diffusion") in du.Trainer, sampled with du.sample (unconditionally)
+  ours                    du.default_configs(device, "diffusion") in du.Trainer, sampled with du.sample
+                          (unconditionally)
   diffusers-defaults      diffusers' train_unconditional.py recipe on a 64x64 UNet2DModel of about our size
   diffusers-best          that network with the recipe's main choices (cosine, v target, EMA, lr 1e-3)
   diffusers-same-network  a UNet2DModel shaped like our U-Net on the same pixel-unshuffled input, in du.Trainer

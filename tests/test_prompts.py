@@ -396,3 +396,24 @@ def test_cross_attention_levels_choose_the_decoder_levels_that_read_the_prompt()
     assert reading(None) == [True, True] and reading(1) == [True, False] and reading(0) == [False, False]
     with pytest.raises(ValueError, match="cross_attention_levels must be None or 0-2"):
         prompt_config(cross_attention_levels=3)
+
+
+def test_pixel_positions_are_each_pixels_centre_in_frame_pixels():
+    """A 4x4 map's pixel covers 16 frame pixels: column j's centre is 16 j + 7.5, and so is row i's (for y)."""
+    positions = du.pixel_positions(8, 4, 4)
+    centres = torch.tensor([7.5, 23.5, 39.5, 55.5])
+    expected = du.sinusoidal_embedding(centres, 4, max_period=du.ATTRIBUTE_PERIOD)  # (4 pixels, 4 features)
+    assert positions.shape == (1, 8, 4, 4)
+    assert torch.allclose(positions[0, :4, 2, :].T, expected) and torch.allclose(positions[0, 4:, :, 1].T, expected)
+    assert torch.equal(positions[0, :4, 0], positions[0, :4, 3]) and torch.equal(
+        positions[0, 4:, :, 0], positions[0, 4:, :, 2]
+    )
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_cross_attention_queries_know_their_place_only_with_positions(positions):
+    """On a feature map that is the same everywhere, queries differ between pixels only when they carry positions."""
+    torch.manual_seed(0)
+    block = du.CrossAttention(8, 16, heads=2, positions=positions)
+    q, _, _ = block._projections(torch.ones(1, 8, 4, 4), torch.randn(1, 3, 16))
+    assert (q[0, :, 0] != q[0, :, 5]).any() == positions

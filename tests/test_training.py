@@ -98,7 +98,7 @@ def test_default_and_original_configs():
     assert du.default_configs("cpu") == du.default_configs("cpu", du.DEFAULT_OBJECTIVE)
     cpu_model, cpu_train = du.default_configs("cpu", "diffusion")
     assert cpu_train.channels_last and cpu_model.pixel_unshuffle == 4 and cpu_model.bottleneck_attention
-    assert cpu_model.base_channels == 24 and du.ModelConfig() == cpu_model  # the dataclass defaults: the CPU diffusion recipe
+    assert cpu_model.base_channels == 24 and du.ModelConfig() == cpu_model  # the dataclass defaults: this recipe
     assert cpu_model.conditional and (cpu_train.lr, cpu_train.lr_schedule, cpu_train.condition_dropout) == (
         2e-3,
         "cosine",
