@@ -3581,7 +3581,10 @@ def evaluate_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence
 #   deterministic sampler is an ODE solver (section 10), so it runs backwards too, from an image to the noise that
 #   the forward ODE would take to it; decoding that noise with DDIM gives the image back, up to the solver's error.
 
-DEFAULT_STRENGTH = 0.6  # the command line's SDEdit strength for a sketch (benchmarks/editing.py measures others)
+# The command line's SDEdit strength for a sketch: the middle of the plateau where the most edits are valid, of the
+# sketch's class and within 2 px of its centre and size (0.4-0.6: 30-31 %; RESULTS.md, "Editing"). No strength gives
+# both realism and faithfulness here: validity rises with the strength as the class and place drift away.
+DEFAULT_STRENGTH = 0.5
 DEFAULT_RESAMPLE = 5  # RePaint's resamplings per step for `inpaint` (1: plain replacement)
 
 
