@@ -63,7 +63,7 @@ TIME_INJECTIONS = ("every_block", "bottleneck")
 MIN_SNR_FORMS = ("cap", "paper")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
-CONDITIONINGS = ("request", "prompt")  # what a conditional model reads: three numbers, or words (section 11)
+CONDITIONINGS = ("request", "prompt")  # what a conditional model reads: three numbers, or words (sections 11 and 14)
 TEXT_HEADS = 4  # attention heads of the text encoder and of the U-Net's cross-attention
 CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
 # Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
@@ -134,7 +134,18 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
+    shrink_png(path)
     return path
+
+
+def shrink_png(path: str | os.PathLike) -> None:
+    """Rewrite a PNG with a 256-colour palette: a figure has few colours, so it looks the same at about half the
+    bytes, and the committed notebook, which embeds every figure, stays small. (Pillow comes with matplotlib.)"""
+    from PIL import Image as PillowImage
+
+    with PillowImage.open(path) as image:
+        palette = image.convert("RGB").quantize(colors=256)
+    palette.save(path, optimize=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -607,7 +618,7 @@ class Condition:
 # training image gets a short English caption written from what was drawn, in varied templates and word orders, with
 # each part (class, size, place) left out at random: that is condition dropout for classifier-free guidance, and the
 # empty prompt is the unconditional model. The language is small enough to parse exactly (`read_prompt`), so the
-# captions can be checked against their shapes and the samples scored word by word (section 11).
+# captions can be checked against their shapes and the samples scored word by word (section 14).
 
 PROMPT_LENGTH = 16  # tokens a prompt may hold; the longest caption has 14 (a half pixel is a token: "30.5" = 30 .5)
 FRAME_CENTER = (IMAGE_SIZE - 1) / 2  # 31.5: the frame's centre in pixel coordinates
@@ -2738,7 +2749,7 @@ def sample(
     whatever batch_size is. initial_noise (n, 1, 64, 64) replaces the seeded x_T (interpolations, section 10);
     spacing replaces the sampler's own timestep grid (NoiseSchedule.respaced); clip_x0=False leaves x0_hat
     unclipped, to show why it is clipped (or names another of CLIP_RULES). precision: this device's
-    (choose_precision) unless given, as in Trainer. editing (section 12) makes it an edit of given images: it may cut
+    (choose_precision) unless given, as in Trainer. editing (section 15) makes it an edit of given images: it may cut
     the grid to start from a noised image part of the way down (SDEdit), and wrap the sampler's step to keep known
     pixels (inpainting); the loop stays this one.
     """
@@ -3565,7 +3576,7 @@ def evaluate_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence
 
 
 # ------------------------------------------------------------------------------------------
-# 12. Editing: from a sketch, around a mask, back to the noise
+# 15. Editing: from a sketch, around a mask, back to the noise (the notebook's section 15)
 # ------------------------------------------------------------------------------------------
 #
 # A trained model edits images with no new training, through the same sampling loop (section 7):

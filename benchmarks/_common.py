@@ -154,7 +154,7 @@ def prepare_out(path: str | os.PathLike) -> Path:
     return out
 
 
-# One trained model to measure (samplers.py, guidance.py, experiments/mid_gray.py)
+# One trained model to measure (samplers.py, guidance.py, editing.py)
 
 
 def add_model_source_args(parser: argparse.ArgumentParser, checkpoint_help: str, required: bool = True) -> None:
@@ -369,13 +369,3 @@ def write_report(out: Path, name: str, title: str, env: dict, sections: Sequence
     (out / f"{name}.md").write_text(text)
     save_json(out / f"{name}.json", {"benchmark": name, "environment": env, **payload})
     return text
-
-
-def edge_band(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) bool: the band of pixels within a pixel of a shape's boundary (the morphological gradient of the
-    shape mask, image > 127, with a 3x3 square), where soft edges put their mid-gray pixels."""
-    import cv2
-
-    kernel = np.ones((3, 3), np.uint8)
-    masks = (np.asarray(images) > 127).astype(np.uint8)
-    return np.stack([cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, kernel) for mask in masks]).astype(bool)

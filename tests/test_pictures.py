@@ -116,3 +116,19 @@ def test_percent_with_error_is_the_binomial_standard_error():
     assert du.percent_with_error(0.97, 64) == "97.0 ± 2.1 %"  # sqrt(0.97 * 0.03 / 64) = 0.0213
     assert du.percent_with_error(1.0, 256) == "100.0 ± 0.0 %"
     assert du.percent_with_error(float("nan"), 10) == "-"
+
+
+def test_save_figure_writes_a_palette_png_that_looks_the_same(tmp_path):
+    """The saved file is a 256-colour PNG of the figure's size, each pixel within a few levels of the full-colour
+    rendering (a grid of shapes with red and green outlines, as the notebook saves them)."""
+    from PIL import Image as PillowImage
+
+    images = du.make_shapes(4, seed=0).images
+    fig = du.plot_grid(images, columns=4, outline=[True, False, None, True])
+    full = tmp_path / "full.png"
+    fig.savefig(full, dpi=100)
+    path = du.save_figure(fig, tmp_path / "figure.png")
+    with PillowImage.open(path) as saved, PillowImage.open(full) as reference:
+        assert saved.mode == "P" and saved.size == reference.size
+        difference = np.abs(np.asarray(saved.convert("RGB"), float) - np.asarray(reference.convert("RGB"), float))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99.9) < 24
