@@ -3576,7 +3576,7 @@ def evaluate_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence
 
 
 # ------------------------------------------------------------------------------------------
-# 15. Editing: from a sketch, around a mask, back to the noise (the notebook's section 15)
+# 12. Editing: from a sketch, around a mask, back to the noise (the notebook's section 15)
 # ------------------------------------------------------------------------------------------
 #
 # A trained model edits images with no new training, through the same sampling loop (section 7):
