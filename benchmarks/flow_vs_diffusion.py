@@ -8,10 +8,11 @@ budget's checkpoint is kept. Phase "samplers" loads those checkpoints and scores
 network evaluations per image, and the 1000-step references. Phase "report" joins the rows of --out folders.
 Step budgets make the rows independent of the machine's speed, so jobs may run in parallel (one thread each).
 
-Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow"):
-logit-normal t), flow-uniform (the same with uniform t), and the flow reading prompts by cross-attention at every
-decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also carry each pixel's
-place (flow-prompt-l1-positions); their unconditional score is the empty prompt's, and benchmarks/prompts.py
+Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow") at
+SD3's logit-normal t), flow-uniform (at uniform t, the default), and the logit-normal flow reading prompts by
+cross-attention at every decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also
+carry each pixel's place (flow-prompt-l1-positions), and the uniform one at the coarsest (flow-uniform-prompt-l1);
+their unconditional score is the empty prompt's, and benchmarks/prompts.py
 scores their prompts. The commands of RESULTS.md are given there. Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
@@ -31,7 +32,9 @@ import _common as bc  # benchmarks/ is on sys.path as this script's folder; it p
 
 import diffusion_utils as du
 
-CONFIGS = ("recipe", "flow", "flow-uniform", "flow-prompt", "flow-prompt-l1", "flow-prompt-l1-positions")
+CONFIGS = tuple(
+    "recipe flow flow-uniform flow-prompt flow-prompt-l1 flow-prompt-l1-positions flow-uniform-prompt-l1".split()
+)
 SCORE_COLUMNS = [
     ("valid", "valid", "%"),
     ("mid_gray", "mid-gray", "%"),
@@ -58,18 +61,18 @@ SAMPLER_COLUMNS = [
 
 
 def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
-    recipe, flow = du.default_configs(device, "diffusion"), du.default_configs(device, "flow")
-    prompt = dataclasses.replace(flow[0], conditioning="prompt")
+    recipe, (flow_model, uniform) = du.default_configs(device, "diffusion"), du.default_configs(device, "flow")
+    flow = (flow_model, dataclasses.replace(uniform, time_sampling="logit-normal"))  # SD3's times, as first measured
+    prompt = dataclasses.replace(flow_model, conditioning="prompt")
+    coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
     found = {
         "recipe": recipe,
         "flow": flow,
-        "flow-uniform": (flow[0], dataclasses.replace(flow[1], time_sampling="uniform")),
+        "flow-uniform": (flow_model, uniform),
         "flow-prompt": (prompt, flow[1]),
-        "flow-prompt-l1": (dataclasses.replace(prompt, cross_attention_levels=1), flow[1]),
-        "flow-prompt-l1-positions": (
-            dataclasses.replace(prompt, cross_attention_levels=1, query_positions=True),
-            flow[1],
-        ),
+        "flow-prompt-l1": (coarsest, flow[1]),
+        "flow-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), flow[1]),
+        "flow-uniform-prompt-l1": (coarsest, uniform),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 

@@ -109,13 +109,25 @@ def test_logit_normal_times_have_standard_normal_logits():
     assert abs(float(uniform.mean()) - 0.5) < 0.01 and abs(float(uniform.var()) - 1 / 12) < 0.003
 
 
+def test_logit_normal_times_rarely_train_the_noisiest_tenth_where_the_layout_is_decided():
+    # P(t > 0.9) = P(m > logit(0.9)) = 1 - Phi(ln 9) = 0.0141 for m ~ N(0, 1); uniform t gives 0.1. Trained at those
+    # times, a flow ignores where a request asks for its shape (RESULTS.md), so the default flow samples t uniformly.
+    tail = 0.5 * math.erfc(math.log(9) / math.sqrt(2))
+    assert tail == pytest.approx(0.0141, abs=1e-4)
+    t = du.training_times(200_000, "logit-normal", torch.Generator().manual_seed(1))
+    assert float((t > 0.9).float().mean()) == pytest.approx(tail, abs=0.001)
+    assert float((du.training_times(200_000, "uniform", torch.Generator().manual_seed(1)) > 0.9).float().mean()) == (
+        pytest.approx(0.1, abs=0.002)
+    )
+
+
 def test_the_trainer_trains_the_flow_with_the_flow_loss():
     model, train = du.default_configs("cpu", "flow")
     assert (model.schedule, model.prediction, train.min_snr_gamma, train.time_sampling) == (
         "flow",
         "velocity",
         None,
-        "logit-normal",
+        "uniform",  # not logit-normal: see the next test
     )
     trainer = du.Trainer(
         tiny_model_config(schedule="flow", prediction="velocity"),
