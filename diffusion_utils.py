@@ -283,7 +283,7 @@ def default_configs(device: torch.device | str, objective: str = DEFAULT_OBJECTI
     cosine schedule with v and capped min-SNR; "flow" is rectified flow on the same network and optimiser, learning
     the velocity with plain MSE at uniform times. Not SD3's logit-normal times: they rarely train the noisiest
     times, where a sample's layout is decided, and a flow trained so draws valid shapes but puts them where its noise
-    says, not where a request or prompt asks (14.6-14.9 px off, against 0.8 px at uniform times; RESULTS.md).
+    says, not where a request or prompt asks (15.2-15.9 px off, against 0.8 px at uniform times; RESULTS.md).
     """
     device = torch.device(device)
     _check_choice("objective", objective, OBJECTIVES)

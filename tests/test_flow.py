@@ -127,7 +127,7 @@ def test_the_trainer_trains_the_flow_with_the_flow_loss():
         "flow",
         "velocity",
         None,
-        "uniform",  # not logit-normal: see the next test
+        "uniform",  # not logit-normal: see the test above
     )
     trainer = du.Trainer(
         tiny_model_config(schedule="flow", prediction="velocity"),
