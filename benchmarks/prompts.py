@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     du.save_figure(plot_attention(model, schedule, sampling), args.out / "attention_maps.png", dpi=110)
     speed = speed_rows(args, device) if args.speed else []
     setting = f"{args.samples} images per set, sampling seed {bc.SAMPLE_SEED}; prompts of make_shapes(n, {DATA_SEED})"
+    setting += f"\n\nnumber role share (0: x and y are one): {du.number_role_share(model.text_encoder):.3f}"
     sections = [f"model: {source}", "## Prompt sets", bc.markdown_table(rows[:2], PROMPT_COLUMNS), setting]
     sections += ["## The empty prompt (unconditional)", bc.markdown_table(rows[2:], EMPTY_COLUMNS)]
     if speed:

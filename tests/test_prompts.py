@@ -417,3 +417,16 @@ def test_cross_attention_queries_know_their_place_only_with_positions(positions)
     block = du.CrossAttention(8, 16, heads=2, positions=positions)
     q, _, _ = block._projections(torch.ones(1, 8, 4, 4), torch.randn(1, 3, 16))
     assert (q[0, :, 0] != q[0, :, 5]).any() == positions
+
+
+def test_the_text_encoder_tells_a_number_as_x_from_the_same_number_as_y_from_the_start():
+    """Positions at the tokens' scale: at initialisation, "20" as x ("at 20, 44") and as y ("at 44, 20") differ at
+    least a third as much as "20" and "44" do; positions at 0.02 make them differ about 2 %."""
+    assert du.prompt_token_names("circle at 20, 44") == ["circle", "at", "20", ",", "44"]  # the indices the share reads
+    for seed in range(3):
+        torch.manual_seed(seed)
+        encoder = du.TextEncoder(64, 2)
+        assert du.number_role_share(encoder) > 1 / 3
+        with torch.no_grad():
+            encoder.positions.mul_(0.02)
+        assert du.number_role_share(encoder) < 0.05
