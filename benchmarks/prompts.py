@@ -5,9 +5,8 @@ du.DEFAULT_GUIDANCE), all from the same noise, scored word by word (du.evaluate_
 the training templates with every part given) and "held-out" (du.held_out_prompts: the same shapes described in
 word orders training never shows); then "empty", the empty prompt (the unconditional model), scored as every other
 benchmark scores unconditional samples (du.evaluate_samples). Figures: prompts_grid.png (varied prompts, a row each;
-green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022). --speed adds the
-milliseconds of a training step: the request model against the prompt model and two cheaper prompt variants, in
-alternating rounds. Writes prompts.json and prompts.md.
+green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022). --speed: ms per
+training step, request model against prompt model and two cheaper variants, alternating. Writes prompts.json/.md.
 
 On the CPU prompt model (15 minutes of the flow recipe reading prompts):
     python diffusion_utils.py train --objective flow --conditioning prompt --minutes 15 \\
