@@ -8,12 +8,13 @@ budget's checkpoint is kept. Phase "samplers" loads those checkpoints and scores
 network evaluations per image, and the 1000-step references. Phase "report" joins the rows of --out folders.
 Step budgets make the rows independent of the machine's speed, so jobs may run in parallel (one thread each).
 
-Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow") at
-SD3's logit-normal t), flow-uniform (at uniform t, the default), and the logit-normal flow reading prompts by
+Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow") at SD3's
+logit-normal t), flow-uniform (at uniform t, the default), and the logit-normal flow reading prompts by
 cross-attention at every decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also
-carry each pixel's place (flow-prompt-l1-positions), and the uniform one at the coarsest (flow-uniform-prompt-l1);
-their unconditional score is the empty prompt's, and benchmarks/prompts.py
-scores their prompts. The commands of RESULTS.md are given there. Smoke test (seconds):
+carry each pixel's place (flow-prompt-l1-positions), and the uniform ones at the coarsest (flow-uniform-prompt-l1,
+-l1-positions) or at times shifted towards the noise (flow-shifted-prompt-l1); their unconditional score is the empty
+prompt's, and benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there.
+Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
     python benchmarks/flow_vs_diffusion.py samplers --evaluations 1,2 --reference 4 --samples 8 --out /tmp/fvd_smoke
@@ -32,23 +33,10 @@ import _common as bc  # benchmarks/ is on sys.path as this script's folder; it p
 
 import diffusion_utils as du
 
-CONFIGS = tuple(
-    "recipe flow flow-uniform flow-prompt flow-prompt-l1 flow-prompt-l1-positions flow-uniform-prompt-l1".split()
-)
-SCORE_COLUMNS = [
-    ("valid", "valid", "%"),
-    ("mid_gray", "mid-gray", "%"),
-    ("circle_share", "circle share", ".2f"),
-    ("size_w1", "size W1 (px)", ".2f"),
-    ("position_w1", "position W1 (px)", ".2f"),
-]
-TRAIN_COLUMNS = [
-    ("config", "config", ""),
-    ("seed", "seed", ""),
-    ("steps_trained", "steps", ","),
-    ("images_per_s", "train images/s", ".0f"),
-    *SCORE_COLUMNS,
-]
+SCORE_COLUMNS = [("valid", "valid", "%"), ("mid_gray", "mid-gray", "%"), ("circle_share", "circle share", ".2f")]
+SCORE_COLUMNS += [("size_w1", "size W1 (px)", ".2f"), ("position_w1", "position W1 (px)", ".2f")]
+TRAIN_COLUMNS = [("config", "config", ""), ("seed", "seed", ""), ("steps_trained", "steps", ",")]
+TRAIN_COLUMNS += [("images_per_s", "train images/s", ".0f"), *SCORE_COLUMNS]
 SAMPLER_COLUMNS = [
     ("config", "checkpoint", ""),
     ("sampler", "sampler", ""),
@@ -63,7 +51,7 @@ SAMPLER_COLUMNS = [
 def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     recipe, (flow_model, uniform) = du.default_configs(device, "diffusion"), du.default_configs(device, "flow")
     flow = (flow_model, dataclasses.replace(uniform, time_sampling="logit-normal"))  # SD3's times, as first measured
-    prompt = dataclasses.replace(flow_model, conditioning="prompt")
+    prompt = dataclasses.replace(flow_model, conditioning="prompt", cross_attention_levels=None)  # at every level
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
     found = {
         "recipe": recipe,
@@ -73,6 +61,8 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         "flow-prompt-l1": (coarsest, flow[1]),
         "flow-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), flow[1]),
         "flow-uniform-prompt-l1": (coarsest, uniform),
+        "flow-uniform-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), uniform),
+        "flow-shifted-prompt-l1": (coarsest, dataclasses.replace(uniform, time_sampling="shifted")),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 
@@ -166,7 +156,8 @@ def read_rows(folders: list[Path], name: str) -> list[dict]:
 
 def report_phase(args, device, out: Path) -> None:
     folders = [Path(f) for f in args.folders.split(",")] if args.folders else [out]
-    trained = sorted(read_rows(folders, "train"), key=lambda r: (CONFIGS.index(r["config"]), r["steps_trained"]))
+    order = list(configs(device, args))
+    trained = sorted(read_rows(folders, "train"), key=lambda r: (order.index(r["config"]), r["steps_trained"]))
     sampled = read_rows(folders, "samplers")
     plain = [r for r in sampled if is_plain(r)]
     sections = ["## Training, one row per run (DDPM-100)\n\n" + bc.markdown_table(trained, TRAIN_COLUMNS)]

@@ -1,12 +1,13 @@
 """Prompts read by cross-attention (issue 25): does a model obey words, in phrasings it never saw too?
 
 A prompt model draws --samples images per prompt set with its default sampler and guidance (du.checkpoint_sampling,
-du.DEFAULT_GUIDANCE), all from the same noise, scored word by word (du.evaluate_prompts): "seen" (du.seen_prompts,
-the training templates with every part given) and "held-out" (du.held_out_prompts: the same shapes described in
-word orders training never shows); then "empty", the empty prompt (the unconditional model), scored as every other
-benchmark scores unconditional samples (du.evaluate_samples). Figures: prompts_grid.png (varied prompts, a row each;
-green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022). --speed: ms per
-training step, request model against prompt model and two cheaper variants, alternating. Writes prompts.json/.md.
+du.DEFAULT_PROMPT_GUIDANCE), all from the same noise, scored word by word (du.evaluate_prompts): "seen"
+(du.seen_prompts, the training templates with every part given) and "held-out" (du.held_out_prompts: the same shapes
+described in word orders training never shows); then "empty", the empty prompt (the unconditional model), scored as
+every other benchmark scores unconditional samples (du.evaluate_samples). Figures: prompts_grid.png (varied prompts,
+a row each; green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022).
+--speed: ms per training step, request model against prompt model and two cheaper variants, alternating. Writes
+prompts.json/.md.
 
 On the CPU prompt model (15 minutes of the flow recipe reading prompts):
     python diffusion_utils.py train --objective flow --conditioning prompt --minutes 15 \\
@@ -53,7 +54,7 @@ ATTENTION_TIMES = np.linspace(0.05, 0.95, 10)  # shares of the schedule at which
 SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s model (conditional)
     "request": {"conditioning": "request"},
     "prompt": {"conditioning": "prompt"},
-    "prompt, cross_attention_levels=1": {"conditioning": "prompt", "cross_attention_levels": 1},
+    "prompt, every level": {"conditioning": "prompt", "cross_attention_levels": None},
     "prompt, text_layers=1": {"conditioning": "prompt", "text_layers": 1},
 }
 SAMPLING = "set; n; sampler; steps; guidance||g"
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None):
     bc.add_model_source_args(parser, "a prompt model (train --conditioning prompt; du.load_model: EMA weights)")
     parser.add_argument("--samples", type=bc.positive_int, default=256, help="images per prompt set (default 256)")
     parser.add_argument("--steps", type=bc.positive_int, help="network evaluations per image (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=du.DEFAULT_GUIDANCE, help="guidance scale (sample's)")
+    parser.add_argument("--guidance", type=float, default=du.DEFAULT_PROMPT_GUIDANCE, help="guidance scale (sample's)")
     speed = parser.add_argument_group("speed: ms per training step of the request and prompt models")
     speed.add_argument("--speed", action="store_true", help="also time training steps (off by default)")
     speed.add_argument("--speed-steps", type=bc.positive_int, default=10, help="timed steps per config and round")

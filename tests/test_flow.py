@@ -121,6 +121,16 @@ def test_logit_normal_times_rarely_train_the_noisiest_tenth_where_the_layout_is_
     )
 
 
+def test_shifted_times_are_the_uniform_ones_moved_towards_the_noise():
+    # The same draws, mapped by t = s u / (1 + (s - 1) u): P(t > 0.9) = P(u > 0.9 / (s - 0.9 (s - 1))) = 0.25 at s = 3.
+    u = du.training_times(200_000, "uniform", torch.Generator().manual_seed(2))
+    t = du.training_times(200_000, "shifted", torch.Generator().manual_seed(2))
+    assert du.TIME_SHIFT == 3
+    torch.testing.assert_close(t, 3 * u / (1 + 2 * u))
+    assert float((t > 0.9).float().mean()) == pytest.approx(0.25, abs=0.003)
+    assert float(t.median()) == pytest.approx(0.75, abs=0.005)
+
+
 def test_the_trainer_trains_the_flow_with_the_flow_loss():
     model, train = du.default_configs("cpu", "flow")
     assert (model.schedule, model.prediction, train.min_snr_gamma, train.time_sampling) == (

@@ -229,6 +229,22 @@ def test_guidance_on_a_prompt(prompt_net):
     assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-4)
 
 
+def test_a_prompt_samples_at_the_prompt_guidance_unless_told_and_a_request_at_its_own():
+    assert du.DEFAULT_PROMPT_GUIDANCE != du.DEFAULT_GUIDANCE  # else the samples below could not tell them apart
+    assert du.default_guidance(du.Prompt.of(["a circle"])) == du.DEFAULT_PROMPT_GUIDANCE
+    assert du.default_guidance(du.request(1, "circle")) == du.default_guidance(None) == du.DEFAULT_GUIDANCE
+
+
+def test_sampling_at_the_default_guidance_is_sampling_at_the_prompt_guidance(prompt_net):
+    schedule = du.NoiseSchedule.from_config(prompt_net.config)
+    options = {"steps": 3, "progress": False, "prompt": "a small circle on the left"}
+    by_default = du.sample(prompt_net, schedule, 2, **options).images
+    assert torch.equal(
+        by_default, du.sample(prompt_net, schedule, 2, guidance=du.DEFAULT_PROMPT_GUIDANCE, **options).images
+    )
+    assert not torch.equal(by_default, du.sample(prompt_net, schedule, 2, guidance=1.0, **options).images)
+
+
 def test_sampling_with_a_prompt_and_a_request_rendered_as_one(prompt_net):
     schedule = du.NoiseSchedule.from_config(prompt_net.config)
     asked = du.request(3, "circle", 25, (30.5, 40))
