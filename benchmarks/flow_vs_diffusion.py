@@ -12,7 +12,8 @@ Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.defau
 logit-normal t), flow-uniform (at uniform t, the default), and the logit-normal flow reading prompts by
 cross-attention at every decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also
 carry each pixel's place (flow-prompt-l1-positions), and the uniform ones at the coarsest (flow-uniform-prompt-l1,
--l1-positions) or at times shifted towards the noise (flow-shifted-prompt-l1); their unconditional score is the empty
+-l1-positions) or at times shifted towards the noise (flow-shifted-prompt-l1,
+-l1-positions); their unconditional score is the empty
 prompt's, and benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there.
 Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
@@ -51,7 +52,7 @@ SAMPLER_COLUMNS = [
 def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     recipe, (flow_model, uniform) = du.default_configs(device, "diffusion"), du.default_configs(device, "flow")
     flow = (flow_model, dataclasses.replace(uniform, time_sampling="logit-normal"))  # SD3's times, as first measured
-    prompt = dataclasses.replace(flow_model, conditioning="prompt", cross_attention_levels=None)  # at every level
+    prompt = dataclasses.replace(flow_model, conditioning="prompt", cross_attention_levels=None, query_positions=False)
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
     found = {
         "recipe": recipe,
@@ -63,6 +64,10 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         "flow-uniform-prompt-l1": (coarsest, uniform),
         "flow-uniform-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), uniform),
         "flow-shifted-prompt-l1": (coarsest, dataclasses.replace(uniform, time_sampling="shifted")),
+        "flow-shifted-prompt-l1-positions": (
+            dataclasses.replace(coarsest, query_positions=True),
+            dataclasses.replace(uniform, time_sampling="shifted"),
+        ),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 

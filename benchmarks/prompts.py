@@ -6,7 +6,7 @@ du.DEFAULT_PROMPT_GUIDANCE), all from the same noise, scored word by word (du.ev
 described in word orders training never shows); then "empty", the empty prompt (the unconditional model), scored as
 every other benchmark scores unconditional samples (du.evaluate_samples). Figures: prompts_grid.png (varied prompts,
 a row each; green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022).
---speed: ms per training step, request model against prompt model and two cheaper variants, alternating. Writes
+--speed: ms per training step, request model against prompt model and three variants, alternating. Writes
 prompts.json/.md.
 
 On the CPU prompt model (15 minutes of the flow recipe reading prompts):
@@ -55,6 +55,7 @@ SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s m
     "request": {"conditioning": "request"},
     "prompt": {"conditioning": "prompt"},
     "prompt, every level": {"conditioning": "prompt", "cross_attention_levels": None},
+    "prompt, no query positions": {"conditioning": "prompt", "query_positions": False},
     "prompt, text_layers=1": {"conditioning": "prompt", "text_layers": 1},
 }
 SAMPLING = "set; n; sampler; steps; guidance||g"
@@ -95,8 +96,8 @@ def load_or_train(args, device) -> tuple[du.UNet, du.NoiseSchedule, str, dict]:
         model, schedule = du.load_model(args.checkpoint, device=device)
         source = f"{du.describe_model(model)}; checkpoint {args.checkpoint}"
         return model, schedule, source, du.checkpoint_sampling(args.checkpoint)
-    flow, flow_train = du.default_configs("cpu", "flow")
-    config = dataclasses.replace(flow, base_channels=8, conditioning="prompt", text_width=16, text_layers=1)
+    flow, flow_train = du.default_configs("cpu", "flow", "prompt")
+    config = dataclasses.replace(flow, base_channels=8, text_width=16, text_layers=1)
     train = dataclasses.replace(flow_train, batch_size=8, channels_last=False, seed=args.seed)
     trainer = du.Trainer(config, train, device=device)
     trainer.train(steps=args.train_steps, progress=False)

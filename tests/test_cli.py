@@ -20,7 +20,7 @@ ROOT = Path(du.__file__).resolve().parent
 def tiny_defaults(monkeypatch):
     """`train` builds the device's default recipe; make that a tiny model so the CLI runs in seconds."""
 
-    def tiny(device, objective="diffusion"):
+    def tiny(device, objective="diffusion", conditioning="request"):
         if objective == "flow":
             return tiny_model_config(schedule="flow", prediction="velocity"), tiny_train_config(
                 min_snr_gamma=None, time_sampling="logit-normal"
@@ -36,7 +36,9 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "run.pt"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            du, "default_configs", lambda device, objective="diffusion": (tiny_model_config(), tiny_train_config())
+            du,
+            "default_configs",
+            lambda device, objective="diffusion", conditioning="request": (tiny_model_config(), tiny_train_config()),
         )
         assert du.main(["train", "--steps", "2", "--out", str(path), "--no-progress", "--seed", "4"]) == 0
     return path
@@ -383,7 +385,9 @@ def conditional_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "conditional.pt"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
-            du, "default_configs", lambda device, objective="diffusion": (tiny_model_config(), tiny_train_config())
+            du,
+            "default_configs",
+            lambda device, objective="diffusion", conditioning="request": (tiny_model_config(), tiny_train_config()),
         )
         assert du.main(["train", "--steps", "2", "--conditional", "--out", str(path), "--no-progress"]) == 0
     return path

@@ -1,6 +1,7 @@
 """Prompts: captions of the data, the tokenizer and parser, the text encoder and cross-attention, guidance on a
 prompt, scoring word by word, and the command line's --prompt."""
 
+import dataclasses
 import json
 import math
 
@@ -346,8 +347,8 @@ def checkpoints(tmp_path_factory):
         patch.setattr(
             du,
             "default_configs",
-            lambda device, objective="diffusion": (
-                tiny_model_config(conditional=True, text_width=16),
+            lambda device, objective="diffusion", conditioning="request": (
+                tiny_model_config(conditional=True, text_width=16, conditioning=conditioning),
                 tiny_train_config(),
             ),
         )
@@ -402,6 +403,17 @@ def test_a_request_checkpoint_refuses_a_prompt(checkpoints, tmp_path, capsys):
     np.save(out, du.model_to_uint8(du.make_shapes(2).images))
     status, _, err = run_main(capsys, "evaluate", str(out), "--prompt", "a circle", "--size", "20")
     assert_one_line_error(status, err, "not both")
+
+
+def test_the_prompt_recipe_reads_words_and_trains_a_flow_at_shifted_times():
+    request_model, request_train = du.default_configs("cpu", "flow")
+    model, train = du.default_configs("cpu", "flow", "prompt")
+    assert (request_model.conditioning, request_train.time_sampling) == ("request", "uniform")
+    assert (model.conditioning, train.time_sampling) == ("prompt", "shifted")
+    assert model == dataclasses.replace(request_model, conditioning="prompt") and model.cross_attention_levels == 1
+    assert du.default_configs("cpu", "diffusion", "prompt")[1].time_sampling == "uniform"  # DDPM's t is uniform
+    with pytest.raises(ValueError, match="unknown conditioning 'words'"):
+        du.default_configs("cpu", "flow", "words")
 
 
 def test_cross_attention_levels_choose_the_decoder_levels_that_read_the_prompt():
