@@ -71,8 +71,8 @@ CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
 # Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
 # classifier-free guidance scale for requests (section 11)
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "ddpm", 100, 1.0
-# and for prompts (section 14): a 15-minute prompt model half-learns its words, and guidance 3 takes its place words
-# from 58-86 % to 84-97 % obeyed at 96-99 % valid (RESULTS.md, "Prompts"), for twice the network passes
+# and for prompts (section 14): at guidance 1 a 15-minute prompt model obeys each kind of word 5-15 points less
+# often than at 3, as valid (RESULTS.md, "Prompts"); guidance costs twice the network passes
 DEFAULT_PROMPT_GUIDANCE = 3.0
 
 
@@ -181,7 +181,7 @@ class ModelConfig:
     text_width: int = 64  # a prompt model's text encoder: the width of its token vectors (section 5)
     text_layers: int = 2  # and its transformer layers
     # decoder levels, from the coarsest, that read the prompt (None: all): the coarsest, as measured (RESULTS.md,
-    # "Prompts"); every level obeyed no better and cost 1.49x a request step against 1.29x
+    # "Prompts"); every level obeyed no better and costs 1.54x a request step against 1.35x
     cross_attention_levels: int | None = 1
     # cross-attention queries also carry each pixel's place in the frame (section 5): at shifted times, guidance 3,
     # two seeds, exact places 1.1-2.3 px off against 2.1-4.2 px without (RESULTS.md, "Prompts")
@@ -1655,7 +1655,8 @@ class TextEncoder(nn.Module):
     The learned positions start at the token embeddings' scale (N(0, 1), nn.Embedding's), not at GPT-2's 0.02: a
     token's place is what tells "at 20, 44" from "at 44, 20", and positions 50x weaker than the tokens stay too weak
     to learn from: started at 0.02, trained models gave "20" the same vector as x and as y (number_role_share
-    0.02-0.04); started at 1, 0.16-0.21 after 15 minutes. Exact places are still ignored (RESULTS.md, "Prompts").
+    0.02-0.04); started at 1, 0.16-0.21 after 15 minutes (exact places came within 1-2 px only once the training
+    times moved towards the noise; RESULTS.md, "Prompts").
     """
 
     def __init__(self, width: int, layers: int) -> None:
