@@ -130,7 +130,6 @@ def add_model_override_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, help="TrainConfig.batch_size")
     group.add_argument("--lr", type=float, help="TrainConfig.lr")
     group.add_argument("--lr-schedule", choices=du.LR_SCHEDULES, help="TrainConfig.lr_schedule")
-    group.add_argument("--condition-dropout", type=float, help="TrainConfig.condition_dropout")
     group.add_argument(
         "--conditional", action=argparse.BooleanOptionalAction, default=None, help="ModelConfig.conditional"
     )
@@ -143,7 +142,7 @@ def apply_overrides(
     mults = getattr(args, "channel_mults", None)
     model_changes = {"base_channels": args.base_channels, "channel_mults": tuple(mults) if mults else None}
     model_changes["conditional"] = args.conditional
-    train_changes = {key: getattr(args, key) for key in ("batch_size", "lr", "lr_schedule", "condition_dropout")}
+    train_changes = {key: getattr(args, key) for key in ("batch_size", "lr", "lr_schedule")}
     train_changes["seed"] = args.seed
     model = dataclasses.replace(model, **{k: v for k, v in model_changes.items() if v is not None})
     return model, dataclasses.replace(train, **{k: v for k, v in train_changes.items() if v is not None})

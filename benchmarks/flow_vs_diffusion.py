@@ -12,9 +12,9 @@ Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.defau
 logit-normal t), flow-uniform (at uniform t, the default), and the logit-normal flow reading prompts by
 cross-attention at every decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also
 carry each pixel's place (flow-prompt-l1-positions), and the uniform ones at the coarsest (flow-uniform-prompt-l1,
--l1-positions) or at times shifted towards the noise (flow-shifted-prompt-l1,
--l1-positions); their unconditional score is the empty
-prompt's, and benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there.
+flow-uniform-prompt-l1-positions) or at times shifted towards the noise (flow-shifted-prompt-l1, and -l1-positions:
+du.default_configs(device, "flow", "prompt"), the prompt recipe); their unconditional score is the empty prompt's, and
+benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there.
 Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
@@ -54,6 +54,7 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     flow = (flow_model, dataclasses.replace(uniform, time_sampling="logit-normal"))  # SD3's times, as first measured
     prompt = dataclasses.replace(flow_model, conditioning="prompt", cross_attention_levels=None, query_positions=False)
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
+    recipe_model, shifted = du.default_configs(device, "flow", "prompt")  # the prompt recipe: shifted t, positions
     found = {
         "recipe": recipe,
         "flow": flow,
@@ -63,11 +64,8 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         "flow-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), flow[1]),
         "flow-uniform-prompt-l1": (coarsest, uniform),
         "flow-uniform-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), uniform),
-        "flow-shifted-prompt-l1": (coarsest, dataclasses.replace(uniform, time_sampling="shifted")),
-        "flow-shifted-prompt-l1-positions": (
-            dataclasses.replace(coarsest, query_positions=True),
-            dataclasses.replace(uniform, time_sampling="shifted"),
-        ),
+        "flow-shifted-prompt-l1": (dataclasses.replace(recipe_model, query_positions=False), shifted),
+        "flow-shifted-prompt-l1-positions": (recipe_model, shifted),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 
