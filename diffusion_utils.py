@@ -67,6 +67,8 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONDITIONINGS = ("request", "prompt")  # what a conditional model reads: three numbers, or words (sections 11 and 14)
 TEXT_HEADS = 4  # attention heads of the text encoder and of the U-Net's cross-attention
+TEXT_POSITIONS = ("rotary", "learned")  # how the text encoder tells word order (TextEncoder)
+ROTARY_BASE = 10000.0  # RoPE's base period (Su et al. 2021), as in the paper and LLaMA
 CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
 # Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
 # classifier-free guidance scale for requests (section 11)
@@ -180,11 +182,14 @@ class ModelConfig:
     conditioning: str = "request"  # what a conditional model reads: "request" (three numbers) or "prompt" (words)
     text_width: int = 64  # a prompt model's text encoder: the width of its token vectors (section 5)
     text_layers: int = 2  # and its transformer layers
+    # and how it tells word order: "rotary" (RoPE) or "learned" (TextEncoder); rotary, as measured: held-out phrasings
+    # obeyed as well as seen ones (RESULTS.md, "Prompts")
+    text_positions: str = "rotary"
     # decoder levels, from the coarsest, that read the prompt (None: all): the coarsest, as measured (RESULTS.md,
     # "Prompts"); every level obeyed no better and costs 1.54x a request step against 1.35x
     cross_attention_levels: int | None = 1
     # cross-attention queries also carry each pixel's place in the frame (section 5): at shifted times, guidance 3,
-    # two seeds, exact places 1.1-2.3 px off against 2.1-4.2 px without (RESULTS.md, "Prompts")
+    # two seeds, learned text positions: exact places 1.1-2.3 px off, 2.1-4.2 px without (RESULTS.md, "Prompts")
     query_positions: bool = True
 
     def __post_init__(self) -> None:
@@ -218,6 +223,7 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_choice("conditioning", self.conditioning, CONDITIONINGS)
         _check_positive_int("text_layers", self.text_layers)
+        _check_choice("text_positions", self.text_positions, TEXT_POSITIONS)
         _check_positive_int("text_width", self.text_width)
         if self.cross_attention_levels is not None and not 0 <= self.cross_attention_levels <= len(self.channel_mults):
             raise ValueError(
@@ -1640,38 +1646,88 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
 
 
+@functools.lru_cache(maxsize=8)
+def rotary_tables(length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, dim) of RoPE's angles m * theta_i, theta_i = ROTARY_BASE^(-2i / dim), for positions
+    m = 0..length-1, each angle twice (for x_i and x_{i + dim/2}, the pairs `rotate` turns together)."""
+    theta = ROTARY_BASE ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * theta
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (RoPE; Su et al. 2021, arXiv 2104.09864, eq. 34): the pair (x_i, x_{i + d/2}) of
+    the vector at position m is turned by the angle m * theta_i. Turned queries and keys give
+    q_m . k_n = Re[sum_i q_i conj(k_i) e^{i (m - n) theta_i}]: the attention score depends on the positions only
+    through their difference, so a word pattern means the same wherever it sits in the prompt."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+class TextLayer(nn.Module):
+    """A pre-norm transformer encoder layer (Vaswani et al. 2017, arXiv 1706.03762; norm first, as GPT-2) whose
+    self-attention turns queries and keys by their token's position (`rotate`), as LLaMA's does."""
+
+    def __init__(self, width: int, heads: int = TEXT_HEADS) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention_norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        n, length, width = h.shape
+        q, k, v = self.qkv(self.attention_norm(h)).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        cos, sin = (table.to(h.device, h.dtype) for table in rotary_tables(length, q.shape[-1]))
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=present[:, None, None, :])
+        h = h + self.out(attended.transpose(1, 2).reshape(n, length, width))
+        return h + self.mlp(self.mlp_norm(h))
+
+
 class TextEncoder(nn.Module):
-    """A prompt's tokens as vectors that know their neighbours: a token embedding, a learned position, and a few
-    pre-norm transformer layers (Vaswani et al. 2017, arXiv 1706.03762), trained with the U-Net from scratch, as a
-    small stand-in for Stable Diffusion's frozen CLIP text encoder (Rombach et al. 2022, arXiv 2112.10752).
+    """A prompt's tokens as vectors that know their neighbours: a token embedding and a few pre-norm transformer
+    layers (Vaswani et al. 2017, arXiv 1706.03762), trained with the U-Net from scratch, as a small stand-in for
+    Stable Diffusion's frozen CLIP text encoder (Rombach et al. 2022, arXiv 2112.10752).
 
     Why this size: the language has under 100 tokens and prompts of at most 16; what a word means depends only on a
     few neighbours ("top" before "left" is a quadrant, a number before "px" is a size, after "at" a place). One layer
     lets each token see its neighbours and a second composes "at X , Y"; 64 wide with 4 heads is ~80 k parameters,
-    a quarter of the CPU U-Net's, and its cost (17 tokens) is nothing beside a convolution over a feature map. A number
-    token also gets sinusoidal features of its value, so "25" lies between "24" and "26" from the start. A learned
-    start vector leads every prompt: the empty prompt is that vector alone, and attention always has a key.
+    a quarter of the CPU U-Net's, and its cost (17 tokens) is small beside the convolutions. A number token also
+    gets sinusoidal features of its value, so "25" lies between "24" and "26" from the start. A learned start
+    vector leads every prompt: the empty prompt is that vector alone, and attention always has a key.
 
-    The learned positions start at the token embeddings' scale (N(0, 1), nn.Embedding's), not at GPT-2's 0.02: a
-    token's place is what tells "at 20, 44" from "at 44, 20", and positions 50x weaker than the tokens stay too weak
-    to learn from: started at 0.02, trained models gave "20" the same vector as x and as y (number_role_share
-    0.02-0.04); started at 1, 0.16-0.21 after 15 minutes (exact places came within 1-2 px only once the training
-    times moved towards the noise; RESULTS.md, "Prompts").
+    Word order: with positions "rotary" (the default), the layers' attention turns queries and keys by their
+    positions (RoPE, `rotate`), so a pattern like "at X , Y" or "N px" reads the same at any place in the prompt;
+    "learned" adds a learned vector per position to each token instead (GPT-2's way), which ties a word's vector to
+    the places training put it. Over two seeds at 15 minutes, in phrasings never seen in training, learned positions
+    put an exact place 1.8-2.3 px off and obeyed the size words 87-90 %; rotary ones 0.5-0.7 px and 99-100 %, as in
+    the seen phrasings (RESULTS.md, "Prompts"). The learned positions start at the token embeddings' scale (N(0, 1)),
+    not GPT-2's 0.02: started at 0.02, trained models gave "20" the same vector as x and as y (number_role_share
+    0.02-0.04).
     """
 
-    def __init__(self, width: int, layers: int) -> None:
+    def __init__(self, width: int, layers: int, positions: str = "rotary") -> None:
         super().__init__()
+        _check_choice("positions", positions, TEXT_POSITIONS)
         self.width = width
         self.tokens = nn.Embedding(len(VOCABULARY), width, padding_idx=0)
         self.numbers = nn.Linear(width, width)
         self.start = nn.Parameter(torch.randn(width) * 0.02)
-        self.positions = nn.Parameter(torch.randn(PROMPT_LENGTH + 1, width))
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                width, TEXT_HEADS, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        if positions == "learned":
+            self.positions = nn.Parameter(torch.randn(PROMPT_LENGTH + 1, width))
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    width, TEXT_HEADS, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                )
+                for _ in range(layers)
             )
-            for _ in range(layers)
-        )
+        else:
+            self.positions = None
+            self.layers = nn.ModuleList(TextLayer(width) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
 
     def forward(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1683,10 +1739,15 @@ class TextEncoder(nn.Module):
         is_number = ((ids >= FIRST_NUMBER_ID) & (ids < FIRST_NUMBER_ID + IMAGE_SIZE))[..., None]
         number_features = sinusoidal_embedding(values, self.width, max_period=ATTRIBUTE_PERIOD).view(n, -1, self.width)
         words = self.tokens(ids) + is_number * self.numbers(number_features)
-        h = torch.cat([self.start.expand(n, 1, self.width), words], 1) + self.positions
+        h = torch.cat([self.start.expand(n, 1, self.width), words], 1)
         present = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=ids.device), ids != 0], 1)
-        for layer in self.layers:
-            h = layer(h, src_key_padding_mask=~present)
+        if self.positions is not None:
+            h = h + self.positions
+            for layer in self.layers:
+                h = layer(h, src_key_padding_mask=~present)
+        else:
+            for layer in self.layers:
+                h = layer(h, present)
         return self.norm(h), present
 
 
@@ -1784,7 +1845,9 @@ class UNet(nn.Module):
         reads_prompts = config.conditional and config.conditioning == "prompt"
         reads_requests = config.conditional and not reads_prompts
         self.condition_embedding = ConditionEmbedding(config.base_channels, time_dim) if reads_requests else None
-        self.text_encoder = TextEncoder(config.text_width, config.text_layers) if reads_prompts else None
+        self.text_encoder = (
+            TextEncoder(config.text_width, config.text_layers, config.text_positions) if reads_prompts else None
+        )
         self.stem = nn.Sequential(nn.PixelUnshuffle(factor), nn.Conv2d(factor * factor, widths[0], 3, padding=1))
 
         self.down_blocks, self.downsamplers = nn.ModuleList(), nn.ModuleList()
@@ -4420,9 +4483,15 @@ def _from_format_1(payload: dict, path: Path) -> dict:
     return {**payload, "format": CHECKPOINT_FORMAT, "model_config": model, "train_config": train, "state": state}
 
 
+# Fields added to ModelConfig after /2 files were written, with the value those files were trained with (a default
+# that changed would otherwise load them as something else).
+_ADDED_MODEL_FIELDS = {"text_positions": "learned"}
+
+
 def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
     try:
-        return ModelConfig(**payload["model_config"]), TrainConfig(**payload["train_config"])
+        model = {**_ADDED_MODEL_FIELDS, **payload["model_config"]}
+        return ModelConfig(**model), TrainConfig(**payload["train_config"])
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: its configuration is invalid: {error}") from None
 

@@ -8,13 +8,9 @@ budget's checkpoint is kept. Phase "samplers" loads those checkpoints and scores
 network evaluations per image, and the 1000-step references. Phase "report" joins the rows of --out folders.
 Step budgets make the rows independent of the machine's speed, so jobs may run in parallel (one thread each).
 
-Configurations: recipe (du.default_configs(device, "diffusion")), flow (du.default_configs(device, "flow") at SD3's
-logit-normal t), flow-uniform (at uniform t, the default), and the logit-normal flow reading prompts by
-cross-attention at every decoder level (flow-prompt) or at the coarsest only (flow-prompt-l1), whose queries may also
-carry each pixel's place (flow-prompt-l1-positions), and the uniform ones at the coarsest (flow-uniform-prompt-l1,
-flow-uniform-prompt-l1-positions) or at times shifted towards the noise (flow-shifted-prompt-l1, and -l1-positions:
-du.default_configs(device, "flow", "prompt"), the prompt recipe); their unconditional score is the empty prompt's, and
-benchmarks/prompts.py scores their prompts. The commands of RESULTS.md are given there.
+Configurations (`configs`, each commented there): the recipe, the flow at logit-normal, uniform or shifted times, and
+flows reading prompts, the last, flow-shifted-prompt-rotary, being du.default_configs(device, "flow", "prompt"). A
+prompt model's unconditional score is the empty prompt's; benchmarks/prompts.py scores its prompts.
 Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
         --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/fvd_smoke
@@ -52,20 +48,26 @@ SAMPLER_COLUMNS = [
 def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     recipe, (flow_model, uniform) = du.default_configs(device, "diffusion"), du.default_configs(device, "flow")
     flow = (flow_model, dataclasses.replace(uniform, time_sampling="logit-normal"))  # SD3's times, as first measured
-    prompt = dataclasses.replace(flow_model, conditioning="prompt", cross_attention_levels=None, query_positions=False)
+    learned = {"conditioning": "prompt", "text_positions": "learned"}  # the first text encoder's word order
+    prompt = dataclasses.replace(flow_model, **learned, cross_attention_levels=None, query_positions=False)
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
     recipe_model, shifted = du.default_configs(device, "flow", "prompt")  # the prompt recipe: shifted t, positions
+    recipe_learned = dataclasses.replace(recipe_model, **learned)
+    lean = dataclasses.replace(recipe_model, text_layers=1, cross_attention_levels=0)  # cross-attention at mid only
     found = {
         "recipe": recipe,
         "flow": flow,
         "flow-uniform": (flow_model, uniform),
-        "flow-prompt": (prompt, flow[1]),
+        "flow-prompt": (prompt, flow[1]),  # logit-normal t, cross-attention at every level, learned text positions
         "flow-prompt-l1": (coarsest, flow[1]),
         "flow-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), flow[1]),
         "flow-uniform-prompt-l1": (coarsest, uniform),
         "flow-uniform-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), uniform),
-        "flow-shifted-prompt-l1": (dataclasses.replace(recipe_model, query_positions=False), shifted),
-        "flow-shifted-prompt-l1-positions": (recipe_model, shifted),
+        # shifted t (towards the noise), learned text positions, then rotary ones (the recipe), and a leaner network
+        "flow-shifted-prompt-l1": (dataclasses.replace(recipe_learned, query_positions=False), shifted),
+        "flow-shifted-prompt-l1-positions": (recipe_learned, shifted),
+        "flow-shifted-prompt-rotary": (recipe_model, shifted),
+        "flow-shifted-prompt-rotary-1layer-mid": (lean, shifted),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 

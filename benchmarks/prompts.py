@@ -9,11 +9,7 @@ a row each; green: obeys every word) and attention_maps.png (which pixels read w
 --speed: ms per training step, request model against prompt model and three variants, alternating. Writes
 prompts.json/.md.
 
-On the CPU prompt model (15 minutes of the flow recipe reading prompts):
-    python diffusion_utils.py train --objective flow --conditioning prompt --minutes 15 \\
-        --out benchmarks/results/prompts/prompt.pt
-    python benchmarks/prompts.py --checkpoint benchmarks/results/prompts/prompt.pt --samples 256 --speed --threads 2 \\
-        --out benchmarks/results/prompts
+RESULTS.md, "Prompts", gives the commands of its tables (a prompt model trains 15 minutes on the 2-core CPU).
 Smoke test (seconds; trains a tiny prompt model on the spot):
     python benchmarks/prompts.py --train-steps 3 --samples 4 --steps 3 --threads 1 --out /tmp/bench_smoke/prompts
     python benchmarks/prompts.py --train-steps 1 --samples 2 --steps 2 --speed --speed-steps 2 --speed-repeats 2 \\
@@ -23,6 +19,7 @@ Smoke test (seconds; trains a tiny prompt model on the spot):
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import sys
 import textwrap
@@ -46,6 +43,12 @@ GRID_PROMPTS = [  # (prompt, in a held-out phrasing): every kind of word, in eve
     ("a 20 px square in the top right corner", True),
     ("bottom left, the circle, large", True),
 ]
+HELD_OUT_STARTS = {  # each of du.HELD_OUT_TEMPLATES by how its prompts begin (the first that matches)
+    "held-out: a 25 px square, place": r"a \d",
+    "held-out: a square, place, size": r"a ",
+    "held-out: place, the square, size word": r"",
+}
+assert len(HELD_OUT_STARTS) == len(du.HELD_OUT_TEMPLATES)
 ATTENTION_PROMPTS = {  # prompt: the words whose cross-attention maps attention_maps.png shows
     "a small circle in the top left corner": ("small", "circle", "top", "left"),
     "large square, bottom right": ("large", "square", "bottom", "right"),
@@ -55,8 +58,8 @@ SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s m
     "request": {"conditioning": "request"},
     "prompt": {"conditioning": "prompt"},
     "prompt, every level": {"conditioning": "prompt", "cross_attention_levels": None},
-    "prompt, no query positions": {"conditioning": "prompt", "query_positions": False},
-    "prompt, text_layers=1": {"conditioning": "prompt", "text_layers": 1},
+    "prompt, learned positions": {"conditioning": "prompt", "text_positions": "learned"},
+    "prompt, 1 text layer, bottleneck only": {"conditioning": "prompt", "text_layers": 1, "cross_attention_levels": 0},
 }
 SAMPLING = "set; n; sampler; steps; guidance||g"
 PROMPT_COLUMNS = bc.columns(
@@ -106,14 +109,18 @@ def load_or_train(args, device) -> tuple[du.UNet, du.NoiseSchedule, str, dict]:
     return trainer.sampling_model.eval(), trainer.schedule, source, sampling
 
 
-def prompt_row(model, schedule, name: str, texts: list[str], sampling: dict, device) -> dict:
-    """One prompt set, sampled from the fixed seed and scored word by word."""
+def prompt_rows(model, schedule, name: str, texts: list[str], sampling: dict, device) -> list[dict]:
+    """One prompt set, sampled from the fixed seed and scored word by word; the held-out set also per template."""
     options = {"prompt": texts, "seed": bc.SAMPLE_SEED, "progress": False, **sampling}
     result, seconds = bc.timed(lambda: du.sample(model, schedule, len(texts), **options), device)
     row = {"set": name, "sampler": sampling["sampler"], "steps": sampling["steps"], "guidance": sampling["guidance"]}
-    row |= du.evaluate_prompts(result.images, texts)
-    print(f"{name}: valid {row['valid']:.3f}, matches {row['matches']:.3f}", flush=True)
-    return row | {"sample_seconds": seconds}
+    rows = [row | du.evaluate_prompts(result.images, texts) | {"sample_seconds": seconds}]
+    print(f"{name}: valid {rows[0]['valid']:.3f}, matches {rows[0]['matches']:.3f}", flush=True)
+    templates = [next(t for t, start in HELD_OUT_STARTS.items() if re.match(start, text)) for text in texts]
+    for template in HELD_OUT_STARTS if name == "held-out" else ():
+        mine = [k for k, of in enumerate(templates) if of == template]
+        rows.append(row | {"set": template} | du.evaluate_prompts(result.images[mine], [texts[k] for k in mine]))
+    return rows
 
 
 def empty_row(model, schedule, args, sampling: dict, device) -> dict:
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         sampling["steps"] = args.steps
     sets = {"seen": du.seen_prompts(args.samples, DATA_SEED), "held-out": du.held_out_prompts(args.samples, DATA_SEED)}
-    rows = [prompt_row(model, schedule, name, texts, sampling, device) for name, texts in sets.items()]
+    rows = [row for name, texts in sets.items() for row in prompt_rows(model, schedule, name, texts, sampling, device)]
     bc.save_json(args.out / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
     rows.append(empty_row(model, schedule, args, sampling, device))
     bc.save_json(args.out / f"{NAME}.json", {"environment": env, "rows": rows, "partial": True})
@@ -235,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     speed = speed_rows(args, device) if args.speed else []
     setting = f"{args.samples} images per set, sampling seed {bc.SAMPLE_SEED}; prompts of make_shapes(n, {DATA_SEED})"
     setting += f"\n\nnumber role share (0: x and y are one): {du.number_role_share(model.text_encoder):.3f}"
-    sections = [f"model: {source}", "## Prompt sets", bc.markdown_table(rows[:2], PROMPT_COLUMNS), setting]
-    sections += ["## The empty prompt (unconditional)", bc.markdown_table(rows[2:], EMPTY_COLUMNS)]
+    sections = [f"model: {source}", "## Prompt sets", bc.markdown_table(rows[:-1], PROMPT_COLUMNS), setting]
+    sections += ["## The empty prompt (unconditional)", bc.markdown_table(rows[-1:], EMPTY_COLUMNS)]
     if speed:
         rounds = f"{args.speed_repeats} alternating rounds of {args.speed_steps} steps per config"
         timing = f"flow recipe, batch {speed[0]['batch_size']}; {rounds}, after {args.speed_warmup} untimed"

@@ -448,13 +448,71 @@ def test_cross_attention_queries_know_their_place_only_with_positions(positions)
 
 
 def test_the_text_encoder_tells_a_number_as_x_from_the_same_number_as_y_from_the_start():
-    """Positions at the tokens' scale: at initialisation, "20" as x ("at 20, 44") and as y ("at 44, 20") differ at
-    least a third as much as "20" and "44" do; positions at 0.02 make them differ about 2 %."""
+    """Learned positions at the tokens' scale: at initialisation, "20" as x ("at 20, 44") and as y ("at 44, 20")
+    differ at least a third as much as "20" and "44" do; positions at 0.02 make them differ about 2 %."""
     assert du.prompt_token_names("circle at 20, 44") == ["circle", "at", "20", ",", "44"]  # the indices the share reads
     for seed in range(3):
         torch.manual_seed(seed)
-        encoder = du.TextEncoder(64, 2)
+        encoder = du.TextEncoder(64, 2, positions="learned")
         assert du.number_role_share(encoder) > 1 / 3
         with torch.no_grad():
             encoder.positions.mul_(0.02)
         assert du.number_role_share(encoder) < 0.05
+
+
+def test_rotary_turns_each_pair_by_position_times_its_frequency():
+    """RoPE in closed form: in 2 dimensions (theta_0 = 1) the vector at position m is turned by m radians; in 4, the
+    pairs (x_0, x_2) and (x_1, x_3) by m and m / sqrt(ROTARY_BASE)."""
+    cos, sin = du.rotary_tables(5, 2)
+    x = torch.tensor([1.0, 2.0]).expand(5, 2)
+    m = torch.arange(5.0)
+    expected = torch.stack([m.cos() * 1 - m.sin() * 2, m.sin() * 1 + m.cos() * 2], -1)
+    assert torch.allclose(du.rotate(x, cos, sin), expected, atol=1e-6)
+    cos, sin = du.rotary_tables(5, 4)
+    slow = m / math.sqrt(du.ROTARY_BASE)
+    turned = du.rotate(torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(5, 4), cos, sin)
+    assert torch.allclose(turned[:, [0, 2]], torch.stack([m.cos(), m.sin()], -1), atol=1e-6)
+    turned = du.rotate(torch.tensor([0.0, 1.0, 0.0, 0.0]).expand(5, 4), cos, sin)
+    assert torch.allclose(turned[:, [1, 3]], torch.stack([slow.cos(), slow.sin()], -1), atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    torch.manual_seed(0)
+    q, k = torch.randn(16), torch.randn(16)
+    cos, sin = du.rotary_tables(12, 16)
+    turned_q, turned_k = du.rotate(q.expand(12, 16), cos, sin), du.rotate(k.expand(12, 16), cos, sin)
+    scores = turned_q @ turned_k.T  # (m, n): q at m against k at n
+    for offset in (-3, 0, 2):
+        diagonal = torch.diagonal(scores, offset)
+        assert torch.allclose(diagonal, diagonal[0].expand_as(diagonal), atol=1e-5)
+    assert not torch.allclose(scores[0, 1], scores[0, 2])
+
+
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_only_rotary_positions_read_a_phrase_the_same_wherever_it_sits(positions):
+    """Padding put before a phrase moves it along; a rotary layer's vectors for it do not change (it sees only
+    distances), a learned-position encoder's do."""
+    torch.manual_seed(0)
+    encoder = du.TextEncoder(16, 1, positions)
+    words = torch.randn(2, 5, 16)
+    moved = torch.cat([torch.zeros(2, 3, 16), words], 1)
+    present = torch.tensor([[False] * 3 + [True] * 5] * 2)
+    with torch.no_grad():
+        if positions == "rotary":
+            a, b = encoder.layers[0](words, present[:, 3:]), encoder.layers[0](moved, present)[:, 3:]
+        else:
+            (layer,) = encoder.layers
+            a = layer(words + encoder.positions[:5], src_key_padding_mask=~present[:, 3:])
+            b = layer(moved + encoder.positions[:8], src_key_padding_mask=~present)[:, 3:]
+    assert torch.allclose(a, b, atol=1e-5) == (positions == "rotary")
+
+
+def test_a_prompt_checkpoint_from_before_rotary_positions_loads_with_learned_ones(tmp_path):
+    config = prompt_config(text_positions="learned")
+    trainer = du.Trainer(config, tiny_train_config(), device="cpu")
+    path = du.save_checkpoint(tmp_path / "learned.pt", trainer)
+    payload = torch.load(path, weights_only=True)
+    del payload["model_config"]["text_positions"]  # as files written before the field was added
+    torch.save(payload, path)
+    model, _ = du.load_model(path)
+    assert model.config == config and model.text_encoder.positions is not None

@@ -13,15 +13,7 @@ Variants of the previous recipe (--base previous, bc.previous_recipe: unconditio
 The notebook's exercises, each one change to the current recipe (--base recipe, du.default_configs("cpu", "diffusion")):
     recipe, linear (schedule), eps (target), no-ema, constant-lr
 
-The levers table of RESULTS.md (about 10 minutes a run on the 2-core CPU):
-    python benchmarks/experiments/levers.py --variants previous,cosine-1e-3,cosine,gamma-20 --seeds 0 \\
-        --out benchmarks/results/levers
-    python benchmarks/experiments/levers.py --variants cosine --seeds 1,2,3 --out benchmarks/results/levers/seeds
-    python benchmarks/experiments/levers.py --variants conditional --seeds 0,1 \\
-        --out benchmarks/results/levers/conditional
-The exercises:
-    python benchmarks/experiments/levers.py --base recipe --variants recipe,linear,eps,no-ema,constant-lr \\
-        --steps 3150 --samples 256 --out benchmarks/results/exercises
+RESULTS.md gives the commands of its tables (about 10 minutes a run on the 2-core CPU).
 Smoke test (seconds):
     python benchmarks/experiments/levers.py --steps 3 --samples 8 --asked-samples 4 --variants previous,conditional \\
         --threads 1 --base-channels 8 --channel-mults 1,2 --batch-size 8 --out /tmp/levers_smoke
