@@ -1681,7 +1681,7 @@ class TextLayer(nn.Module):
     def forward(self, h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         n, length, width = h.shape
         q, k, v = self.qkv(self.attention_norm(h)).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        cos, sin = (table.to(h.device, h.dtype) for table in rotary_tables(length, q.shape[-1]))
+        cos, sin = (table.to(q.device, q.dtype) for table in rotary_tables(length, q.shape[-1]))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=present[:, None, None, :])
         h = h + self.out(attended.transpose(1, 2).reshape(n, length, width))

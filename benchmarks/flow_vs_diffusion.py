@@ -68,6 +68,7 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         "flow-shifted-prompt-l1-positions": (recipe_learned, shifted),
         "flow-shifted-prompt-rotary": (recipe_model, shifted),
         "flow-shifted-prompt-rotary-1layer-mid": (lean, shifted),
+        "flow-shifted-prompt-rotary-mid-32": (dataclasses.replace(lean, text_layers=2, text_width=32), shifted),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}
 
