@@ -73,7 +73,7 @@ CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
 # Sampling defaults, chosen by measurement (benchmarks/RESULTS.md): the sampler, its network evaluations, and the
 # classifier-free guidance scale for requests (section 11)
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "ddpm", 100, 1.0
-# and for prompts (section 14): at guidance 1 a 15-minute prompt model obeys each kind of word 4-9 points less often
+# and for prompts (section 14): at guidance 1 a 15-minute prompt model obeys each kind of word 3-12 points less often
 # than at 3, as valid (RESULTS.md, "Prompts"); guidance costs twice the network passes
 DEFAULT_PROMPT_GUIDANCE = 3.0
 
