@@ -53,7 +53,7 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
     recipe_model, shifted = du.default_configs(device, "flow", "prompt")  # the prompt recipe: shifted t, positions
     recipe_learned = dataclasses.replace(recipe_model, **learned)
-    lean = dataclasses.replace(recipe_model, text_layers=1, cross_attention_levels=0)  # cross-attention at mid only
+    lean = dataclasses.replace(recipe_model, text_layers=1, cross_attention_levels=0)  # 1 text layer, bottleneck only
     found = {
         "recipe": recipe,
         "flow": flow,
@@ -63,7 +63,7 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         "flow-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), flow[1]),
         "flow-uniform-prompt-l1": (coarsest, uniform),
         "flow-uniform-prompt-l1-positions": (dataclasses.replace(coarsest, query_positions=True), uniform),
-        # shifted t (towards the noise), learned text positions, then rotary ones (the recipe), and a leaner network
+        # shifted t (towards the noise), learned text positions, then rotary ones (the recipe), and two cheaper networks
         "flow-shifted-prompt-l1": (dataclasses.replace(recipe_learned, query_positions=False), shifted),
         "flow-shifted-prompt-l1-positions": (recipe_learned, shifted),
         "flow-shifted-prompt-rotary": (recipe_model, shifted),
