@@ -1259,6 +1259,9 @@ def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.
     return betas.clamp(max=max_beta)
 
 
+_DEVICE_TABLES_KEPT = 32  # NoiseSchedule.gather's cache: the schedule's own tables, a few loss weights
+
+
 class NoiseSchedule:
     """The fixed forward process and every table derived from it, precomputed in float64.
 
@@ -1288,7 +1291,8 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1 - self.alpha_bars_prev) / (1 - self.alpha_bars)
         self.posterior_mean_coef1 = betas * self.alpha_bars_prev.sqrt() / (1 - self.alpha_bars)
         self.posterior_mean_coef2 = (1 - self.alpha_bars_prev) * self.alphas.sqrt() / (1 - self.alpha_bars)
-        self._device_tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        # (id(table), device, dtype) -> (table, its device copy); holding the table keeps its id from being reused
+        self._device_tables: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> NoiseSchedule:
@@ -1339,12 +1343,18 @@ class NoiseSchedule:
 
         Each table is copied to the device once and cached, so the training loop does no host-to-device copy per
         step: as float32 (which MPS needs), or as float64 for float64 work such as the tests against diffusers.
+        The cache holds the table itself beside its copy: a table made afresh for one call (a loss-weight table
+        built in a loop) cannot then get the id of a freed one and be served the freed one's values. A few such
+        tables are kept at most; past that the cache starts again.
         """
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         key = (id(values), like.device, dtype)
-        if key not in self._device_tables:
-            self._device_tables[key] = values.to(like.device, dtype)
-        return self._device_tables[key][t].to(like.dtype).view(-1, 1, 1, 1)
+        cached = self._device_tables.get(key)
+        if cached is None or cached[0] is not values:
+            if len(self._device_tables) >= _DEVICE_TABLES_KEPT:
+                self._device_tables.clear()
+            cached = self._device_tables[key] = (values, values.to(like.device, dtype))
+        return cached[1][t].to(like.dtype).view(-1, 1, 1, 1)
 
     def sample_timesteps(
         self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"

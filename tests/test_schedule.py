@@ -113,6 +113,18 @@ def test_snr_is_alpha_bar_over_one_minus_alpha_bar(schedule):
     assert bool((schedule.snr.diff() < 0).all())
 
 
+def test_gather_reads_each_table_it_is_given_even_fresh_ones(cosine):
+    """A table built afresh per call (as a loss-weight table in a loop) gets its own values, never a freed table's.
+
+    A cache keyed by id() alone served the previous table: CPython gives a new tensor the freed one's id.
+    """
+    t, like = torch.tensor([0, 500, 999]), torch.zeros(3, 1, 2, 2)
+    for value in range(40):  # more than the cache keeps, so it also starts again
+        gathered = cosine.gather(torch.full((len(cosine),), float(value), dtype=torch.float64), t, like)
+        assert gathered.shape == (3, 1, 1, 1) and torch.equal(gathered, torch.full_like(gathered, float(value)))
+    assert torch.equal(cosine.gather(cosine.snr, t, like).flatten(), cosine.snr[t].float())
+
+
 def test_schedule_rejects_bad_betas():
     for betas in (torch.tensor([]), torch.tensor([0.1, 0.0]), torch.tensor([0.5, 1.0]), torch.full((2, 2), 0.1)):
         with pytest.raises(ValueError, match="betas"):
