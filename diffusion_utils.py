@@ -66,7 +66,6 @@ MIN_SNR_FORMS = ("cap", "paper")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONDITIONINGS = ("request", "prompt")  # what a conditional model reads: three numbers, or words (sections 11 and 14)
-TEXT_HEADS = 4  # attention heads of the text encoder and of the U-Net's cross-attention
 TEXT_POSITIONS = ("rotary", "learned")  # how the text encoder tells word order (TextEncoder)
 ROTARY_BASE = 10000.0  # RoPE's base period (Su et al. 2021), as in the paper and LLaMA
 CHECKPOINT_FORMAT = "diffusion_patterns/2"  # /1 files still load (section A)
@@ -186,11 +185,15 @@ class ModelConfig:
     # obeyed as well as seen ones (RESULTS.md, "Prompts")
     text_positions: str = "rotary"
     # decoder levels, from the coarsest, that read the prompt (None: all): the coarsest, as measured (RESULTS.md,
-    # "Prompts"); every level obeyed no better and costs 1.54x a request step against 1.35x
+    # "Prompts"); with four heads, every level obeyed no better and cost 1.54x a request step against 1.35x
     cross_attention_levels: int | None = 1
     # cross-attention queries also carry each pixel's place in the frame (section 5): at shifted times, guidance 3,
     # two seeds, learned text positions: exact places 1.1-2.3 px off, 2.1-4.2 px without (RESULTS.md, "Prompts")
     query_positions: bool = True
+    # heads of every attention layer (the bottleneck's, the cross-attention's, the text encoder's). On a CPU each head
+    # is its own small product; a prompt model (default_configs: two) trains at 1.19x a request step with one head,
+    # 1.24x with two, 1.35x with four, and places its shapes 1.3-1.8, 0.7-1.4 and 0.4-0.7 px off (RESULTS.md)
+    attention_heads: int = 4
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -205,7 +208,7 @@ class ModelConfig:
         _check_positive_int("base_channels", self.base_channels)
         if self.base_channels % 4:
             raise ValueError(
-                "base_channels must be a multiple of 4 (the time embedding is split in halves, attention in heads), "
+                "base_channels must be a multiple of 4 (the time embedding is split in halves), "
                 f"got {self.base_channels}"
             )
         _check_positive_int("blocks_per_level", self.blocks_per_level)
@@ -230,10 +233,10 @@ class ModelConfig:
                 f"cross_attention_levels must be None or 0-{len(self.channel_mults)} (the decoder's levels), "
                 f"got {self.cross_attention_levels}"
             )
-        if self.text_width % TEXT_HEADS:
-            raise ValueError(
-                f"text_width must be a multiple of {TEXT_HEADS} (its attention heads), got {self.text_width}"
-            )
+        _check_positive_int("attention_heads", self.attention_heads)
+        for name, width in [("base_channels", self.base_channels), ("text_width", self.text_width)]:
+            if width % self.attention_heads:
+                raise ValueError(f"{name} must be a multiple of attention_heads ({self.attention_heads}), got {width}")
 
 
 @dataclass
@@ -306,6 +309,8 @@ def default_configs(
     A flow that reads prompts trains at times shifted further towards the noise ("shifted"): words are learned where
     the layout is decided, and over two seeds at 15 minutes exact places went from 10-12 px off to 2-4 px, and the
     size words from 80-87 % obeyed to 93-100 % (RESULTS.md, "Prompts"). Requests, given as numbers, need no shift.
+    Its attention layers have two heads, not four: on a 2-core CPU a step then costs about 1.23x a request step, not
+    1.33x, and places come 0.7-1.4 px off, not 0.4-0.7 px, both within the target of 1.5 px (ModelConfig).
     """
     device = torch.device(device)
     _check_choice("objective", objective, OBJECTIVES)
@@ -320,7 +325,7 @@ def default_configs(
         model = dataclasses.replace(model, schedule="flow", prediction="velocity")
         train = dataclasses.replace(train, min_snr_gamma=None, time_sampling="uniform")
     if conditioning == "prompt":
-        model = dataclasses.replace(model, conditioning="prompt")
+        model = dataclasses.replace(model, conditioning="prompt", attention_heads=2)
         train = dataclasses.replace(train, time_sampling="shifted") if objective == "flow" else train
     return model, train
 
@@ -1639,7 +1644,7 @@ class SelfAttention(nn.Module):
     bottleneck, and it helps the network agree on one shape for the whole image.
     """
 
-    def __init__(self, channels: int, heads: int = 4) -> None:
+    def __init__(self, channels: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.norm = _group_norm(channels)
@@ -1679,7 +1684,7 @@ class TextLayer(nn.Module):
     """A pre-norm transformer encoder layer (Vaswani et al. 2017, arXiv 1706.03762; norm first, as GPT-2) whose
     self-attention turns queries and keys by their token's position (`rotate`), as LLaMA's does."""
 
-    def __init__(self, width: int, heads: int = TEXT_HEADS) -> None:
+    def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.attention_norm = nn.LayerNorm(width)
@@ -1705,10 +1710,10 @@ class TextEncoder(nn.Module):
 
     Why this size: the language has under 100 tokens and prompts of at most 16; what a word means depends only on a
     few neighbours ("top" before "left" is a quadrant, a number before "px" is a size, after "at" a place). One layer
-    lets each token see its neighbours and a second composes "at X , Y"; 64 wide with 4 heads is ~80 k parameters,
-    a quarter of the CPU U-Net's, and its cost (17 tokens) is small beside the convolutions. A number token also
-    gets sinusoidal features of its value, so "25" lies between "24" and "26" from the start. A learned start
-    vector leads every prompt: the empty prompt is that vector alone, and attention always has a key.
+    lets each token see its neighbours and a second composes "at X , Y"; 64 wide is ~80 k parameters, a quarter of
+    the CPU U-Net's (the number of heads only splits the width). A number token also gets sinusoidal features of
+    its value, so "25" lies between "24" and "26" from the start. A learned start vector leads every prompt: the
+    empty prompt is that vector alone, and attention always has a key.
 
     Word order: with positions "rotary" (the default), the layers' attention turns queries and keys by their
     positions (RoPE, `rotate`), so a pattern like "at X , Y" or "N px" reads the same at any place in the prompt;
@@ -1720,7 +1725,7 @@ class TextEncoder(nn.Module):
     0.02-0.04).
     """
 
-    def __init__(self, width: int, layers: int, positions: str = "rotary") -> None:
+    def __init__(self, width: int, layers: int, positions: str, heads: int) -> None:
         super().__init__()
         _check_choice("positions", positions, TEXT_POSITIONS)
         self.width = width
@@ -1731,13 +1736,13 @@ class TextEncoder(nn.Module):
             self.positions = nn.Parameter(torch.randn(PROMPT_LENGTH + 1, width))
             self.layers = nn.ModuleList(
                 nn.TransformerEncoderLayer(
-                    width, TEXT_HEADS, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                    width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
                 )
                 for _ in range(layers)
             )
         else:
             self.positions = None
-            self.layers = nn.ModuleList(TextLayer(width) for _ in range(layers))
+            self.layers = nn.ModuleList(TextLayer(width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
 
     def forward(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1792,7 +1797,7 @@ class CrossAttention(nn.Module):
     convolution's features say what is at a pixel, and only faintly where it is, so without them a word like "left"
     has no query to match but the shape's own pixels."""
 
-    def __init__(self, channels: int, text_width: int, heads: int = TEXT_HEADS, positions: bool = False) -> None:
+    def __init__(self, channels: int, text_width: int, heads: int, positions: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.positions = nn.Conv2d(channels, channels, 1, bias=False) if positions else None
@@ -1850,13 +1855,13 @@ class UNet(nn.Module):
         widths = [config.base_channels * m for m in config.channel_mults]
         time_dim = config.base_channels * 4
         block_time = time_dim if config.time_injection == "every_block" else None
-        factor = config.pixel_unshuffle
+        factor, heads = config.pixel_unshuffle, config.attention_heads
         self.time_mlp = _mlp(config.base_channels, time_dim)
         reads_prompts = config.conditional and config.conditioning == "prompt"
         reads_requests = config.conditional and not reads_prompts
         self.condition_embedding = ConditionEmbedding(config.base_channels, time_dim) if reads_requests else None
         self.text_encoder = (
-            TextEncoder(config.text_width, config.text_layers, config.text_positions) if reads_prompts else None
+            TextEncoder(config.text_width, config.text_layers, config.text_positions, heads) if reads_prompts else None
         )
         self.stem = nn.Sequential(nn.PixelUnshuffle(factor), nn.Conv2d(factor * factor, widths[0], 3, padding=1))
 
@@ -1872,7 +1877,7 @@ class UNet(nn.Module):
             self.downsamplers.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
 
         self.mid_blocks = nn.ModuleList([ResidualBlock(channels, channels, time_dim, config.dropout) for _ in range(2)])
-        self.mid_attention = SelfAttention(channels) if config.bottleneck_attention else nn.Identity()
+        self.mid_attention = SelfAttention(channels, heads) if config.bottleneck_attention else nn.Identity()
 
         self.up_blocks, self.upsamplers = nn.ModuleList(), nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
@@ -1890,10 +1895,10 @@ class UNet(nn.Module):
             self.prompt_pool = _mlp(config.text_width, time_dim)
             nn.init.zeros_(self.prompt_pool[-1].weight)
             nn.init.zeros_(self.prompt_pool[-1].bias)
-            self.mid_cross = CrossAttention(widths[-1], config.text_width, positions=config.query_positions)
+            self.mid_cross = CrossAttention(widths[-1], config.text_width, heads, config.query_positions)
             reading = len(widths) if config.cross_attention_levels is None else config.cross_attention_levels
             self.up_cross = nn.ModuleList(
-                CrossAttention(width, config.text_width, positions=config.query_positions)
+                CrossAttention(width, config.text_width, heads, config.query_positions)
                 if k < reading
                 else nn.Identity()
                 for k, width in enumerate(reversed(widths))

@@ -5,10 +5,7 @@ once "none") at each guidance scale s (out = u + s (c - u)), all from the same n
 (du.evaluate_requests, du.request_matches), quality and diversity (du.spread). Guidance buys faithfulness with
 diversity and, at s other than 0 and 1, a second network pass per step.
 
-The table of RESULTS.md:
-    python benchmarks/guidance.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --samples 256 \\
-        --out benchmarks/results/guidance
-Smoke test (seconds; trains a tiny conditional model on the spot):
+RESULTS.md gives the command of its table. Smoke test (seconds; trains a tiny conditional model on the spot):
     python benchmarks/guidance.py --train-steps 3 --samples 8 --scales 0,1,2 --steps 3 --threads 1 \\
         --out /tmp/bench_smoke/guidance
 """

@@ -6,7 +6,7 @@ du.DEFAULT_PROMPT_GUIDANCE), all from the same noise, scored word by word (du.ev
 described in word orders training never shows); then "empty", the empty prompt (the unconditional model), scored as
 every other benchmark scores unconditional samples (du.evaluate_samples). Figures: prompts_grid.png (varied prompts,
 a row each; green: obeys every word) and attention_maps.png (which pixels read which word, Hertz et al. 2022).
---speed: ms per training step, request model against prompt model and three variants, alternating. Writes
+--speed: ms per training step, request model against prompt model and five variants, alternating. Writes
 prompts.json/.md.
 
 RESULTS.md, "Prompts", gives the commands of its tables (a prompt model trains 15 minutes on the 2-core CPU).
@@ -54,12 +54,15 @@ ATTENTION_PROMPTS = {  # prompt: the words whose cross-attention maps attention_
     "large square, bottom right": ("large", "square", "bottom", "right"),
 }
 ATTENTION_TIMES = np.linspace(0.05, 0.95, 10)  # shares of the schedule at which the sample is noised for the maps
+LEAN = {"text_layers": 1, "cross_attention_levels": 0}  # the cheapest prompt network measured
 SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s model (conditional)
     "request": {"conditioning": "request"},
-    "prompt": {"conditioning": "prompt"},
-    "prompt, every level": {"conditioning": "prompt", "cross_attention_levels": None},
-    "prompt, learned positions": {"conditioning": "prompt", "text_positions": "learned"},
-    "prompt, 1 text layer, bottleneck only": {"conditioning": "prompt", "text_layers": 1, "cross_attention_levels": 0},
+    "prompt": {"conditioning": "prompt", "attention_heads": 2},  # the recipe (asserted in speed_rows); the rest 4 heads
+    "prompt, 4 heads": {"conditioning": "prompt"},
+    "prompt, 1 head": {"conditioning": "prompt", "attention_heads": 1},
+    "prompt, 4 heads, every level": {"conditioning": "prompt", "cross_attention_levels": None},
+    "prompt, 4 heads, learned positions": {"conditioning": "prompt", "text_positions": "learned"},
+    "prompt, 4 heads, 1 text layer, bottleneck only": {"conditioning": "prompt", **LEAN},
 }
 SAMPLING = "set; n; sampler; steps; guidance||g"
 PROMPT_COLUMNS = bc.columns(
@@ -193,6 +196,7 @@ def speed_rows(args, device) -> list[dict]:
     (a drift of the machine hits all alike). Each step and each batch is timed alone, the device synced around it."""
     base, train = du.default_configs(device, "flow")
     train = dataclasses.replace(train, seed=args.seed)
+    assert dataclasses.replace(base, **SPEED_CONFIGS["prompt"]) == du.default_configs(device, "flow", "prompt")[0]
     trainers, streams = {}, {}
     for name, changes in SPEED_CONFIGS.items():
         trainers[name] = du.Trainer(dataclasses.replace(base, conditional=True, **changes), train, device=device)

@@ -4,10 +4,7 @@ Every sampler in du.SAMPLERS at each step count draws --samples unconditional im
 starting noise, timed and scored by du.evaluate_samples; --spacings also runs dpm++ (to 100 steps) on other grids.
 Sampling cost is linear in the steps, so the fewest steps that keep quality is the cheapest setting.
 
-The table of RESULTS.md (add --device cuda on a GPU):
-    python benchmarks/samplers.py --checkpoint benchmarks/results/time_to_quality/recipe.pt --spacings time,logsnr \\
-        --samples 512 --out benchmarks/results/samplers
-Smoke test (seconds; trains a tiny model on the spot):
+RESULTS.md gives the command of its table (add --device cuda on a GPU). Smoke test (seconds; a tiny model):
     python benchmarks/samplers.py --train-steps 3 --samples 8 --steps 5,10 --spacings time,logsnr --threads 1 \\
         --out /tmp/bench_smoke/samplers
 """

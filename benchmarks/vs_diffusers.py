@@ -12,9 +12,7 @@ Same data, device, batch and precision for every row; each row takes one differe
 fp32 torch.mm rate; (b) quality after --minutes of training each (evaluation not counted), --samples per sampler.
 
 Needs diffusers: pip install -r benchmarks/requirements-diffusers.txt (keep the installed torch).
-The tables of RESULTS.md (about 25 minutes on the 2-core CPU):
-    python benchmarks/vs_diffusers.py --minutes 2 --throughput-seconds 15 --out benchmarks/results/vs_diffusers
-Smoke test (a few minutes):
+RESULTS.md gives the command of its tables (about 25 minutes on the 2-core CPU). Smoke test (a few minutes):
     python benchmarks/vs_diffusers.py --minutes 0.02 --samples 4 --throughput-seconds 1 --base-channels 8 \\
         --channel-mults 1,2 --batch-size 8 --threads 1 --out /tmp/bench_smoke/vs_diffusers
 """

@@ -410,7 +410,8 @@ def test_the_prompt_recipe_reads_words_and_trains_a_flow_at_shifted_times():
     model, train = du.default_configs("cpu", "flow", "prompt")
     assert (request_model.conditioning, request_train.time_sampling) == ("request", "uniform")
     assert (model.conditioning, train.time_sampling) == ("prompt", "shifted")
-    assert model == dataclasses.replace(request_model, conditioning="prompt") and model.cross_attention_levels == 1
+    assert model == dataclasses.replace(request_model, conditioning="prompt", attention_heads=2)
+    assert model.cross_attention_levels == 1 and request_model.attention_heads == 4
     assert du.default_configs("cpu", "diffusion", "prompt")[1].time_sampling == "uniform"  # DDPM's t is uniform
     with pytest.raises(ValueError, match="unknown conditioning 'words'"):
         du.default_configs("cpu", "flow", "words")
@@ -453,7 +454,7 @@ def test_the_text_encoder_tells_a_number_as_x_from_the_same_number_as_y_from_the
     assert du.prompt_token_names("circle at 20, 44") == ["circle", "at", "20", ",", "44"]  # the indices the share reads
     for seed in range(3):
         torch.manual_seed(seed)
-        encoder = du.TextEncoder(64, 2, positions="learned")
+        encoder = du.TextEncoder(64, 2, positions="learned", heads=4)
         assert du.number_role_share(encoder) > 1 / 3
         with torch.no_grad():
             encoder.positions.mul_(0.02)
@@ -493,7 +494,7 @@ def test_only_rotary_positions_read_a_phrase_the_same_wherever_it_sits(positions
     """Padding put before a phrase moves it along; a rotary layer's vectors for it do not change (it sees only
     distances), a learned-position encoder's do."""
     torch.manual_seed(0)
-    encoder = du.TextEncoder(16, 1, positions)
+    encoder = du.TextEncoder(16, 1, positions, heads=4)
     words = torch.randn(2, 5, 16)
     moved = torch.cat([torch.zeros(2, 3, 16), words], 1)
     present = torch.tensor([[False] * 3 + [True] * 5] * 2)
@@ -516,3 +517,37 @@ def test_a_prompt_checkpoint_from_before_rotary_positions_loads_with_learned_one
     torch.save(payload, path)
     model, _ = du.load_model(path)
     assert model.config == config and model.text_encoder.positions is not None
+
+
+def test_attention_heads_reach_every_attention_layer_and_one_head_is_the_written_out_formula():
+    """ModelConfig.attention_heads sets the bottleneck's, the cross-attention's and the text layers' heads; heads only
+    split the width, so both models hold the same parameters, and with one head a cross-attention block is
+    x + out(softmax(Q K^T / sqrt(C)) V) over the tokens that are there, written out here."""
+    one, four = (du.UNet(prompt_config(bottleneck_attention=True, attention_heads=h)) for h in (1, 4))
+    layers = (du.SelfAttention, du.CrossAttention, du.TextLayer)
+    for model, heads in [(one, 1), (four, 4)]:
+        found = [m.heads for m in model.modules() if isinstance(m, layers)]
+        assert len(found) == 4 and set(found) == {heads}  # bottleneck, mid cross, one decoder cross, one text layer
+    assert [p.shape for p in one.parameters()] == [p.shape for p in four.parameters()]
+    torch.manual_seed(0)
+    block = perturbed(du.CrossAttention(8, 16, heads=1))
+    x, text = torch.randn(2, 8, 3, 3), torch.randn(2, 5, 16)
+    present = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    q = block.query(block.norm(x)).flatten(2).transpose(1, 2)  # (N, H*W, C)
+    k, v = block.key_value(text).chunk(2, dim=-1)
+    scores = (q @ k.transpose(1, 2) / math.sqrt(8)).masked_fill(~present[:, None, :], -math.inf)
+    attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)
+    with torch.no_grad():
+        assert torch.allclose(block(x, text, present), x + block.out(attended), atol=1e-5)
+        block.heads = 2  # the same weights read in two heads: another function
+        assert not torch.allclose(block(x, text, present), x + block.out(attended), atol=1e-3)
+
+
+def test_a_checkpoint_from_before_attention_heads_loads_with_four(tmp_path):
+    config = prompt_config(attention_heads=4)
+    path = du.save_checkpoint(tmp_path / "four.pt", du.Trainer(config, tiny_train_config(), device="cpu"))
+    payload = torch.load(path, weights_only=True)
+    del payload["model_config"]["attention_heads"]  # as files written before the field was added
+    torch.save(payload, path)
+    model, _ = du.load_model(path)
+    assert model.config == config and model.mid_cross.heads == 4

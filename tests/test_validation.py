@@ -145,7 +145,9 @@ def test_create_names_a_bad_length(timesteps):
 # ------------------------------------------------------------------------------------------
 
 
-@given(field=st.sampled_from(["num_timesteps", "base_channels", "blocks_per_level"]), value=non_positive)
+@given(
+    field=st.sampled_from(["num_timesteps", "base_channels", "blocks_per_level", "attention_heads"]), value=non_positive
+)
 def test_model_config_names_a_non_positive_integer(field, value):
     with pytest.raises(ValueError, match=contains(f"{field} must be a positive integer, got {value}")):
         du.ModelConfig(**{field: value})
@@ -170,6 +172,22 @@ def test_model_config_names_a_bad_pixel_unshuffle(value):
 def test_model_config_names_a_bad_dropout(value):
     with pytest.raises(ValueError, match=contains(f"dropout must be in [0, 1), got {value}")):
         du.ModelConfig(dropout=value)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"base_channels": 20, "attention_heads": 8},
+            "base_channels must be a multiple of attention_heads (8), got 20",
+        ),
+        ({"text_width": 18, "attention_heads": 4}, "text_width must be a multiple of attention_heads (4), got 18"),
+    ],
+)
+def test_model_config_names_widths_its_heads_do_not_divide(changes, message):
+    with pytest.raises(ValueError, match=contains(message)):
+        du.ModelConfig(**changes)
+    assert du.ModelConfig(**{**changes, "attention_heads": 1}).attention_heads == 1  # one head divides any width
 
 
 @given(mults=st.lists(st.integers(-3, 0), min_size=1, max_size=3))
