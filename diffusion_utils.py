@@ -309,8 +309,8 @@ def default_configs(
     A flow that reads prompts trains at times shifted further towards the noise ("shifted"): words are learned where
     the layout is decided, and over two seeds at 15 minutes exact places went from 10-12 px off to 2-4 px, and the
     size words from 80-87 % obeyed to 93-100 % (RESULTS.md, "Prompts"). Requests, given as numbers, need no shift.
-    Its attention layers have two heads, not four: on a 2-core CPU a step then costs about 1.23x a request step, not
-    1.33x, and places come 0.7-1.4 px off, not 0.4-0.7 px, both within the target of 1.5 px (ModelConfig).
+    Its attention layers have two heads, not four: on a 2-core CPU a step then costs 1.24x a request step, not 1.35x,
+    and places come 0.7-1.4 px off, not 0.4-0.7 px, within the target of 1.5 px (ModelConfig.attention_heads).
     """
     device = torch.device(device)
     _check_choice("objective", objective, OBJECTIVES)
