@@ -185,7 +185,7 @@ class ModelConfig:
     # obeyed as well as seen ones (RESULTS.md, "Prompts")
     text_positions: str = "rotary"
     # decoder levels, from the coarsest, that read the prompt (None: all): the coarsest, as measured (RESULTS.md,
-    # "Prompts"); with four heads, every level obeyed no better and cost 1.54x a request step against 1.35x
+    # "Prompts"); with four heads, every level obeyed no better and cost 1.53-1.54x a request step against 1.35x
     cross_attention_levels: int | None = 1
     # cross-attention queries also carry each pixel's place in the frame (section 5): at shifted times, guidance 3,
     # two seeds, learned text positions: exact places 1.1-2.3 px off, 2.1-4.2 px without (RESULTS.md, "Prompts")
@@ -237,6 +237,11 @@ class ModelConfig:
         for name, width in [("base_channels", self.base_channels), ("text_width", self.text_width)]:
             if width % self.attention_heads:
                 raise ValueError(f"{name} must be a multiple of attention_heads ({self.attention_heads}), got {width}")
+        if self.text_positions == "rotary" and self.text_width // self.attention_heads % 2:
+            raise ValueError(
+                f"text_width / attention_heads must be even with rotary positions (RoPE turns pairs of numbers), got "
+                f"{self.text_width} / {self.attention_heads}"
+            )
 
 
 @dataclass
@@ -309,8 +314,9 @@ def default_configs(
     A flow that reads prompts trains at times shifted further towards the noise ("shifted"): words are learned where
     the layout is decided, and over two seeds at 15 minutes exact places went from 10-12 px off to 2-4 px, and the
     size words from 80-87 % obeyed to 93-100 % (RESULTS.md, "Prompts"). Requests, given as numbers, need no shift.
-    Its attention layers have two heads, not four: on a 2-core CPU a step then costs 1.24x a request step, not 1.35x,
-    and places come 0.7-1.4 px off, not 0.4-0.7 px, within the target of 1.5 px (ModelConfig.attention_heads).
+    A prompt model's attention layers have two heads, not four (measured on the flow): on a 2-core CPU a step then
+    costs 1.24x a request step, not 1.35x, and places come 0.7-1.4 px off on average, not 0.4-0.7 px, within the
+    target of 1.5 px (ModelConfig.attention_heads).
     """
     device = torch.device(device)
     _check_choice("objective", objective, OBJECTIVES)
@@ -1719,10 +1725,10 @@ class TextEncoder(nn.Module):
     positions (RoPE, `rotate`), so a pattern like "at X , Y" or "N px" reads the same at any place in the prompt;
     "learned" adds a learned vector per position to each token instead (GPT-2's way), which ties a word's vector to
     the places training put it. Over two seeds at 15 minutes, in phrasings never seen in training, learned positions
-    put an exact place 1.8-2.3 px off and obeyed the size words 87-90 %; rotary ones 0.5-0.7 px and 99-100 %, as in
-    the seen phrasings (RESULTS.md, "Prompts"). The learned positions start at the token embeddings' scale (N(0, 1)),
-    not GPT-2's 0.02: started at 0.02, trained models gave "20" the same vector as x and as y (number_role_share
-    0.02-0.04).
+    put an exact place 1.8-2.3 px off and obeyed the size words 87-90 %; rotary ones (four heads) 0.5-0.7 px and
+    99-100 %, as in the seen phrasings (RESULTS.md, "Prompts"). The learned positions start at the token embeddings'
+    scale (N(0, 1)), not GPT-2's 0.02: started at 0.02, trained models gave "20" the same vector as x and as y
+    (number_role_share 0.02-0.04).
     """
 
     def __init__(self, width: int, layers: int, positions: str, heads: int) -> None:

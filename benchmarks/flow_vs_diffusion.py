@@ -9,7 +9,7 @@ network evaluations per image, and the 1000-step references. Phase "report" join
 Step budgets make the rows independent of the machine's speed, so jobs may run in parallel (one thread each).
 
 Configurations (`configs`, each commented there): the recipe, the flow at logit-normal, uniform or shifted times, and
-flows reading prompts, among them flow-shifted-prompt-rotary: du.default_configs(device, "flow", "prompt"). A
+flows reading prompts, among them flow-shifted-prompt-rotary-2head: du.default_configs(device, "flow", "prompt"). A
 prompt model's unconditional score is the empty prompt's; benchmarks/prompts.py scores its prompts.
 Smoke test (seconds):
     python benchmarks/flow_vs_diffusion.py train --jobs recipe:0:3,flow:0:3 --samples 8 --threads 1 \\
@@ -52,7 +52,7 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     prompt = dataclasses.replace(flow_model, **learned, cross_attention_levels=None, query_positions=False)
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
     recipe_model, shifted = du.default_configs(device, "flow", "prompt")  # the prompt recipe: shifted t, 2 heads
-    four = dataclasses.replace(recipe_model, attention_heads=4)  # four heads, as the first prompt models had
+    four = dataclasses.replace(recipe_model, attention_heads=4)  # four heads: the rotary, learned and lean rows
     recipe_learned = dataclasses.replace(four, **learned)
     lean = dataclasses.replace(four, text_layers=1, cross_attention_levels=0)  # 1 text layer, bottleneck only
     found = {
@@ -67,10 +67,10 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
         # shifted t (towards the noise), learned text positions, rotary ones, cheaper networks (4 heads), the recipe
         "flow-shifted-prompt-l1": (dataclasses.replace(recipe_learned, query_positions=False), shifted),
         "flow-shifted-prompt-l1-positions": (recipe_learned, shifted),
-        "flow-shifted-prompt-rotary-4head": (four, shifted),
+        "flow-shifted-prompt-rotary": (four, shifted),
         "flow-shifted-prompt-rotary-1layer-mid": (lean, shifted),
         "flow-shifted-prompt-rotary-mid-32": (dataclasses.replace(lean, text_layers=2, text_width=32), shifted),
-        "flow-shifted-prompt-rotary": (recipe_model, shifted),
+        "flow-shifted-prompt-rotary-2head": (recipe_model, shifted),
         "flow-shifted-prompt-rotary-1head": (dataclasses.replace(recipe_model, attention_heads=1), shifted),
     }
     return {name: bc.apply_overrides(model, train, args) for name, (model, train) in found.items()}

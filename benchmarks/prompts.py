@@ -57,7 +57,7 @@ ATTENTION_TIMES = np.linspace(0.05, 0.95, 10)  # shares of the schedule at which
 LEAN = {"text_layers": 1, "cross_attention_levels": 0}  # the cheapest prompt network measured
 SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s model (conditional)
     "request": {"conditioning": "request"},
-    "prompt": {"conditioning": "prompt", "attention_heads": 2},  # the recipe (asserted in speed_rows); the rest 4 heads
+    "prompt": {"conditioning": "prompt", "attention_heads": 2},  # the recipe (asserted in speed_rows)
     "prompt, 4 heads": {"conditioning": "prompt"},
     "prompt, 1 head": {"conditioning": "prompt", "attention_heads": 1},
     "prompt, 4 heads, every level": {"conditioning": "prompt", "cross_attention_levels": None},

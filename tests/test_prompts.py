@@ -547,7 +547,7 @@ def test_a_checkpoint_from_before_attention_heads_loads_with_four(tmp_path):
     config = prompt_config(attention_heads=4)
     path = du.save_checkpoint(tmp_path / "four.pt", du.Trainer(config, tiny_train_config(), device="cpu"))
     payload = torch.load(path, weights_only=True)
-    del payload["model_config"]["attention_heads"]  # as files written before the field was added
+    del payload["model_config"]["attention_heads"]  # as a file written without the field
     torch.save(payload, path)
     model, _ = du.load_model(path)
     assert model.config == config and model.mid_cross.heads == 4

@@ -116,7 +116,7 @@ def test_snr_is_alpha_bar_over_one_minus_alpha_bar(schedule):
 def test_gather_reads_each_table_it_is_given_even_fresh_ones(cosine):
     """A table built afresh per call (as a loss-weight table in a loop) gets its own values, never a freed table's.
 
-    A cache keyed by id() alone served the previous table: CPython gives a new tensor the freed one's id.
+    A cache keyed by id() alone would serve a freed table's values: CPython gives a new tensor the freed one's id.
     """
     t, like = torch.tensor([0, 500, 999]), torch.zeros(3, 1, 2, 2)
     for value in range(40):  # more than the cache keeps, so it also starts again

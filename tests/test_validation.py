@@ -181,13 +181,14 @@ def test_model_config_names_a_bad_dropout(value):
             {"base_channels": 20, "attention_heads": 8},
             "base_channels must be a multiple of attention_heads (8), got 20",
         ),
-        ({"text_width": 18, "attention_heads": 4}, "text_width must be a multiple of attention_heads (4), got 18"),
+        ({"text_width": 20, "attention_heads": 8}, "text_width must be a multiple of attention_heads (8), got 20"),
+        ({"text_width": 36, "attention_heads": 4}, "text_width / attention_heads must be even with rotary positions"),
     ],
 )
 def test_model_config_names_widths_its_heads_do_not_divide(changes, message):
     with pytest.raises(ValueError, match=contains(message)):
         du.ModelConfig(**changes)
-    assert du.ModelConfig(**{**changes, "attention_heads": 1}).attention_heads == 1  # one head divides any width
+    assert du.ModelConfig(**{**changes, "attention_heads": 2}).attention_heads == 2  # 2 divides them, in even parts
 
 
 @given(mults=st.lists(st.integers(-3, 0), min_size=1, max_size=3))
