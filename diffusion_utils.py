@@ -1667,14 +1667,16 @@ class SelfAttention(nn.Module):
         return x + self.out(attended.transpose(-1, -2).reshape(n, c, h, w))
 
 
-@functools.lru_cache(maxsize=8)
-def rotary_tables(length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=8)  # the same few tables at every step, made once on their device
+def rotary_tables(
+    length: int, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (length, dim) of RoPE's angles m * theta_i, theta_i = ROTARY_BASE^(-2i / dim), for positions
     m = 0..length-1, each angle twice (for x_i and x_{i + dim/2}, the pairs `rotate` turns together)."""
     theta = ROTARY_BASE ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * theta
     angles = torch.cat([angles, angles], -1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -1702,7 +1704,7 @@ class TextLayer(nn.Module):
     def forward(self, h: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         n, length, width = h.shape
         q, k, v = self.qkv(self.attention_norm(h)).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        cos, sin = (table.to(q.device, q.dtype) for table in rotary_tables(length, q.shape[-1]))
+        cos, sin = rotary_tables(length, q.shape[-1], q.device, q.dtype)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=present[:, None, None, :])
         h = h + self.out(attended.transpose(1, 2).reshape(n, length, width))
@@ -4506,7 +4508,7 @@ def _from_format_1(payload: dict, path: Path) -> dict:
 
 # Fields added to ModelConfig after /2 files were written, with the value those files were trained with (a default
 # that changed would otherwise load them as something else).
-_ADDED_MODEL_FIELDS = {"text_positions": "learned"}
+_ADDED_MODEL_FIELDS = {"text_positions": "learned", "attention_heads": 4}
 
 
 def _configs_from(payload: dict, path: Path) -> tuple[ModelConfig, TrainConfig]:
