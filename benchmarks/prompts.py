@@ -119,8 +119,10 @@ def prompt_rows(model, schedule, name: str, texts: list[str], sampling: dict, de
     row = {"set": name, "sampler": sampling["sampler"], "steps": sampling["steps"], "guidance": sampling["guidance"]}
     rows = [row | du.evaluate_prompts(result.images, texts) | {"sample_seconds": seconds}]
     print(f"{name}: valid {rows[0]['valid']:.3f}, matches {rows[0]['matches']:.3f}", flush=True)
+    if name != "held-out":  # only the held-out set is split by template
+        return rows
     templates = [next(t for t, start in HELD_OUT_STARTS.items() if re.match(start, text)) for text in texts]
-    for template in HELD_OUT_STARTS if name == "held-out" else ():
+    for template in HELD_OUT_STARTS:
         mine = [k for k, of in enumerate(templates) if of == template]
         rows.append(row | {"set": template} | du.evaluate_prompts(result.images[mine], [texts[k] for k in mine]))
     return rows
