@@ -1784,8 +1784,10 @@ def number_role_share(encoder: TextEncoder) -> float:
     return float((as_x - as_y).norm() / (as_x - other).norm())
 
 
-@functools.lru_cache(maxsize=8)  # the same few maps at every step: computed once each
-def pixel_positions(channels: int, height: int, width: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)  # the same few maps at every step: computed once each, on their device
+def pixel_positions(
+    channels: int, height: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(1, channels, height, width): each pixel's centre in frame pixels, x in the first half of the channels and y
     in the second, as sinusoidal features (Vaswani et al. 2017; 2-D as in Carion et al. 2020, arXiv 2005.12872)."""
     scale = IMAGE_SIZE / width  # a feature-map pixel covers scale x scale frame pixels
@@ -1793,7 +1795,7 @@ def pixel_positions(channels: int, height: int, width: int) -> torch.Tensor:
     x = sinusoidal_embedding(centres, channels // 2, max_period=ATTRIBUTE_PERIOD)  # (width, channels / 2)
     y = sinusoidal_embedding((torch.arange(height) + 0.5) * scale - 0.5, channels // 2, max_period=ATTRIBUTE_PERIOD)
     grid = torch.cat([x.T[:, None, :].expand(-1, height, -1), y.T[:, :, None].expand(-1, -1, width)])
-    return grid[None]
+    return grid[None].to(device, dtype)
 
 
 class CrossAttention(nn.Module):
@@ -1833,7 +1835,7 @@ class CrossAttention(nn.Module):
         n, c, h, w = x.shape
         q = self.query(self.norm(x))
         if self.positions is not None:
-            q = q + self.positions(pixel_positions(c, h, w).to(x.device, x.dtype))
+            q = q + self.positions(pixel_positions(c, h, w, x.device, x.dtype))
         q = q.reshape(n, self.heads, c // self.heads, h * w).transpose(-1, -2)
         k, v = self.key_value(text).view(n, text.shape[1], 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         return q, k, v
