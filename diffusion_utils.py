@@ -40,6 +40,7 @@ import pickle
 import re
 import sys
 import tempfile
+import textwrap
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -255,7 +256,7 @@ class TrainConfig:
     lr: float = 2e-3  # the peak learning rate, reached after the warm-up
     warmup_steps: int = 200
     lr_schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0 at the end of the budget, or "constant"
-    time_sampling: str = "uniform"  # the flow's training times t: one of TIME_SAMPLINGS (training_times)
+    time_sampling: str = "uniform"  # how training draws t: one of TIME_SAMPLINGS (training_times, training_timesteps)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     min_snr_gamma: float | None = 5.0  # None = plain MSE (the original design)
@@ -311,9 +312,10 @@ def default_configs(
     times, where a sample's layout is decided, and a flow trained so draws valid shapes but puts them where its noise
     says, not where a request or prompt asks (15.2-15.9 px off, against 0.8 px at uniform times; RESULTS.md).
 
-    A flow that reads prompts trains at times shifted further towards the noise ("shifted"): words are learned where
-    the layout is decided, and over two seeds at 15 minutes exact places went from 10-12 px off to 2-4 px, and the
-    size words from 80-87 % obeyed to 93-100 % (RESULTS.md, "Prompts"). Requests, given as numbers, need no shift.
+    A model that reads prompts trains at times shifted further towards the noise ("shifted"): words are learned where
+    the layout is decided. For the flow, over two seeds at 15 minutes, exact places went from 10-12 px off to 2-4 px,
+    and the size words from 80-87 % obeyed to 93-100 %; for DDPM's objective at the notebook's 7.5 minutes, exact
+    places from 10-11 px to 2-5 px (RESULTS.md, "Prompts"). Requests, given as numbers, need no shift.
     A prompt model's attention layers have two heads, not four (measured on the flow): on a 2-core CPU a step then
     costs 1.24x a request step, not 1.35x, and places come 0.7-1.4 px off on average, not 0.4-0.7 px, within the
     target of 1.5 px (ModelConfig.attention_heads).
@@ -332,7 +334,7 @@ def default_configs(
         train = dataclasses.replace(train, min_snr_gamma=None, time_sampling="uniform")
     if conditioning == "prompt":
         model = dataclasses.replace(model, conditioning="prompt", attention_heads=2)
-        train = dataclasses.replace(train, time_sampling="shifted") if objective == "flow" else train
+        train = dataclasses.replace(train, time_sampling="shifted")
     return model, train
 
 
@@ -2085,15 +2087,17 @@ def diffusion_loss(
     loss_weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     condition: Condition | None = None,
+    time_sampling: str = "uniform",
 ) -> torch.Tensor:
     """One Monte-Carlo estimate of the training objective, DDPM's L_simple (Ho et al. 2020, eq. (14)), reweighted.
 
         t ~ U{0..T-1},  eps ~ N(0, I),  x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,
         loss = mean_i  w(t_i) || model(x_t, t_i) - target_i ||^2,   target = eps or v.
     loss_weights is the (T,) table w of NoiseSchedule.loss_weights (None: w = 1); condition is the request each x_0
-    answers, for a conditional model (None: unconditional).
+    answers, for a conditional model (None: unconditional); time_sampling draws t otherwise than uniformly
+    (training_timesteps), e.g. "shifted" towards the noise for a model that reads prompts.
     """
-    t = schedule.sample_timesteps(len(x0), generator, x0.device)
+    t = training_timesteps(schedule, len(x0), time_sampling, generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.noised(x0, noise, t)
     target = schedule.target(prediction, x0, noise, t)
@@ -2141,6 +2145,21 @@ def training_times(
     u = torch.rand(n, generator=generator, device=device)
     # t = s u / (1 + (s - 1) u): the median time 0.5 becomes s / (s + 1)
     return u if sampling == "uniform" else TIME_SHIFT * u / (1 + (TIME_SHIFT - 1) * u)
+
+
+def training_timesteps(
+    schedule: NoiseSchedule,
+    n: int,
+    sampling: str = "uniform",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """DDPM's training timesteps: uniform over {0, ..., T-1} (NoiseSchedule.sample_timesteps), or for another of
+    TIME_SAMPLINGS the timestep floor(T u) of the continuous time u that training_times draws, its share of the way
+    from the data to the noise."""
+    if sampling == "uniform":
+        return schedule.sample_timesteps(n, generator, device)
+    return (training_times(n, sampling, generator, device) * len(schedule)).long().clamp_(max=len(schedule) - 1)
 
 
 class EMA:
@@ -2315,8 +2334,9 @@ class Trainer:
         if config.schedule == "flow":  # rectified flow, the other side of the coin
             sampling, steps = self.train_config.time_sampling, len(self.schedule)
             return flow_matching_loss(self.train_model, x0, sampling, self.generator, condition, steps)
+        weights, sampling = self.loss_weights, self.train_config.time_sampling
         return diffusion_loss(
-            self.train_model, self.schedule, x0, config.prediction, self.loss_weights, self.generator, condition
+            self.train_model, self.schedule, x0, config.prediction, weights, self.generator, condition, sampling
         )
 
     def _to_device(
@@ -2478,12 +2498,9 @@ class Trainer:
 
 
 def _check_objective(model: ModelConfig, train: TrainConfig) -> None:
-    """The training settings that apply to the model's objective: min-SNR weights DDPM's discrete timesteps, and
-    the time sampling is the flow's, whose times are continuous."""
+    """The training settings that apply to the model's objective: min-SNR weights DDPM's discrete timesteps."""
     if model.schedule == "flow" and train.min_snr_gamma is not None:
         raise ValueError("the flow trains on plain MSE: min_snr_gamma must be None (min-SNR weights DDPM's timesteps)")
-    if model.schedule != "flow" and train.time_sampling != "uniform":
-        raise ValueError(f"time_sampling {train.time_sampling!r} is for the flow; DDPM's timesteps are uniform")
 
 
 def progress_bar(total: int, description: str, unit: str, enabled: bool = True, initial: int = 0):
@@ -3711,6 +3728,85 @@ def evaluate_prompts(samples: torch.Tensor | np.ndarray, prompts: str | Sequence
     for kind, metric in PROMPT_METRICS.items():
         metrics[metric] = mean([s.scores[kind] for s in scores if kind in s.scores])
     return metrics
+
+
+# (prompt, in a held-out phrasing): every kind of word, in every training template and held-out one; the pictures of
+# the notebook's section 14 and of benchmarks/prompts.py
+EXAMPLE_PROMPTS = (
+    ("a small circle in the top left corner", False),
+    ("large square, bottom right", False),
+    ("in the middle a medium circle", False),
+    ("a square, small and near the bottom of the frame", False),
+    ("circle 25 px wide at 20, 42", False),
+    ("a circle on the right, 30 pixels wide", True),
+    ("a 20 px square in the top right corner", True),
+    ("bottom left, the circle, large", True),
+)
+ATTENTION_WORDS = {  # prompt: the words whose cross-attention maps plot_word_attention shows
+    "a small circle in the top left corner": ("small", "circle", "top", "left"),
+    "large square, bottom right": ("large", "square", "bottom", "right"),
+}
+
+
+def plot_prompt_grid(images: torch.Tensor, prompts: Sequence[str], held_out: Sequence[bool] = (), how: str = ""):
+    """A row of samples per prompt (images: the rows one after another); outlined green when the sample is valid and
+    obeys every word (score_prompts), red otherwise; a row label ends in * when `held_out` marks its phrasing."""
+    columns = len(images) // len(prompts)
+    outline = [score.matches for score in score_prompts(images, [text for text in prompts for _ in range(columns)])]
+    marks = list(held_out) + [False] * (len(prompts) - len(held_out))
+    labels = [f"{text} *" if mark else text for text, mark in zip(prompts, marks)]
+    title = f"Prompts{f' ({how})' if how else ''}; * a held-out phrasing; green: obeys every word"
+    return plot_grid(images, columns=columns, title=title, outline=outline, row_labels=labels)
+
+
+# shares of the schedule at which word_attention noises a sample again: the maps of all noise levels, averaged
+ATTENTION_TIMES = tuple(float(share) for share in np.linspace(0.05, 0.95, 10))
+
+
+def word_attention(model: UNet, schedule: NoiseSchedule, image: torch.Tensor, text: str, seed: int = 0):
+    """(1 + PROMPT_LENGTH, 64, 64): cross_attention_maps of one sample, noised back (with one noise, from `seed`) to
+    each of ATTENTION_TIMES along the schedule, averaged over those times, as Hertz et al. average over the sampling
+    steps (arXiv 2208.01626)."""
+    device = next(model.parameters()).device
+    x0 = image[None].to(device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    prompt = Prompt.of([text]).to(device)
+    maps = []
+    for share in ATTENTION_TIMES:
+        index = torch.tensor([round(share * (len(schedule) - 1))], device=device)
+        x_t = schedule.noised(x0, noise, index) * float(schedule.input_scales[index])  # the network's input
+        t = schedule.timesteps.to(device)[index]
+        maps.append(cross_attention_maps(model, x_t.float(), t, prompt)[0].cpu())
+    return torch.stack(maps).mean(0)
+
+
+def plot_word_attention(
+    model: UNet, schedule: NoiseSchedule, images: torch.Tensor, words: dict[str, Sequence[str]], seed: int = 0
+):
+    """Per prompt of `words` (its sample in `images`, in the same order), the sample and the word_attention map of
+    each word named: which pixels read which word. The shape drawn is outlined when it is valid; each map has its
+    own colour scale, its largest share in the title."""
+    texts = list(words)
+    columns = 1 + max(len(named) for named in words.values())
+    fig = _figure(1.6 * columns, 1.9 * len(texts) + 0.4)
+    axes = fig.subplots(len(texts), columns, squeeze=False)
+    for row, (text, image) in enumerate(zip(texts, images)):
+        maps, tokens = word_attention(model, schedule, image, text, seed), prompt_token_names(text)
+        valid = read_shape(model_to_uint8(image[None])[0]).valid
+        _show(axes[row, 0], image, textwrap.fill(f'"{text}"', 22))
+        for ax in axes[row, 1:]:
+            ax.axis("off")
+        for ax, word in zip(axes[row, 1:], words[text]):
+            attention = maps[1 + tokens.index(word)].numpy()  # index 0 is the start vector
+            ax.axis("on")
+            ax.imshow(attention, cmap="magma", vmin=0, vmax=max(float(attention.max()), 1e-8))
+            if valid:
+                ax.contour(image.squeeze().numpy() > 0, levels=[0.5], colors="white", linewidths=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{word} (max {attention.max():.2f})", fontsize=8)
+    fig.suptitle("Which pixels read which word: cross-attention, averaged over layers, heads and noise levels")
+    return fig
 
 
 # ------------------------------------------------------------------------------------------

@@ -51,12 +51,15 @@ def configs(device, args) -> dict[str, tuple[du.ModelConfig, du.TrainConfig]]:
     learned = {"conditioning": "prompt", "text_positions": "learned"}  # the first text encoder's word order
     prompt = dataclasses.replace(flow_model, **learned, cross_attention_levels=None, query_positions=False)
     coarsest = dataclasses.replace(prompt, cross_attention_levels=1)  # cross-attention at the coarsest level only
+    recipe_prompt = du.default_configs(device, "diffusion", "prompt")
     recipe_model, shifted = du.default_configs(device, "flow", "prompt")  # the prompt recipe: shifted t, 2 heads
     four = dataclasses.replace(recipe_model, attention_heads=4)  # four heads: the rotary, learned and lean rows
     recipe_learned = dataclasses.replace(four, **learned)
     lean = dataclasses.replace(four, text_layers=1, cross_attention_levels=0)  # 1 text layer, bottleneck only
     found = {
         "recipe": recipe,
+        "recipe-prompt-shifted": recipe_prompt,  # the notebook's model: DDPM reading prompts, at shifted timesteps
+        "recipe-prompt-uniform": (recipe_prompt[0], dataclasses.replace(recipe_prompt[1], time_sampling="uniform")),
         "flow": flow,
         "flow-uniform": (flow_model, uniform),
         "flow-prompt": (prompt, flow[1]),  # logit-normal t, cross-attention at every level, learned text positions

@@ -22,38 +22,20 @@ import dataclasses
 import re
 import statistics
 import sys
-import textwrap
 
 import _common as bc  # benchmarks/ is on sys.path as this script's folder; it puts the repo root there too
-import numpy as np
-import torch
 
 import diffusion_utils as du
 
 NAME = "prompts"
 DATA_SEED = 8642  # the shapes that the "seen" and "held-out" prompts describe (the same shapes for both)
 GRID_SAMPLES = 6  # samples per prompt in prompts_grid.png
-GRID_PROMPTS = [  # (prompt, in a held-out phrasing): every kind of word, in every training template and held-out one
-    ("a small circle in the top left corner", False),
-    ("large square, bottom right", False),
-    ("in the middle a medium circle", False),
-    ("a square, small and near the bottom of the frame", False),
-    ("circle 25 px wide at 20, 42", False),
-    ("a circle on the right, 30 pixels wide", True),
-    ("a 20 px square in the top right corner", True),
-    ("bottom left, the circle, large", True),
-]
 HELD_OUT_STARTS = {  # each of du.HELD_OUT_TEMPLATES by how its prompts begin (the first that matches)
     "held-out: a 25 px square, place": r"a \d",
     "held-out: a square, place, size": r"a ",
     "held-out: place, the square, size word": r"",
 }
 assert len(HELD_OUT_STARTS) == len(du.HELD_OUT_TEMPLATES)
-ATTENTION_PROMPTS = {  # prompt: the words whose cross-attention maps attention_maps.png shows
-    "a small circle in the top left corner": ("small", "circle", "top", "left"),
-    "large square, bottom right": ("large", "square", "bottom", "right"),
-}
-ATTENTION_TIMES = np.linspace(0.05, 0.95, 10)  # shares of the schedule at which the sample is noised for the maps
 LEAN = {"text_layers": 1, "cross_attention_levels": 0}  # the cheapest prompt network measured
 SPEED_CONFIGS = {  # name: the changes to du.default_configs(device, "flow")'s model (conditional)
     "request": {"conditioning": "request"},
@@ -137,59 +119,23 @@ def empty_row(model, schedule, args, sampling: dict, device) -> dict:
 
 
 def plot_prompt_grid(model, schedule, sampling: dict):
-    """GRID_PROMPTS, a row of GRID_SAMPLES samples each; green: valid and right in every word."""
-    texts = [text for text, _ in GRID_PROMPTS for _ in range(GRID_SAMPLES)]
-    options = {"prompt": texts, "seed": bc.SAMPLE_SEED, "progress": False, **sampling}
-    images = du.sample(model, schedule, len(texts), **options).images
-    outline = [score.matches for score in du.score_prompts(images, texts)]
-    labels = [f"{text} *" if held_out else text for text, held_out in GRID_PROMPTS]
+    """du.EXAMPLE_PROMPTS, a row of GRID_SAMPLES samples each (du.plot_prompt_grid)."""
+    prompts, held_out = zip(*du.EXAMPLE_PROMPTS)
+    texts = [text for text in prompts for _ in range(GRID_SAMPLES)]
+    images = du.sample(
+        model, schedule, len(texts), prompt=texts, seed=bc.SAMPLE_SEED, progress=False, **sampling
+    ).images
     how = f"{sampling['sampler']}, {sampling['steps']} steps, guidance {sampling['guidance']:g}"
-    title = f"Prompts ({how}); * a held-out phrasing; green: obeys every word"
-    return du.plot_grid(images, columns=GRID_SAMPLES, title=title, outline=outline, row_labels=labels)
-
-
-def attention_maps(model, schedule, image: torch.Tensor, text: str) -> torch.Tensor:
-    """(1 + PROMPT_LENGTH, 64, 64): du.cross_attention_maps of one sample noised back (with one noise) to each of
-    ATTENTION_TIMES along the schedule, averaged over those times, as Hertz et al. average over the sampling steps."""
-    device = next(model.parameters()).device
-    x0 = image[None].to(device)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(bc.SAMPLE_SEED)).to(device)
-    prompt = du.Prompt.of([text]).to(device)
-    maps = []
-    for share in ATTENTION_TIMES:
-        index = torch.tensor([round(float(share) * (len(schedule) - 1))], device=device)
-        x_t = schedule.noised(x0, noise, index) * float(schedule.input_scales[index])  # the network's input
-        t = schedule.timesteps.to(device)[index]
-        maps.append(du.cross_attention_maps(model, x_t.float(), t, prompt)[0].cpu())
-    return torch.stack(maps).mean(0)
+    return du.plot_prompt_grid(images, prompts, held_out, how)
 
 
 def plot_attention(model, schedule, sampling: dict):
-    """Per ATTENTION_PROMPTS entry, one sample and the cross-attention map of each of its words (outlined: the
-    shape drawn, when it is valid); each map on its own colour scale, its largest share in the title."""
-    texts = list(ATTENTION_PROMPTS)
-    options = {"prompt": texts, "seed": bc.SAMPLE_SEED, "progress": False, **sampling}
-    images = du.sample(model, schedule, len(texts), **options).images
-    columns = 1 + max(len(words) for words in ATTENTION_PROMPTS.values())
-    fig = du._figure(1.6 * columns, 1.9 * len(texts) + 0.4)
-    axes = fig.subplots(len(texts), columns, squeeze=False)
-    for row, (text, image) in enumerate(zip(texts, images)):
-        maps, tokens = attention_maps(model, schedule, image, text), du.prompt_token_names(text)
-        valid = du.read_shape(du.model_to_uint8(image[None])[0]).valid
-        du._show(axes[row, 0], image, textwrap.fill(f'"{text}"', 22))
-        for ax in axes[row, 1:]:
-            ax.axis("off")
-        for ax, word in zip(axes[row, 1:], ATTENTION_PROMPTS[text]):
-            attention = maps[1 + tokens.index(word)].numpy()  # index 0 is the start vector
-            ax.axis("on")
-            ax.imshow(attention, cmap="magma", vmin=0, vmax=max(float(attention.max()), 1e-8))
-            if valid:
-                ax.contour(image.squeeze().numpy() > 0, levels=[0.5], colors="white", linewidths=0.7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{word} (max {attention.max():.2f})", fontsize=8)
-    fig.suptitle("Which pixels read which word: cross-attention, averaged over layers, heads and noise levels")
-    return fig
+    """A sample per du.ATTENTION_WORDS entry and the maps of its words (du.plot_word_attention)."""
+    texts = list(du.ATTENTION_WORDS)
+    images = du.sample(
+        model, schedule, len(texts), prompt=texts, seed=bc.SAMPLE_SEED, progress=False, **sampling
+    ).images
+    return du.plot_word_attention(model, schedule, images, du.ATTENTION_WORDS, bc.SAMPLE_SEED)
 
 
 def speed_rows(args, device) -> list[dict]:

@@ -155,8 +155,6 @@ def test_the_trainer_trains_the_flow_with_the_flow_loss():
 def test_settings_that_do_not_apply_to_the_objective_are_refused():
     with pytest.raises(ValueError, match="the flow trains on plain MSE: min_snr_gamma must be None"):
         du.Trainer(tiny_model_config(schedule="flow", prediction="velocity"), tiny_train_config(), device="cpu")
-    with pytest.raises(ValueError, match="time_sampling 'logit-normal' is for the flow"):
-        du.Trainer(tiny_model_config(), tiny_train_config(time_sampling="logit-normal"), device="cpu")
     with pytest.raises(ValueError, match="the flow schedule learns the velocity eps - x_0: prediction 'velocity'"):
         du.ModelConfig(schedule="flow", prediction="v")
     with pytest.raises(ValueError, match="unknown objective 'score'"):

@@ -164,6 +164,7 @@ FIGURES = (
     "inversion.png",
 )
 CONDITIONAL_FIGURES = ("guidance_grid.png", "guidance.png")
+PROMPT_FIGURES = ("prompts_grid.png", "attention_maps.png")  # the notebook's model reads prompts (CONDITIONING)
 
 
 def tiny_parameters(output_dir: Path, figure_path: Path, **overrides: object) -> str:
@@ -255,11 +256,12 @@ def test_notebook_runs_top_to_bottom_with_tiny_configuration(tmp_path, protected
         for output in cell.get("outputs", [])
         if "image/png" in output.get("data", {})
     ]
-    figures = FIGURES + (CONDITIONAL_FIGURES if du_default_is_conditional() else ())
+    figures = FIGURES + (CONDITIONAL_FIGURES if du_default_is_conditional() else ()) + PROMPT_FIGURES
     assert len(images) >= len(figures) + 1, f"expected the figures inline, got {len(images)} PNG outputs"
     text = printed(notebook)
     assert "| real data |" in text and "| DDIM 3 steps |" in text, "the evaluation table is missing"
     assert "trained 3 steps" in text
+    assert "| seen |" in text and "| held-out |" in text, "this run's prompt scores are missing"
 
     assert figure_path.is_file(), "FIGURE_PATH was not written"
     width, height = png_size(figure_path)

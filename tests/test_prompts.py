@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import matplotlib.colors
 import numpy as np
 import pytest
 import torch
@@ -275,6 +276,33 @@ def test_attention_maps_give_each_pixel_a_share_of_every_word(prompt_net):
     assert bool((maps[0, 1 + words :] == 0).all()) and torch.allclose(maps[1, 0], torch.ones(64, 64))
 
 
+def test_word_attention_reads_the_sample_noised_to_each_time(prompt_net, monkeypatch):
+    """At one time the map is cross_attention_maps of x_0 noised there by the closed form q(x_t | x_0)."""
+    schedule = du.NoiseSchedule.create("cosine", 1000)
+    image, text, seed = du.make_shapes(1, seed=3).images[0], "a large square at the top", 5
+    monkeypatch.setattr(du, "ATTENTION_TIMES", (0.5,))
+    index = round(0.5 * 999)
+    noise = torch.randn((1, 1, 64, 64), generator=torch.Generator().manual_seed(seed))
+    abar = float(schedule.alpha_bars[index])
+    x_t = (math.sqrt(abar) * image[None] + math.sqrt(1 - abar) * noise) * float(schedule.input_scales[index])
+    expected = du.cross_attention_maps(prompt_net, x_t, torch.tensor([index]), du.Prompt.of([text]))[0]
+    got = du.word_attention(prompt_net, schedule, image, text, seed)
+    assert torch.allclose(got, expected, atol=1e-5)
+    monkeypatch.setattr(du, "ATTENTION_TIMES", (0.2, 0.8))
+    assert not torch.allclose(du.word_attention(prompt_net, schedule, image, text, seed), expected, atol=1e-3)
+
+
+def test_the_prompt_grid_outlines_green_exactly_the_samples_that_obey():
+    batch = du.make_shapes(2, seed=1)
+    assert batch.labels[0] != batch.labels[1]  # a circle and a square: neither's description fits the other
+    prompts = du.prompt_of_request(batch.condition())  # each image's own description
+    images = batch.images[[0, 1, 0, 1]]  # row k: both images under prompt k; only image k obeys it
+    fig = du.plot_prompt_grid(images, prompts, held_out=[False, True])
+    green, red = matplotlib.colors.to_rgba("tab:green"), matplotlib.colors.to_rgba("red")
+    assert [ax.spines["top"].get_edgecolor() for ax in fig.axes] == [green, red, red, green]
+    assert fig.axes[2].get_ylabel().endswith(" *") and not fig.axes[0].get_ylabel().endswith(" *")
+
+
 def test_a_prompt_checkpoint_round_trips(tmp_path):
     trainer = du.Trainer(prompt_config(), tiny_train_config(), device="cpu")
     trainer.train(steps=1, progress=False)
@@ -405,14 +433,16 @@ def test_a_request_checkpoint_refuses_a_prompt(checkpoints, tmp_path, capsys):
     assert_one_line_error(status, err, "not both")
 
 
-def test_the_prompt_recipe_reads_words_and_trains_a_flow_at_shifted_times():
+def test_the_prompt_recipe_reads_words_and_trains_at_shifted_times():
     request_model, request_train = du.default_configs("cpu", "flow")
     model, train = du.default_configs("cpu", "flow", "prompt")
     assert (request_model.conditioning, request_train.time_sampling) == ("request", "uniform")
     assert (model.conditioning, train.time_sampling) == ("prompt", "shifted")
     assert model == dataclasses.replace(request_model, conditioning="prompt", attention_heads=2)
     assert model.cross_attention_levels == 1 and request_model.attention_heads == 4
-    assert du.default_configs("cpu", "diffusion", "prompt")[1].time_sampling == "uniform"  # DDPM's t is uniform
+    ddpm_model, ddpm_train = du.default_configs("cpu", "diffusion", "prompt")  # the notebook's
+    assert (ddpm_model.schedule, ddpm_model.conditioning, ddpm_train.time_sampling) == ("cosine", "prompt", "shifted")
+    assert du.default_configs("cpu", "diffusion")[1].time_sampling == "uniform"
     with pytest.raises(ValueError, match="unknown conditioning 'words'"):
         du.default_configs("cpu", "flow", "words")
 
