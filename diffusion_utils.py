@@ -354,8 +354,8 @@ def default_training_minutes(device: torch.device | str, capability: tuple[int, 
 def original_design_configs(like: tuple[ModelConfig, TrainConfig] | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The design this project started from, with the network size and batch of `like` (default: the CPU recipe).
 
-    Linear schedule, eps target, time added only at the bottleneck, no attention, no conditioning, plain MSE, a
-    constant learning rate and no EMA; it was meant to be sampled with 1000 DDPM steps.
+    Linear schedule, eps target, time added only at the bottleneck, no attention, no conditioning, uniform timesteps,
+    plain MSE, a constant learning rate and no EMA; it was meant to be sampled with 1000 DDPM steps.
     """
     model, train = like or default_configs("cpu", "diffusion")
     model = dataclasses.replace(
@@ -366,7 +366,8 @@ def original_design_configs(like: tuple[ModelConfig, TrainConfig] | None = None)
         bottleneck_attention=False,
         conditional=False,
     )
-    return model, dataclasses.replace(train, min_snr_gamma=None, ema_decay=None, lr_schedule="constant")
+    changes = {"min_snr_gamma": None, "ema_decay": None, "lr_schedule": "constant", "time_sampling": "uniform"}
+    return model, dataclasses.replace(train, **changes)
 
 
 # ------------------------------------------------------------------------------------------
@@ -3751,6 +3752,8 @@ ATTENTION_WORDS = {  # prompt: the words whose cross-attention maps plot_word_at
 def plot_prompt_grid(images: torch.Tensor, prompts: Sequence[str], held_out: Sequence[bool] = (), how: str = ""):
     """A row of samples per prompt (images: the rows one after another); outlined green when the sample is valid and
     obeys every word (score_prompts), red otherwise; a row label ends in * when `held_out` marks its phrasing."""
+    if len(prompts) == 0 or len(images) % len(prompts) or len(held_out) > len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: the same number of samples for each")
     columns = len(images) // len(prompts)
     outline = [score.matches for score in score_prompts(images, [text for text in prompts for _ in range(columns)])]
     marks = list(held_out) + [False] * (len(prompts) - len(held_out))

@@ -303,6 +303,15 @@ def test_the_prompt_grid_outlines_green_exactly_the_samples_that_obey():
     assert fig.axes[2].get_ylabel().endswith(" *") and not fig.axes[0].get_ylabel().endswith(" *")
 
 
+def test_the_example_prompts_parse_and_name_the_words_whose_maps_are_shown():
+    for text, _ in du.EXAMPLE_PROMPTS:
+        assert du.read_prompt(text).label is not None, text
+    for text, words in du.ATTENTION_WORDS.items():
+        assert set(words) <= set(du.prompt_token_names(text)), text
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        du.plot_prompt_grid(du.make_shapes(3).images, ["a circle", "a square"])
+
+
 def test_a_prompt_checkpoint_round_trips(tmp_path):
     trainer = du.Trainer(prompt_config(), tiny_train_config(), device="cpu")
     trainer.train(steps=1, progress=False)

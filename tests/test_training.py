@@ -115,6 +115,8 @@ def test_default_and_original_configs():
     like_model, like_train = du.original_design_configs(like=(gpu_model, gpu_train))
     assert (like_model.base_channels, like_model.pixel_unshuffle, like_train.batch_size) == (64, 2, 256)
     assert (like_model.prediction, like_model.bottleneck_attention, like_train.ema_decay) == ("eps", False, None)
+    _, from_prompts = du.original_design_configs(like=du.default_configs("cpu", "diffusion", "prompt"))
+    assert from_prompts.time_sampling == "uniform"  # the notebook's model trains shifted; the original did not
 
 
 # ------------------------------------------------------------------------------------------
