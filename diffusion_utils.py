@@ -4156,7 +4156,13 @@ DEFAULT_DISTILL_METHOD = "consistency"  # benchmarks/distill.py measures the thr
 # Per method: the sampler and grid its student is made for, its evaluations by default, the teacher's steps it
 # starts from, and the learning-rate schedule (progressive trains a new target each round: a constant rate).
 _METHOD_DEFAULTS = {
-    "consistency": {"sampler": "consistency", "spacing": "time-trailing", "steps": 2, "teacher_steps": 64},
+    "consistency": {
+        "sampler": "consistency",
+        "spacing": "time-trailing",
+        "steps": 2,
+        "teacher_steps": 64,
+        "target_decay": 0.95,
+    },
     "progressive": {"sampler": "ddim", "spacing": "time-trailing", "steps": 4, "teacher_steps": 8},
     "reflow": {"sampler": "ddim", "spacing": "time-trailing", "steps": 2, "teacher_steps": 8},
 }
@@ -4168,7 +4174,10 @@ class Distillation:
 
     `steps` is the student's network evaluations by default (progressive: those of the current round's student);
     `teacher_steps` is, for consistency, the finest grid of its curriculum; for progressive, the teacher's DDIM steps
-    of the first round (a power of two); for reflow, the teacher's solver steps per pair.
+    of the first round (a power of two); for reflow, the teacher's solver steps per pair. `target_decay` (consistency
+    only): the student's estimate at the nearer time, its target, comes from an average of the student, an EMA with
+    this decay (Song et al. 2023's target network); None: from the student itself under stop-gradient, which let a
+    DDPM teacher's student collapse to gray (RESULTS.md, "Distillation").
     """
 
     method: str
@@ -4177,6 +4186,7 @@ class Distillation:
     steps: int
     teacher_steps: int
     teacher: str = ""  # where the teacher came from, for the record
+    target_decay: float | None = None  # consistency: the target network's EMA decay (None: the online student)
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, DISTILL_METHODS)
@@ -4184,6 +4194,8 @@ class Distillation:
         _check_choice("spacing", self.spacing, SPACINGS)
         _check_positive_int("steps", self.steps)
         _check_positive_int("teacher_steps", self.teacher_steps)
+        if self.target_decay is not None and (self.method != "consistency" or not 0 <= self.target_decay < 1):
+            raise ValueError(f"target_decay is a consistency target's EMA decay in [0, 1), got {self.target_decay}")
         if self.method == "progressive" and (self.teacher_steps < 2 or self.teacher_steps & (self.teacher_steps - 1)):
             raise ValueError(
                 f"progressive distillation halves the steps: teacher_steps must be 2, 4, 8, ..., got "
@@ -4276,8 +4288,9 @@ def consistency_target(
     r: torch.Tensor,
     condition: Condition | Prompt | None = None,
 ) -> torch.Tensor:
-    """What f(x_t, t) learns: the student's own clipped estimate f(x_r, r), with x_r one teacher DDIM step from
-    x_t to r (r = -1: the clean end, where f is the identity, so the target is the teacher's x_0 estimate)."""
+    """What f(x_t, t) learns: the clipped estimate f(x_r, r) of `student` (the student itself, or its average, the
+    target network), with x_r one teacher DDIM step from x_t to r (r = -1: the clean end, where f is the identity,
+    so the target is the teacher's x_0 estimate)."""
     teacher_x0 = network_x0(teacher, schedule, prediction, x_t, t, condition).clamp(-1, 1)
     x_r = _ddim_jump(x_t, teacher_x0, _alpha_sigma(schedule, t, x_t), _alpha_sigma(schedule, r, x_t))
     later = network_x0(student, schedule, prediction, x_r, r.clamp(min=0), condition).clamp(-1, 1)
@@ -4293,16 +4306,19 @@ def consistency_loss(
     grid_steps: int,
     generator: torch.Generator | None = None,
     condition: Condition | Prompt | None = None,
+    target_network: nn.Module | None = None,
 ) -> torch.Tensor:
     """Consistency distillation's loss on a grid of `grid_steps` (Song et al. 2023, eq. (7), squared error):
-    t a random grid index, r the next one towards the data, mean || f(x_t, t) - stopgrad f(x_r, r) ||^2 in x_0."""
+    t a random grid index, r the next one towards the data, mean || f(x_t, t) - stopgrad f(x_r, r) ||^2 in x_0, the
+    target f(x_r, r) from `target_network` (None: the student itself)."""
     grid = trailing_grid(schedule, grid_steps, x0.device)
     k = torch.randint(0, len(grid), (len(x0),), generator=generator, device=x0.device)
     t = grid[k]
     r = torch.where(k > 0, grid[(k - 1).clamp(min=0)], -1)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.noised(x0, noise, t)
-    target = consistency_target(student, teacher, schedule, prediction, x_t, t, r, condition)
+    target_network = student if target_network is None else target_network
+    target = consistency_target(target_network, teacher, schedule, prediction, x_t, t, r, condition)
     estimate = network_x0(student, schedule, prediction, x_t, t, condition)
     return F.mse_loss(estimate, target.float())
 
@@ -4440,6 +4456,9 @@ class Distiller(Trainer):
         if self.ema is not None:
             self.ema.model.load_state_dict(weights)
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # consistency: the target network, an average of the student (None: the student itself is its own target)
+        averaged = distillation.target_decay is not None
+        self.target_network = copy.deepcopy(self.model).eval().requires_grad_(False) if averaged else None
         self.round = 0  # progressive: the round being trained
 
     def objective_loss(self, x0: torch.Tensor, condition: Condition | Prompt | None) -> torch.Tensor:
@@ -4447,13 +4466,25 @@ class Distiller(Trainer):
         student, teacher, schedule = self.train_model, self.teacher, self.schedule
         if method == "consistency":
             grid = consistency_grid(self.distillation, self.progress())
-            return consistency_loss(student, teacher, schedule, prediction, x0, grid, self.generator, condition)
+            target_network = self.target_network
+            return consistency_loss(
+                student, teacher, schedule, prediction, x0, grid, self.generator, condition, target_network
+            )
         if method == "progressive":
             self._catch_up_rounds()
             steps = self.distillation.steps
             return progressive_loss(student, teacher, schedule, prediction, x0, steps, self.generator, condition)
         steps, sampling = self.distillation.teacher_steps, self.train_config.time_sampling
         return reflow_loss(student, teacher, schedule, x0, steps, sampling, self.generator, condition)
+
+    def train_step(self, x0: torch.Tensor, condition: Condition | Prompt | None = None) -> torch.Tensor:
+        """The Trainer's step; then the target network moves towards the student: d target + (1 - d) student."""
+        loss = super().train_step(x0, condition)
+        if self.target_network is not None:
+            with torch.no_grad():
+                weight = 1 - self.distillation.target_decay
+                torch._foreach_lerp_(list(self.target_network.parameters()), list(self.model.parameters()), weight)
+        return loss
 
     def _catch_up_rounds(self) -> None:
         """Start the round the plan's progress is in: each round has an equal share of the plan."""
@@ -4474,12 +4505,17 @@ class Distiller(Trainer):
         self.distillation = dataclasses.replace(self.distillation, steps=self.distillation.steps // 2)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "teacher": self.teacher.state_dict(), "round": self.round}
+        state = {**super().state_dict(), "teacher": self.teacher.state_dict(), "round": self.round}
+        if self.target_network is not None:
+            state["target_network"] = self.target_network.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.teacher.load_state_dict(state["teacher"])
         self.round = int(state["round"])
+        if self.target_network is not None:
+            self.target_network.load_state_dict(state["target_network"])
 
 
 def distiller_from(

@@ -180,8 +180,56 @@ def test_a_resumed_distillation_retraces_the_uninterrupted_one(teacher, tmp_path
     assert same_state(resumed.model.state_dict(), whole.model.state_dict())
     assert same_state(resumed.ema.model.state_dict(), whole.ema.model.state_dict())
     assert same_state(resumed.teacher.state_dict(), whole.teacher.state_dict())
+    if method == "consistency":  # its target network, an average of the student, comes back too
+        assert same_state(resumed.target_network.state_dict(), whole.target_network.state_dict())
     if method == "progressive":
         assert whole.round == 2 and whole.distillation.steps == 1
+
+
+def test_the_target_network_follows_the_student_by_its_decay(teacher):
+    distiller = du.distiller_from(teacher, "consistency", "cpu", target_decay=0.75)
+
+    def weights(net):
+        return {name: value.detach().clone() for name, value in net.named_parameters()}
+
+    before = weights(distiller.target_network)
+    distiller.train(steps=1, progress=False)
+    after, student = weights(distiller.target_network), weights(distiller.model)
+    for name, value in before.items():  # target = 0.75 target + 0.25 student, the student after its step
+        assert torch.allclose(after[name], 0.75 * value + 0.25 * student[name], atol=1e-6), name
+    assert not same_state(after, before)
+    assert du.distiller_from(teacher, "consistency", "cpu", target_decay=None).target_network is None
+    assert du.distiller_from(teacher, "progressive", "cpu").target_network is None
+    assert du.Distillation.of("consistency").target_decay == 0.95
+
+
+def test_the_consistency_target_comes_from_the_target_network():
+    """With a target network, the loss is || f_student(x_t, t) - f_target(x_r, r) ||^2: built here by hand."""
+    student, other, teacher = tiny_unet(1), tiny_unet(2), tiny_unet(3)
+    x0, grid = shapes(), 4
+    losses = []
+    for target_network in (None, other):  # without gradients: only the values are compared
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            losses.append(
+                du.consistency_loss(student, teacher, SCHEDULE, "v", x0, grid, generator, None, target_network)
+            )
+    generator = torch.Generator().manual_seed(5)
+    points = du.trailing_grid(SCHEDULE, grid)
+    k = torch.randint(0, len(points), (len(x0),), generator=generator)
+    t, r = points[k], torch.where(k > 0, points[(k - 1).clamp(min=0)], -1)
+    x_t = SCHEDULE.noised(x0, torch.randn(x0.shape, generator=generator), t)
+    target = du.consistency_target(other, teacher, SCHEDULE, "v", x_t, t, r)
+    with torch.no_grad():
+        by_hand = torch.nn.functional.mse_loss(du.network_x0(student, SCHEDULE, "v", x_t, t), target)
+    assert float(losses[1]) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(losses[0]) != pytest.approx(float(losses[1]), rel=1e-3)
+
+
+@pytest.mark.parametrize(("method", "decay"), [("progressive", 0.9), ("consistency", 1.0), ("consistency", -0.1)])
+def test_a_target_decay_outside_a_consistency_ema_is_refused(method, decay):
+    with pytest.raises(ValueError, match="target_decay is a consistency target's EMA decay"):
+        du.Distillation.of(method, target_decay=decay)
 
 
 def test_reflow_tunes_a_flow_and_refuses_a_diffusion_model(flow_teacher, teacher):
