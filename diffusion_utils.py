@@ -4134,13 +4134,14 @@ def make_masks(batch: ShapeBatch, kind: str = "half", seed: int = 0) -> torch.Te
 # same configuration started from the teacher's EMA weights, and the Trainer's loop, plan, checkpoints and resume
 # run it unchanged. Three methods, each recorded in the checkpoint with the sampler its student is made for:
 # - consistency (Song et al. 2023, arXiv 2303.01469; easy consistency tuning, Geng et al. 2024, arXiv 2406.14548):
-#   the student's estimate f(x_t, t) of x_0 is taught to equal its own, stop-gradient, estimate f(x_r, r) one
-#   teacher ODE step (DDIM) closer to the data. f is the identity at the clean end, so agreement there carries the
-#   data up the whole path, and f(x_T, T) becomes a sample. The step t -> r shrinks over the run, from a grid of
-#   teacher_steps / 8 steps to one of teacher_steps, as ECT anneals r -> t: coarse steps spread the clean end fast,
-#   fine ones make it exact. A perfect teacher puts x_r on the same noise as x_t, which is ECT's own pair.
-#   Sampled by the "consistency" sampler: x_0 = f(x_T, T); with more steps, noised again to a lower time and
-#   denoised again (Song et al. 2023, Algorithm 1).
+#   the student's estimate f(x_t, t) of x_0 is taught to equal the stop-gradient estimate f(x_r, r) of a target
+#   network, an EMA of the student (Song et al.'s; the student itself, as in ECT, let a DDPM teacher's student
+#   collapse), one teacher ODE step (DDIM) closer to the data. f is the identity at the clean end, so agreement
+#   there carries the data up the whole path, and f(x_T, T) becomes a sample. The step t -> r shrinks over the
+#   run, from a grid of teacher_steps / 8 steps to one of teacher_steps, as ECT anneals r -> t: coarse steps spread
+#   the clean end fast, fine ones make it exact. A perfect teacher puts x_r on the same noise as x_t, which is
+#   ECT's own pair. Sampled by the "consistency" sampler: x_0 = f(x_T, T); with more steps, noised again to a lower
+#   time and denoised again (Song et al. 2023, Algorithm 1).
 # - progressive (Salimans & Ho 2022, arXiv 2202.00512): one DDIM step of the student matches two of the teacher;
 #   then the student becomes the teacher and the steps halve again, teacher_steps / 2 -> ... -> 1, one round each
 #   for an equal share of the plan.

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--teacher-valid", type=float, help="the teacher's valid share, already measured: not sampled")
     parser.add_argument("--steps-per-minute", type=float, help="tune --minutes as this many steps per minute")
     parser.add_argument("--calibrate", type=float, help="only measure each method's steps per minute over N seconds")
+    parser.add_argument("--online-target", action="store_true", help="consistency: the student as its own target")
     parser.add_argument("--picture", default="0:5", help="SEED:MINUTES of the first method's steps.png (0:5)")
     parser.add_argument("--join", help="only join the rows of these comma-separated --out folders into --out")
     return parser.parse_args(argv)
@@ -72,7 +73,8 @@ def scored(model, schedule, args, device, **options) -> dict:
 
 def tuned(path: str, method: str, seed: int, budget: dict, args, device) -> tuple[du.Distiller, float]:
     """A student tuned from the teacher at path for one budget (steps, or minutes at --steps-per-minute)."""
-    distiller = du.distiller_from(path, method, device, seed=seed)
+    online = {"target_decay": None} if args.online_target and method == "consistency" else {}
+    distiller = du.distiller_from(path, method, device, seed=seed, **online)
     if "minutes" in budget and args.steps_per_minute:
         budget = {"steps": max(1, round(budget["minutes"] * args.steps_per_minute))}
     start = time.perf_counter()
@@ -94,6 +96,7 @@ def student_rows(path: str, method: str, seed: int, budget: dict, reference: flo
     for steps in args.eval_steps:
         row = scored(model, schedule, args, device, sampler=record.sampler, steps=steps, spacing=record.spacing)
         row.update(method=method, seed=seed, budget=label, tuning_seconds=seconds, tuning_steps=distiller.step)
+        row["target_decay"] = record.target_decay
         row["gap"] = 100 * (reference - row["valid"])
         rows.append(row)
         print(f"{method}, seed {seed}, {label}, {steps} evaluations: valid {row['valid']:.3f}", flush=True)

@@ -203,6 +203,38 @@ def test_the_target_network_follows_the_student_by_its_decay(teacher):
     assert du.Distillation.of("consistency").target_decay == 0.95
 
 
+def test_the_distiller_tunes_towards_its_target_network(teacher):
+    distiller = du.distiller_from(teacher, "consistency", "cpu", seed=2)
+    x0, _ = next(distiller.batches())  # the teacher is unconditional
+    generator_state = distiller.generator.get_state()
+
+    def loss() -> float:
+        distiller.generator.set_state(generator_state)
+        with torch.no_grad():
+            return float(distiller.objective_loss(x0, None))
+
+    before = loss()
+    with torch.no_grad():
+        for parameter in distiller.target_network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    assert loss() != pytest.approx(before, rel=1e-3)
+
+
+def test_a_consistency_checkpoint_without_target_decay_resumes_with_the_student_as_its_target(teacher, tmp_path):
+    """A checkpoint whose distillation record has no target_decay (written before the field existed) resumes as it
+    was tuned: no target network, the student its own target."""
+    distiller = du.distiller_from(teacher, "consistency", "cpu", target_decay=None)
+    distiller.train(steps=1, progress=False)
+    path = du.save_checkpoint(tmp_path / "old.pt", distiller)
+    payload = torch.load(path, weights_only=True)
+    del payload["distillation"]["target_decay"]
+    torch.save(payload, path)
+    resumed = du.load_trainer(path, "cpu")
+    assert resumed.distillation.target_decay is None and resumed.target_network is None
+    resumed.train(steps=1, progress=False)
+    assert resumed.step == 2
+
+
 def test_the_consistency_target_comes_from_the_target_network():
     """With a target network, the loss is || f_student(x_t, t) - f_target(x_r, r) ||^2: built here by hand."""
     student, other, teacher = tiny_unet(1), tiny_unet(2), tiny_unet(3)
