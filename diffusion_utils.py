@@ -4280,7 +4280,7 @@ def consistency_grid(distillation: Distillation, progress: float) -> int:
 
 @torch.no_grad()
 def consistency_target(
-    student: nn.Module,
+    target_network: nn.Module,
     teacher: nn.Module,
     schedule: NoiseSchedule,
     prediction: str,
@@ -4289,12 +4289,12 @@ def consistency_target(
     r: torch.Tensor,
     condition: Condition | Prompt | None = None,
 ) -> torch.Tensor:
-    """What f(x_t, t) learns: the clipped estimate f(x_r, r) of `student` (the student itself, or its average, the
-    target network), with x_r one teacher DDIM step from x_t to r (r = -1: the clean end, where f is the identity,
+    """What f(x_t, t) learns: the clipped estimate f(x_r, r) of `target_network` (an average of the student, or the
+    student itself), with x_r one teacher DDIM step from x_t to r (r = -1: the clean end, where f is the identity,
     so the target is the teacher's x_0 estimate)."""
     teacher_x0 = network_x0(teacher, schedule, prediction, x_t, t, condition).clamp(-1, 1)
     x_r = _ddim_jump(x_t, teacher_x0, _alpha_sigma(schedule, t, x_t), _alpha_sigma(schedule, r, x_t))
-    later = network_x0(student, schedule, prediction, x_r, r.clamp(min=0), condition).clamp(-1, 1)
+    later = network_x0(target_network, schedule, prediction, x_r, r.clamp(min=0), condition).clamp(-1, 1)
     return torch.where((r < 0).view(-1, 1, 1, 1), x_r, later)
 
 
@@ -4467,9 +4467,8 @@ class Distiller(Trainer):
         student, teacher, schedule = self.train_model, self.teacher, self.schedule
         if method == "consistency":
             grid = consistency_grid(self.distillation, self.progress())
-            target_network = self.target_network
             return consistency_loss(
-                student, teacher, schedule, prediction, x0, grid, self.generator, condition, target_network
+                student, teacher, schedule, prediction, x0, grid, self.generator, condition, self.target_network
             )
         if method == "progressive":
             self._catch_up_rounds()
